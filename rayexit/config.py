@@ -1,0 +1,170 @@
+"""Typed settings loaded from YAML and flags, checked before any work starts."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rayexit.errors import RayexitError
+
+METHODS = ("romebert", "deebert", "pabee", "joint")
+POLICIES = ("entropy", "maxprob", "patience", "none")
+GR_DIRECTIONS = ("reverse", "final", "none")
+GR_SCOPES = ("encoder", "shared", "per_tensor")
+HEADS = ("pooler", "shared-pooler")
+
+
+@dataclass
+class ExitPolicy:
+    """How a sample decides to leave the network.
+
+    `thresholds` is one number for every layer or a list with one per exit (the last exit
+    always answers, so a list of L-1 or L values is accepted). For `patience` the threshold is
+    the number of consecutive layers whose argmax must agree.
+    """
+
+    kind: str = "entropy"
+    thresholds: float | list[float] = 0.1
+
+    def __post_init__(self) -> None:
+        if self.kind not in POLICIES:
+            raise RayexitError(f"policy.kind: got {self.kind!r}, expected one of {', '.join(POLICIES)}")
+        values = self.thresholds if isinstance(self.thresholds, list) else [self.thresholds]
+        for value in values:
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise RayexitError(f"policy.thresholds: got {value!r}, expected numbers")
+            if value < 0:
+                raise RayexitError(f"policy.thresholds: got {value}, expected values >= 0")
+        if self.kind == "patience" and any(float(v) != int(v) for v in values):
+            raise RayexitError("policy.thresholds: patience takes whole numbers of layers")
+
+    def per_layer(self, num_layers: int) -> list[float]:
+        """One threshold per exit; the final exit's entry is never used but kept for shape."""
+        if not isinstance(self.thresholds, list):
+            return [float(self.thresholds)] * num_layers
+        values = [float(v) for v in self.thresholds]
+        if len(values) == num_layers - 1:
+            values.append(values[-1] if values else 0.0)
+        if len(values) != num_layers:
+            raise RayexitError(
+                f"policy.thresholds: got {len(self.thresholds)} values, expected 1, "
+                f"{num_layers - 1} or {num_layers} for a {num_layers}-layer model"
+            )
+        return values
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "thresholds": self.thresholds}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ExitPolicy:
+        return _build(cls, data, "policy")
+
+
+@dataclass
+class TrainSettings:
+    """One training run. Defaults follow RomeBERT's scripts except where a note says otherwise."""
+
+    method: str = "romebert"
+    epochs: float = 3.0
+    batch_size: int = 32
+    lr: float = 2e-5
+    head_lr: float | None = None  # exit heads start from scratch; a larger rate helps short runs
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    max_length: int = 128
+    max_examples: int | None = None
+    seed: int = 42
+    gamma: float = 0.9
+    temperature: float = 3.0
+    gr_direction: str = "reverse"
+    gr_scope: str = "encoder"
+    deebert_stage2_epochs: float | None = None  # None: the same as `epochs`
+    head: str = "pooler"
+    dropout: float = 0.1
+    policy: ExitPolicy = field(default_factory=ExitPolicy)
+    log_every: int = 20
+
+    def __post_init__(self) -> None:
+        if isinstance(self.policy, dict):
+            self.policy = ExitPolicy.from_dict(self.policy)
+        _choice("method", self.method, METHODS)
+        _choice("gr_direction", self.gr_direction, GR_DIRECTIONS)
+        _choice("gr_scope", self.gr_scope, GR_SCOPES)
+        _choice("head", self.head, HEADS)
+        _positive("epochs", self.epochs)
+        _positive("batch_size", self.batch_size)
+        _positive("lr", self.lr)
+        _positive("temperature", self.temperature)
+        _positive("max_length", self.max_length)
+        if self.head_lr is not None:
+            _positive("head_lr", self.head_lr)
+        if self.max_examples is not None:
+            _positive("max_examples", self.max_examples)
+        if not 0.0 <= self.gamma <= 1.0:
+            raise RayexitError(f"gamma: got {self.gamma}, expected a value in [0, 1]")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise RayexitError(f"warmup_ratio: got {self.warmup_ratio}, expected a value in [0, 1)")
+        if not 0.0 <= self.dropout < 1.0:
+            raise RayexitError(f"dropout: got {self.dropout}, expected a value in [0, 1)")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["policy"] = self.policy.to_dict()
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainSettings:
+        return _build(cls, data, "train")
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping, with errors that name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise RayexitError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise RayexitError(f"{path}: not valid YAML ({exc})") from None
+    if not isinstance(data, dict):
+        raise RayexitError(f"{path}: expected a mapping of settings at the top level")
+    return data
+
+
+def train_settings(config_path: str | Path | None, overrides: dict[str, Any]) -> TrainSettings:
+    """Settings from the YAML file's `train:` section (or top level), then flags on top."""
+    data: dict[str, Any] = {}
+    if config_path:
+        raw = load_yaml(config_path)
+        data = dict(raw.get("train", raw))
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return TrainSettings.from_dict(data)
+
+
+def _build(cls: type, data: dict[str, Any], section: str) -> Any:
+    if not isinstance(data, dict):
+        raise RayexitError(f"{section}: expected a mapping, got {type(data).__name__}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise RayexitError(
+            f"{section}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+        )
+    try:
+        return cls(**data)
+    except TypeError as exc:
+        raise RayexitError(f"{section}: {exc}") from None
+
+
+def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise RayexitError(f"{name}: got {value!r}, expected one of {', '.join(allowed)}")
+
+
+def _positive(name: str, value: float) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+        raise RayexitError(f"{name}: got {value!r}, expected a number > 0")

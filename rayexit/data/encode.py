@@ -1,0 +1,73 @@
+"""Tokenisation into unpadded id lists, and batches padded only to their own longest example."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from rayexit.data.sources import TextExamples
+
+
+@dataclass
+class EncodedSet:
+    input_ids: list[list[int]]
+    labels: list[int]
+    pad_id: int
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+def encode_examples(tokenizer, examples: TextExamples, label_set: list[str], max_length: int) -> EncodedSet:
+    examples.check_labels(label_set)
+    index = {label: i for i, label in enumerate(label_set)}
+    encoded = tokenizer(examples.texts, truncation=True, max_length=max_length)["input_ids"]
+    return EncodedSet(encoded, [index[label] for label in examples.labels], tokenizer.pad_token_id or 0)
+
+
+def pad_batch(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right padding, which the batched runner relies on when it trims finished columns."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[row, : len(seq)] = 1
+    return ids, mask
+
+
+def iterate_batches(
+    data: EncodedSet,
+    batch_size: int,
+    *,
+    shuffle_seed: int | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Yield (input_ids, attention_mask, labels).
+
+    With `world_size > 1` every worker walks the same permutation in global batches of
+    `batch_size * world_size` and takes its own contiguous slice, so N workers together see
+    exactly the batches one worker would, and their averaged gradients match it.
+    """
+    order = list(range(len(data)))
+    if shuffle_seed is not None:
+        generator = torch.Generator().manual_seed(shuffle_seed)
+        order = torch.randperm(len(data), generator=generator).tolist()
+    global_batch = batch_size * world_size
+    usable = len(order) if world_size == 1 else len(order) - len(order) % global_batch
+    for start in range(0, usable, global_batch):
+        chunk = order[start : start + global_batch][rank * batch_size : (rank + 1) * batch_size]
+        if not chunk:
+            continue
+        ids, mask = pad_batch([data.input_ids[i] for i in chunk], data.pad_id)
+        yield ids, mask, torch.tensor([data.labels[i] for i in chunk], dtype=torch.long)
+
+
+def steps_per_epoch(data: EncodedSet, batch_size: int, world_size: int = 1) -> int:
+    global_batch = batch_size * world_size
+    if world_size == 1:
+        return -(-len(data) // batch_size)
+    return len(data) // global_batch

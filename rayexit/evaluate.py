@@ -1,0 +1,106 @@
+"""Evaluate a sentence model: every exit's accuracy, and accuracy against speed-up per policy.
+
+Accuracy and layer speed-up of each point come from the batched runner itself; wall-clock is
+that runner's median time over the data at the given batch size, against full depth through
+the same runner at the same batch size.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from rayexit.config import ExitPolicy
+from rayexit.data.encode import EncodedSet, iterate_batches
+from rayexit.exits import ExitCache, ExitResult, collect_exit_logits, run_early_exit
+from rayexit.metrics import accuracy, best_within, median_seconds
+from rayexit.progress import progress
+
+# Entropy thresholds as fractions of the largest possible entropy, log(number of labels).
+ENTROPY_FRACTIONS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5)
+MAXPROB_THRESHOLDS = (0.999, 0.995, 0.99, 0.98, 0.95, 0.9, 0.85, 0.8, 0.7, 0.6)
+
+
+def default_sweep(num_layers: int, num_labels: int) -> list[ExitPolicy]:
+    top_entropy = math.log(max(num_labels, 2))
+    sweep = [ExitPolicy("entropy", round(f * top_entropy, 6)) for f in ENTROPY_FRACTIONS]
+    sweep += [ExitPolicy("maxprob", t) for t in MAXPROB_THRESHOLDS]
+    sweep += [ExitPolicy("patience", p) for p in range(1, num_layers)]
+    return sweep
+
+
+def run_over(model, batches: list, policy: ExitPolicy) -> ExitResult:
+    results = [run_early_exit(model, ids, mask, policy) for ids, mask, _ in batches]
+    return ExitResult(
+        torch.cat([r.predictions for r in results]),
+        torch.cat([r.confidences for r in results]),
+        torch.cat([r.exit_layers for r in results]),
+    )
+
+
+def evaluate_sequence_model(
+    model,
+    data: EncodedSet,
+    batch_size: int = 32,
+    sweep: list[ExitPolicy] | None = None,
+    repeats: int = 3,
+    show_progress: bool = True,
+) -> dict:
+    model.eval()
+    batches = list(iterate_batches(data, batch_size))
+    labels = torch.tensor(data.labels)
+    num_layers = model.num_layers
+    logits, _ = collect_exit_logits(model, batches)
+    cache = ExitCache(logits)
+    exit_accuracy = cache.exit_accuracies(labels)
+
+    full_policy = ExitPolicy("none", 0.0)
+    full_seconds = median_seconds(lambda: run_over(model, batches, full_policy), repeats)
+
+    def point(policy: ExitPolicy) -> dict:
+        result = run_over(model, batches, policy)
+        seconds = median_seconds(lambda: run_over(model, batches, policy), repeats)
+        return {
+            "policy": policy.kind,
+            "threshold": policy.thresholds,
+            "accuracy": accuracy(result.predictions, labels),
+            "layer_speedup": result.layer_speedup(num_layers),
+            "wallclock_speedup": full_seconds / seconds,
+            "mean_exit_layer": result.exit_layers.double().mean().item(),
+        }
+
+    policies = sweep if sweep is not None else default_sweep(num_layers, len(model.labels))
+    curve = [point(p) for p in progress(policies, desc="threshold sweep", enabled=show_progress)]
+    oracle_layers = cache.oracle_exit_layers()
+    return {
+        "examples": len(data),
+        "batch_size": batch_size,
+        "num_layers": num_layers,
+        "exit_accuracy": exit_accuracy,
+        "full": exit_accuracy[-1],
+        "full_depth_seconds": full_seconds,
+        "curve": curve,
+        "oracle_layer_speedup": num_layers / oracle_layers.double().mean().item(),
+        "chosen": point(model.exit_config.policy),
+    }
+
+
+def summarize(report: dict, max_drop: float = 0.01) -> dict:
+    """Best layer and wall-clock speed-ups among the points within `max_drop` of full accuracy."""
+    by_layers = best_within(report["curve"], report["full"], max_drop, "layer_speedup")
+    by_clock = best_within(report["curve"], report["full"], max_drop, "wallclock_speedup")
+    return {"max_drop": max_drop, "best_layer_point": by_layers, "best_wallclock_point": by_clock}
+
+
+def format_table(report: dict) -> str:
+    lines = ["exit  accuracy"]
+    lines += [f"{i + 1:>4}  {acc:8.4f}" for i, acc in enumerate(report["exit_accuracy"])]
+    lines += ["", f"{'policy':<9}{'threshold':>10}{'accuracy':>10}{'layers x':>10}{'clock x':>9}"]
+    for p in report["curve"] + [dict(report["chosen"], policy=report["chosen"]["policy"] + "*")]:
+        threshold = p["threshold"] if not isinstance(p["threshold"], list) else "per-layer"
+        lines.append(
+            f"{p['policy']:<9}{threshold!s:>10}{p['accuracy']:10.4f}{p['layer_speedup']:10.2f}{p['wallclock_speedup']:9.2f}"
+        )
+    lines.append(f"full depth {report['full']:.4f}; oracle layer speed-up {report['oracle_layer_speedup']:.2f}x; * = saved policy")
+    return "\n".join(lines)

@@ -1,0 +1,50 @@
+"""Training losses over a list of exit logits (exit 1 first); CE means are over the batch."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def exit_cross_entropies(logits: list[torch.Tensor], labels: torch.Tensor) -> list[torch.Tensor]:
+    return [F.cross_entropy(z, labels) for z in logits]
+
+
+def joint_loss(logits: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+    """Plain sum of every exit's cross-entropy."""
+    return torch.stack(exit_cross_entropies(logits, labels)).sum()
+
+
+def pabee_loss(logits: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+    """PABEE: sum_i i * CE_i / sum_i i, deeper exits weigh more."""
+    weights = torch.arange(1, len(logits) + 1, dtype=logits[0].dtype, device=logits[0].device)
+    return (weights * torch.stack(exit_cross_entropies(logits, labels))).sum() / weights.sum()
+
+
+def distillation_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T^2 * KL(softmax(teacher/T) || softmax(student/T)), summed per example, mean over batch.
+
+    RomeBERT's code uses KLDivLoss's default mean over batch x classes, which shrinks the term by
+    the number of classes; we use the per-example sum ('batchmean'), the proper KL.
+    """
+    log_student = F.log_softmax(student / temperature, dim=-1)
+    log_teacher = F.log_softmax(teacher.detach() / temperature, dim=-1)
+    kl = F.kl_div(log_student, log_teacher, reduction="batchmean", log_target=True)
+    return temperature**2 * kl
+
+
+def romebert_losses(
+    logits: list[torch.Tensor], labels: torch.Tensor, gamma: float, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(final-exit CE, the inner exits' self-distillation loss); their sum is RomeBERT's L.
+
+    Kept apart because gradient regularization projects one's gradient against the other's.
+    """
+    final = F.cross_entropy(logits[-1], labels)
+    teacher = logits[-1]
+    inner = [
+        (1.0 - gamma) * F.cross_entropy(z, labels) + gamma * distillation_kl(z, teacher, temperature)
+        for z in logits[:-1]
+    ]
+    exits = torch.stack(inner).sum() if inner else final.new_zeros(())
+    return final, exits

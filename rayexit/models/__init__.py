@@ -1,0 +1,20 @@
+"""Multi-exit encoders and their model directories."""
+
+from rayexit.models.encoder import ExitConfig, MultiExitEncoder, load_tokenizer, read_exit_config
+from rayexit.models.sequence import MultiExitForSequenceClassification, load_pretrained_backbone
+
+
+def load_model_dir(directory):
+    """Any rayexit model directory, whatever its task."""
+    return MultiExitForSequenceClassification.from_pretrained(directory)
+
+
+__all__ = [
+    "ExitConfig",
+    "MultiExitEncoder",
+    "MultiExitForSequenceClassification",
+    "load_model_dir",
+    "load_pretrained_backbone",
+    "load_tokenizer",
+    "read_exit_config",
+]

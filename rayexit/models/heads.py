@@ -1,0 +1,63 @@
+"""Exit heads for sentence classification: one per layer, on the first token's state."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class PoolerExit(nn.Module):
+    """RomeBERT/DeeBERT head: its own pooler (dense + tanh) -> dropout -> linear."""
+
+    def __init__(self, hidden_size: int, num_labels: int, dropout: float) -> None:
+        super().__init__()
+        self.pooler = nn.Linear(hidden_size, hidden_size)
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(hidden_size, num_labels)
+
+    def forward(self, first_token: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.dropout(torch.tanh(self.pooler(first_token))))
+
+
+class LinearExit(nn.Module):
+    """PABEE head: the shared pooler's output -> dropout -> linear."""
+
+    def __init__(self, hidden_size: int, num_labels: int, dropout: float) -> None:
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(hidden_size, num_labels)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.dropout(pooled))
+
+
+class ExitHeads(nn.Module):
+    """All exits of a model; `head` is `pooler` (one pooler each) or `shared-pooler` (PABEE)."""
+
+    def __init__(self, head: str, num_layers: int, hidden_size: int, num_labels: int, dropout: float) -> None:
+        super().__init__()
+        self.head = head
+        if head == "shared-pooler":
+            self.shared_pooler = nn.Linear(hidden_size, hidden_size)
+            self.exits = nn.ModuleList(LinearExit(hidden_size, num_labels, dropout) for _ in range(num_layers))
+        else:
+            self.exits = nn.ModuleList(PoolerExit(hidden_size, num_labels, dropout) for _ in range(num_layers))
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=0.02)
+                nn.init.zeros_(module.bias)
+
+    def init_poolers_from(self, pretrained: nn.Linear) -> None:
+        """Start every pooler as a copy of the backbone's pretrained one (METHODS section 1)."""
+        targets = [self.shared_pooler] if self.head == "shared-pooler" else [e.pooler for e in self.exits]
+        with torch.no_grad():
+            for target in targets:
+                target.weight.copy_(pretrained.weight)
+                target.bias.copy_(pretrained.bias)
+
+    def forward(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits of exit `layer` (0-based) from that layer's hidden states [B, S, H]."""
+        first = hidden[:, 0]
+        if self.head == "shared-pooler":
+            first = torch.tanh(self.shared_pooler(first))
+        return self.exits[layer](first)

@@ -1,0 +1,71 @@
+"""Multi-exit encoder for sentence classification: one exit head per layer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from rayexit.errors import RayexitError
+from rayexit.models.encoder import (
+    ExitConfig,
+    MultiExitEncoder,
+    load_backbone_from_config,
+    load_weights,
+    read_exit_config,
+)
+from rayexit.models.heads import ExitHeads
+
+
+class MultiExitForSequenceClassification(MultiExitEncoder):
+    task = "sequence"
+
+    def __init__(self, backbone: torch.nn.Module, exit_config: ExitConfig) -> None:
+        super().__init__(backbone, exit_config)
+        hidden = backbone.config.hidden_size
+        self.heads = ExitHeads(
+            exit_config.head, self.num_layers, hidden, len(exit_config.labels), exit_config.dropout
+        )
+
+    def exit_logits(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        return self.heads(layer, hidden)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[torch.Tensor]:
+        """Logits of every exit, exit 1 first (training and full-depth evaluation)."""
+        states = self.layer_states(input_ids, attention_mask)
+        return [self.exit_logits(i, h) for i, h in enumerate(states)]
+
+    @classmethod
+    def from_backbone(cls, name_or_path: str, exit_config: ExitConfig) -> MultiExitForSequenceClassification:
+        """A new multi-exit model on a pretrained encoder (hub name or local folder)."""
+        backbone = load_pretrained_backbone(name_or_path)
+        model = cls(backbone, exit_config)
+        pooler = getattr(backbone, "pooler", None)
+        if pooler is not None and hasattr(pooler, "dense"):
+            model.heads.init_poolers_from(pooler.dense)
+        return model
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> MultiExitForSequenceClassification:
+        exit_config = read_exit_config(directory)
+        if exit_config.task != cls.task:
+            raise RayexitError(f"{directory}: holds a {exit_config.task!r} model, expected {cls.task!r}")
+        model = cls(load_backbone_from_config(directory), exit_config)
+        load_weights(model, directory)
+        model.eval()
+        return model
+
+
+def load_pretrained_backbone(name_or_path: str) -> torch.nn.Module:
+    from transformers import AutoModel
+
+    from rayexit.data.packaged import resolve_model_name
+
+    resolved = resolve_model_name(name_or_path)
+    try:
+        return AutoModel.from_pretrained(resolved, attn_implementation="sdpa")
+    except OSError as exc:
+        raise RayexitError(
+            f"{name_or_path}: could not load an encoder ({exc}). Give a model folder, a hub name "
+            "where a hub is reachable, or `minilm` for the packaged MiniLM"
+        ) from None

@@ -1,0 +1,226 @@
+"""The training loop: plain PyTorch, the same in one process and as a Ray Train worker.
+
+Gradients are computed locally with `torch.autograd.grad`, then averaged across workers by
+the `average` function the caller passes (identity in one process, one all-reduce under Ray),
+then combined and applied. RomeBERT's projection therefore runs on averaged gradients, the
+same arithmetic on every worker, and all workers end each step with identical weights.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from rayexit.config import TrainSettings
+from rayexit.data.encode import EncodedSet, iterate_batches, steps_per_epoch
+from rayexit.exits import ExitCache, collect_exit_logits
+from rayexit.gradreg import combine_with_projection
+from rayexit.losses import joint_loss, pabee_loss, romebert_losses
+from rayexit.progress import progress
+
+Average = Callable[[list[torch.Tensor]], list[torch.Tensor]]
+MAX_GRAD_NORM = 1.0
+
+
+def no_average(grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    return grads
+
+
+@dataclass
+class Stage:
+    """One optimisation stage: which parameters train, for how many epochs, on which loss."""
+
+    name: str
+    epochs: float
+    params: list[torch.nn.Parameter]
+    head_params: set[int]
+    # (model, ids, mask, labels, params, settings) -> (flat grads, loss value, combine);
+    # `combine` turns the averaged flat grads into one per parameter, plus a conflict flag.
+    step: Callable
+    frozen_backbone: bool = False
+
+
+@dataclass
+class TrainResult:
+    history: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+    steps: int = 0
+    conflict_rate: float | None = None
+
+
+def train_model(
+    model,
+    train_data: EncodedSet,
+    settings: TrainSettings,
+    *,
+    eval_data: EncodedSet | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    average: Average = no_average,
+    on_epoch_end: Callable[[dict], None] | None = None,
+    show_progress: bool = True,
+) -> TrainResult:
+    torch.manual_seed(settings.seed)
+    result = TrainResult()
+    start = time.perf_counter()
+    conflicts: list[bool] = []
+    for stage in build_stages(model, settings):
+        per_epoch = steps_per_epoch(train_data, settings.batch_size, world_size)
+        total = max(1, math.ceil(stage.epochs * per_epoch))
+        optimizer, scheduler = make_optimizer(stage, settings, total)
+        step = 0
+        epoch = 0
+        bar = progress(range(total), desc=f"train {stage.name}", enabled=show_progress and rank == 0)
+        bar_iter = iter(bar)
+        while step < total:
+            model.train()
+            if stage.frozen_backbone:
+                model.backbone.eval()  # frozen: no dropout noise in the features the exits learn from
+            losses = []
+            batches = iterate_batches(
+                train_data, settings.batch_size, shuffle_seed=settings.seed + epoch, rank=rank, world_size=world_size
+            )
+            for ids, mask, labels in batches:
+                if step >= total:
+                    break
+                flat, loss_value, combine = stage.step(model, ids, mask, labels, stage.params, settings)
+                grads, conflict = combine(average(flat))
+                apply_gradients(stage.params, grads, optimizer, scheduler)
+                losses.append(loss_value)
+                if conflict is not None:
+                    conflicts.append(conflict)
+                step += 1
+                next(bar_iter, None)
+            epoch += 1
+            record = {"stage": stage.name, "epoch": epoch, "step": step, "loss": sum(losses) / max(len(losses), 1)}
+            if eval_data is not None:
+                record["exit_accuracy"] = exit_accuracies(model, eval_data, settings.batch_size)
+            record["seconds"] = time.perf_counter() - start
+            result.history.append(record)
+            if on_epoch_end is not None:
+                on_epoch_end(record)
+        result.steps += total
+    result.seconds = time.perf_counter() - start
+    if conflicts:
+        result.conflict_rate = sum(conflicts) / len(conflicts)
+    model.eval()
+    return result
+
+
+def exit_accuracies(model, data: EncodedSet, batch_size: int) -> list[float]:
+    model.eval()
+    logits, labels = collect_exit_logits(model, iterate_batches(data, batch_size))
+    return ExitCache(logits).exit_accuracies(labels)
+
+
+def build_stages(model, settings: TrainSettings) -> list[Stage]:
+    backbone = model.backbone_parameters()
+    heads = list(model.heads.parameters())
+    head_ids = {id(p) for p in heads}
+    if settings.method == "deebert":
+        final_head = list(model.heads.exits[-1].parameters())
+        if settings.head == "shared-pooler":
+            final_head += list(model.heads.shared_pooler.parameters())
+        final_ids = {id(p) for p in final_head}
+        inner = [p for p in heads if id(p) not in final_ids]
+        stage2_epochs = settings.deebert_stage2_epochs or settings.epochs
+        return [
+            Stage("deebert-1", settings.epochs, backbone + final_head, final_ids, _final_only_step),
+            Stage("deebert-2", stage2_epochs, inner, {id(p) for p in inner}, _frozen_exits_step, frozen_backbone=True),
+        ]
+    step = {"joint": _joint_step, "pabee": _pabee_step, "romebert": _romebert_step}[settings.method]
+    return [Stage(settings.method, settings.epochs, backbone + heads, head_ids, step)]
+
+
+def make_optimizer(stage: Stage, settings: TrainSettings, total_steps: int):
+    head_lr = settings.head_lr or settings.lr
+    body = [p for p in stage.params if id(p) not in stage.head_params]
+    head = [p for p in stage.params if id(p) in stage.head_params]
+    groups = [g for g in ({"params": body, "lr": settings.lr}, {"params": head, "lr": head_lr}) if g["params"]]
+    optimizer = torch.optim.AdamW(groups, weight_decay=settings.weight_decay)
+    warmup = int(settings.warmup_ratio * total_steps)
+
+    def schedule(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+def apply_gradients(params, grads, optimizer, scheduler) -> None:
+    for param, grad in zip(params, grads):
+        param.grad = grad
+    torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+    optimizer.step()
+    scheduler.step()
+    for param in params:
+        param.grad = None
+
+
+def _grads(loss: torch.Tensor, params, retain: bool = False) -> list[torch.Tensor]:
+    grads = torch.autograd.grad(loss, params, retain_graph=retain, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+
+
+def _as_is(grads: list[torch.Tensor]) -> tuple[list[torch.Tensor], bool | None]:
+    return grads, None
+
+
+def _joint_step(model, ids, mask, labels, params, settings):
+    loss = joint_loss(model(ids, mask), labels)
+    return _grads(loss, params), loss.item(), _as_is
+
+
+def _pabee_step(model, ids, mask, labels, params, settings):
+    loss = pabee_loss(model(ids, mask), labels)
+    return _grads(loss, params), loss.item(), _as_is
+
+
+def _final_only_step(model, ids, mask, labels, params, settings):
+    states = model.layer_states(ids, mask)
+    loss = torch.nn.functional.cross_entropy(model.exit_logits(model.num_layers - 1, states[-1]), labels)
+    return _grads(loss, params), loss.item(), _as_is
+
+
+def _frozen_exits_step(model, ids, mask, labels, params, settings):
+    with torch.no_grad():
+        states = model.layer_states(ids, mask)
+    logits = [model.exit_logits(i, h) for i, h in enumerate(states[:-1])]
+    loss = joint_loss(logits, labels)
+    return _grads(loss, params), loss.item(), _as_is
+
+
+def _romebert_step(model, ids, mask, labels, params, settings):
+    """Both gradients go out in one flat list (one all-reduce); `combine` projects after averaging."""
+    final, exits = romebert_losses(model(ids, mask), labels, settings.gamma, settings.temperature)
+    total = (final + exits).item()
+    if settings.gr_direction == "none":
+        return _grads(final + exits, params), total, _as_is
+    flat = _grads(final, params, retain=True) + _grads(exits, params)
+    projected = _projected_mask(model, params, settings)
+
+    def combine(averaged: list[torch.Tensor]) -> tuple[list[torch.Tensor], bool]:
+        g_final, g_exits = averaged[: len(params)], averaged[len(params) :]
+        leader, other = (g_exits, g_final) if settings.gr_direction == "reverse" else (g_final, g_exits)
+        shared = [i for i, is_projected in enumerate(projected) if is_projected]
+        combined, conflict = combine_with_projection(
+            [leader[i] for i in shared], [other[i] for i in shared], per_tensor=settings.gr_scope == "per_tensor"
+        )
+        out = [lead + oth for lead, oth in zip(leader, other)]
+        for i, grad in zip(shared, combined):
+            out[i] = grad
+        return out, conflict
+
+    return flat, total, combine
+
+
+def _projected_mask(model, params, settings: TrainSettings) -> list[bool]:
+    """Which parameters take part in the projection: encoder layers (RomeBERT) or all shared."""
+    chosen = model.encoder_layer_parameters() if settings.gr_scope == "encoder" else model.backbone_parameters()
+    ids = {id(p) for p in chosen}
+    return [id(p) in ids for p in params]
