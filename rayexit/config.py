@@ -16,6 +16,7 @@ POLICIES = ("entropy", "maxprob", "patience", "none")
 GR_DIRECTIONS = ("reverse", "final", "none")
 GR_SCOPES = ("encoder", "shared", "per_tensor")
 HEADS = ("pooler", "shared-pooler")
+POOLINGS = ("cls", "mean")
 
 
 @dataclass
@@ -84,6 +85,7 @@ class TrainSettings:
     gr_scope: str = "encoder"
     deebert_stage2_epochs: float | None = None  # None: the same as `epochs`
     head: str = "pooler"
+    pooling: str = "cls"
     dropout: float = 0.1
     policy: ExitPolicy = field(default_factory=ExitPolicy)
     log_every: int = 20
@@ -95,6 +97,7 @@ class TrainSettings:
         _choice("gr_direction", self.gr_direction, GR_DIRECTIONS)
         _choice("gr_scope", self.gr_scope, GR_SCOPES)
         _choice("head", self.head, HEADS)
+        _choice("pooling", self.pooling, POOLINGS)
         _positive("epochs", self.epochs)
         _positive("batch_size", self.batch_size)
         _positive("lr", self.lr)

@@ -93,9 +93,12 @@ def summarize(report: dict, max_drop: float = 0.01) -> dict:
     return {"max_drop": max_drop, "best_layer_point": by_layers, "best_wallclock_point": by_clock}
 
 
+def format_exit_accuracies(accuracies: list[float]) -> str:
+    return "\n".join(["exit  accuracy"] + [f"{i + 1:>4}  {acc:8.4f}" for i, acc in enumerate(accuracies)])
+
+
 def format_table(report: dict) -> str:
-    lines = ["exit  accuracy"]
-    lines += [f"{i + 1:>4}  {acc:8.4f}" for i, acc in enumerate(report["exit_accuracy"])]
+    lines = [format_exit_accuracies(report["exit_accuracy"])]
     lines += ["", f"{'policy':<9}{'threshold':>10}{'accuracy':>10}{'layers x':>10}{'clock x':>9}"]
     for p in report["curve"] + [dict(report["chosen"], policy=report["chosen"]["policy"] + "*")]:
         threshold = p["threshold"] if not isinstance(p["threshold"], list) else "per-layer"

@@ -66,7 +66,7 @@ def run_early_exit(
     for layer in range(last):
         additive = model.additive_mask(mask, hidden.dtype)
         hidden = model.run_layer(layer, hidden, additive)
-        probs = torch.softmax(model.exit_logits(layer, hidden).float(), dim=-1)
+        probs = torch.softmax(model.exit_logits(layer, hidden, mask).float(), dim=-1)
         confidence, predicted = probs.max(-1)
         agree = torch.where(predicted == previous, agree + 1, torch.zeros_like(agree))
         previous = predicted

@@ -34,6 +34,7 @@ class ExitConfig:
     task: str  # "sequence" (one label per text) or "token" (one tag per word)
     labels: list[str]
     head: str = "pooler"
+    pooling: str = "cls"
     dropout: float = 0.1
     max_length: int = 128
     method: str = ""
@@ -46,6 +47,7 @@ class ExitConfig:
             "task": self.task,
             "labels": self.labels,
             "head": self.head,
+            "pooling": self.pooling,
             "dropout": self.dropout,
             "max_length": self.max_length,
             "method": self.method,

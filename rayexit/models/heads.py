@@ -34,9 +34,12 @@ class LinearExit(nn.Module):
 class ExitHeads(nn.Module):
     """All exits of a model; `head` is `pooler` (one pooler each) or `shared-pooler` (PABEE)."""
 
-    def __init__(self, head: str, num_layers: int, hidden_size: int, num_labels: int, dropout: float) -> None:
+    def __init__(
+        self, head: str, num_layers: int, hidden_size: int, num_labels: int, dropout: float, pooling: str = "cls"
+    ) -> None:
         super().__init__()
         self.head = head
+        self.pooling = pooling
         if head == "shared-pooler":
             self.shared_pooler = nn.Linear(hidden_size, hidden_size)
             self.exits = nn.ModuleList(LinearExit(hidden_size, num_labels, dropout) for _ in range(num_layers))
@@ -55,9 +58,17 @@ class ExitHeads(nn.Module):
                 target.weight.copy_(pretrained.weight)
                 target.bias.copy_(pretrained.bias)
 
-    def forward(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits of exit `layer` (0-based) from that layer's hidden states [B, S, H]."""
-        first = hidden[:, 0]
+    def forward(self, layer: int, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Logits of exit `layer` (0-based) from that layer's hidden states [B, S, H].
+
+        `cls` reads the first token (BERT's convention); `mean` averages the real tokens, which
+        suits sentence-embedding encoders such as all-MiniLM, whose first token was never trained.
+        """
+        if self.pooling == "mean":
+            weights = attention_mask[:, :, None].to(hidden.dtype)
+            first = (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+        else:
+            first = hidden[:, 0]
         if self.head == "shared-pooler":
             first = torch.tanh(self.shared_pooler(first))
         return self.exits[layer](first)

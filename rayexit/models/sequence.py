@@ -24,16 +24,21 @@ class MultiExitForSequenceClassification(MultiExitEncoder):
         super().__init__(backbone, exit_config)
         hidden = backbone.config.hidden_size
         self.heads = ExitHeads(
-            exit_config.head, self.num_layers, hidden, len(exit_config.labels), exit_config.dropout
+            exit_config.head,
+            self.num_layers,
+            hidden,
+            len(exit_config.labels),
+            exit_config.dropout,
+            exit_config.pooling,
         )
 
-    def exit_logits(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
-        return self.heads(layer, hidden)
+    def exit_logits(self, layer: int, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.heads(layer, hidden, attention_mask)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[torch.Tensor]:
         """Logits of every exit, exit 1 first (training and full-depth evaluation)."""
         states = self.layer_states(input_ids, attention_mask)
-        return [self.exit_logits(i, h) for i, h in enumerate(states)]
+        return [self.exit_logits(i, h, attention_mask) for i, h in enumerate(states)]
 
     @classmethod
     def from_backbone(cls, name_or_path: str, exit_config: ExitConfig) -> MultiExitForSequenceClassification:

@@ -183,14 +183,14 @@ def _pabee_step(model, ids, mask, labels, params, settings):
 
 def _final_only_step(model, ids, mask, labels, params, settings):
     states = model.layer_states(ids, mask)
-    loss = torch.nn.functional.cross_entropy(model.exit_logits(model.num_layers - 1, states[-1]), labels)
+    loss = torch.nn.functional.cross_entropy(model.exit_logits(model.num_layers - 1, states[-1], mask), labels)
     return _grads(loss, params), loss.item(), _as_is
 
 
 def _frozen_exits_step(model, ids, mask, labels, params, settings):
     with torch.no_grad():
         states = model.layer_states(ids, mask)
-    logits = [model.exit_logits(i, h) for i, h in enumerate(states[:-1])]
+    logits = [model.exit_logits(i, h, mask) for i, h in enumerate(states[:-1])]
     loss = joint_loss(logits, labels)
     return _grads(loss, params), loss.item(), _as_is
 

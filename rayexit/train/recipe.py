@@ -56,6 +56,7 @@ def prepare(model_name: str, train_source: str, eval_source: str | None, setting
         task="sequence",
         labels=labels,
         head=settings.head,
+        pooling=settings.pooling,
         dropout=settings.dropout,
         max_length=settings.max_length,
         method=settings.method,
