@@ -30,3 +30,40 @@ def ray_session():
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+def tiny_backbone(kind: str = "bert", layers: int = 4, hidden: int = 32, vocab: int = 30522, seed: int = 0):
+    """A small random-initialised BERT or RoBERTa encoder (no weights loaded from anywhere)."""
+    import torch
+    from transformers import AutoModel, BertConfig, RobertaConfig
+
+    torch.manual_seed(seed)
+    common = dict(
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        intermediate_size=hidden * 2,
+        vocab_size=vocab,
+        max_position_embeddings=130,
+    )
+    config = RobertaConfig(**common, pad_token_id=1) if kind == "roberta" else BertConfig(**common)
+    return AutoModel.from_config(config, attn_implementation="sdpa")
+
+
+def tiny_sequence_model(
+    kind: str = "bert", layers: int = 4, labels=("0", "1"), head: str = "pooler", pooling: str = "cls", seed: int = 0
+):
+    from rayexit.models import ExitConfig, MultiExitForSequenceClassification
+
+    model = MultiExitForSequenceClassification(
+        tiny_backbone(kind, layers, seed=seed),
+        ExitConfig(task="sequence", labels=list(labels), head=head, pooling=pooling, dropout=0.0),
+    )
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def minilm_tokenizer():
+    from rayexit.models import load_tokenizer
+
+    return load_tokenizer("minilm")
