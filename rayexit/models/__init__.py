@@ -6,6 +6,10 @@ from rayexit.models.sequence import MultiExitForSequenceClassification, load_pre
 
 def load_model_dir(directory):
     """Any rayexit model directory, whatever its task."""
+    if read_exit_config(directory).task == "token":
+        from rayexit.models.token import MultiExitForTokenClassification
+
+        return MultiExitForTokenClassification.from_pretrained(directory)
     return MultiExitForSequenceClassification.from_pretrained(directory)
 
 

@@ -1,0 +1,67 @@
+"""Multi-exit encoder for sequence labeling: one linear tag head per layer on the token states."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from rayexit.errors import RayexitError
+from rayexit.models.encoder import (
+    ExitConfig,
+    MultiExitEncoder,
+    load_backbone_from_config,
+    load_weights,
+    read_exit_config,
+)
+from rayexit.models.sequence import load_pretrained_backbone
+
+
+class TokenExit(nn.Module):
+    """Dropout -> linear to the tags (Li et al., 2021: a plain linear classifier per layer)."""
+
+    def __init__(self, hidden_size: int, num_tags: int, dropout: float) -> None:
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(hidden_size, num_tags)
+        nn.init.normal_(self.classifier.weight, std=0.02)
+        nn.init.zeros_(self.classifier.bias)
+
+    def forward(self, states: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.dropout(states))
+
+
+class MultiExitForTokenClassification(MultiExitEncoder):
+    task = "token"
+
+    def __init__(self, backbone: nn.Module, exit_config: ExitConfig) -> None:
+        super().__init__(backbone, exit_config)
+        hidden = backbone.config.hidden_size
+        self.heads = nn.ModuleList(
+            TokenExit(hidden, len(exit_config.labels), exit_config.dropout) for _ in range(self.num_layers)
+        )
+
+    def exit_logits(self, layer: int, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Tag logits of exit `layer` (0-based) for states of any shape [..., H]."""
+        return self.heads[layer](hidden)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[torch.Tensor]:
+        """Tag logits [B, S, T] of every exit, exit 1 first, for every word-piece position."""
+        states = self.layer_states(input_ids, attention_mask)
+        return [self.exit_logits(i, h) for i, h in enumerate(states)]
+
+    @classmethod
+    def from_backbone(cls, name_or_path: str, exit_config: ExitConfig) -> MultiExitForTokenClassification:
+        """A new multi-exit tagger on a pretrained encoder (hub name or local folder)."""
+        return cls(load_pretrained_backbone(name_or_path), exit_config)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> MultiExitForTokenClassification:
+        exit_config = read_exit_config(directory)
+        if exit_config.task != cls.task:
+            raise RayexitError(f"{directory}: holds a {exit_config.task!r} model, expected {cls.task!r}")
+        model = cls(load_backbone_from_config(directory), exit_config)
+        load_weights(model, directory)
+        model.eval()
+        return model
