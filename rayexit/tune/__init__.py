@@ -1,0 +1,1 @@
+"""Ray Tune + Optuna over training settings, threshold search on cached logits, Pareto front, export."""

@@ -1,0 +1,239 @@
+"""What a tuning run searches and how it chooses, read from YAML and checked before any trial.
+
+A tune config has two sections: `train:` holds the fixed training settings (the same as
+`rayexit train --config`), `tune:` holds the search. Inside `tune.space`, each searched
+training setting is a number (held fixed), a `[low, high]` pair, or
+`{low: .., high: .., log: true|false}`. Exit policies and thresholds are not sampled by Optuna:
+every trial searches them on its cached validation logits, which costs no retraining.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rayexit.config import TrainSettings, load_yaml
+from rayexit.errors import RayexitError
+
+# Searchable training settings: allowed interval and whether to sample on a log scale by default.
+SEARCHABLE = {
+    "gamma": (0.0, 1.0, False),
+    "temperature": (1e-3, 100.0, False),
+    "lr": (1e-8, 1.0, True),
+    "head_lr": (1e-8, 1.0, True),
+}
+OBJECTIVES = ("pareto", "within_drop")
+SCHEDULERS = ("none", "asha")
+TRAINERS = ("distributed", "local")
+SEARCH_POLICIES = ("entropy", "maxprob", "patience")
+
+# The paper's default (RomeBERT scripts): gamma 0.9, T 3; lr comes from the `train:` section.
+PAPER_DEFAULT = {"gamma": 0.9, "temperature": 3.0}
+
+
+@dataclass
+class Range:
+    low: float
+    high: float
+    log: bool = False
+
+    @property
+    def fixed(self) -> bool:
+        return self.low == self.high
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"low": self.low, "high": self.high, "log": self.log}
+
+
+def default_space() -> dict[str, Range]:
+    return {"gamma": Range(0.5, 1.0), "temperature": Range(1.0, 10.0), "lr": Range(2e-5, 2e-4, log=True)}
+
+
+@dataclass
+class TuneSpec:
+    """The `tune:` section. Every field is checked in `__post_init__`, naming the setting."""
+
+    trials: int = 8
+    objective: str = "within_drop"
+    max_drop: float = 0.01
+    scheduler: str = "none"
+    grace_epochs: int = 1  # ASHA: epochs every trial runs before it can be stopped
+    space: dict[str, Range] = field(default_factory=default_space)
+    policies: list[str] = field(default_factory=lambda: ["entropy", "maxprob", "patience"])
+    per_layer: bool = True
+    threshold_samples: int = 4000
+    validation_fraction: float = 0.1
+    split_seed: int = 0
+    seed: int = 0
+    include_default: bool = True
+    reference_accuracy: float | None = None
+    trainer: str = "distributed"
+    workers: int = 1
+    use_gpu: bool = False
+    cpus_per_trial: float | None = None  # None: the whole machine, so trials run one at a time
+    optuna_db: bool = True
+
+    def __post_init__(self) -> None:
+        self.space = parse_space(self.space)
+        _integer("tune.trials", self.trials, 1)
+        _integer("tune.threshold_samples", self.threshold_samples, 0)
+        _integer("tune.workers", self.workers, 1)
+        _integer("tune.grace_epochs", self.grace_epochs, 1)
+        _integer("tune.split_seed", self.split_seed, 0)
+        _integer("tune.seed", self.seed, 0)
+        _choice("tune.objective", self.objective, OBJECTIVES)
+        _choice("tune.scheduler", self.scheduler, SCHEDULERS)
+        _choice("tune.trainer", self.trainer, TRAINERS)
+        if not _number(self.max_drop) or self.max_drop < 0:
+            raise RayexitError(f"tune.max_drop: got {self.max_drop!r}, expected an accuracy drop >= 0 (0.01 = 1 point)")
+        if self.max_drop >= 1:
+            raise RayexitError(f"tune.max_drop: got {self.max_drop}, expected a fraction below 1 (0.01 = 1 point)")
+        if not _number(self.validation_fraction) or not 0 < self.validation_fraction < 1:
+            raise RayexitError(
+                f"tune.validation_fraction: got {self.validation_fraction!r}, expected a value in (0, 1)"
+            )
+        if self.reference_accuracy is not None and (
+            not _number(self.reference_accuracy) or not 0 <= self.reference_accuracy <= 1
+        ):
+            raise RayexitError(f"tune.reference_accuracy: got {self.reference_accuracy!r}, expected a value in [0, 1]")
+        if not isinstance(self.policies, list) or not self.policies:
+            raise RayexitError(
+                f"tune.policies: got {self.policies!r}, expected a list from {', '.join(SEARCH_POLICIES)}"
+            )
+        for kind in self.policies:
+            _choice("tune.policies", kind, SEARCH_POLICIES)
+        if self.scheduler == "asha" and self.objective != "within_drop":
+            raise RayexitError(
+                "tune.scheduler: asha stops trials on one number; use objective: within_drop with it "
+                "(objective pareto has two)"
+            )
+        if self.cpus_per_trial is not None and (not _number(self.cpus_per_trial) or self.cpus_per_trial < 0):
+            raise RayexitError(f"tune.cpus_per_trial: got {self.cpus_per_trial!r}, expected a number >= 0")
+        for name in ("per_layer", "include_default", "use_gpu", "optuna_db"):
+            if not isinstance(getattr(self, name), bool):
+                raise RayexitError(f"tune.{name}: got {getattr(self, name)!r}, expected true or false")
+
+    def searched(self) -> dict[str, Range]:
+        return {name: r for name, r in self.space.items() if not r.fixed}
+
+    def fixed(self) -> dict[str, float]:
+        return {name: r.low for name, r in self.space.items() if r.fixed}
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["space"] = {name: r.to_dict() for name, r in self.space.items()}
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TuneSpec:
+        if not isinstance(data, dict):
+            raise RayexitError(f"tune: expected a mapping of settings, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise RayexitError(f"tune: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(**data)
+
+
+def parse_space(space: Any) -> dict[str, Range]:
+    if not isinstance(space, dict) or not space:
+        raise RayexitError(f"tune.space: expected a mapping of settings to ranges, got {space!r}")
+    parsed = {}
+    for name, value in space.items():
+        if name not in SEARCHABLE:
+            raise RayexitError(
+                f"tune.space.{name}: not a setting that can be searched; searchable: {', '.join(SEARCHABLE)} "
+                "(exit policies and thresholds are searched on cached logits, not here)"
+            )
+        parsed[name] = value if isinstance(value, Range) else _parse_range(f"tune.space.{name}", value)
+        _check_range(name, parsed[name])
+    return parsed
+
+
+def _parse_range(where: str, value: Any) -> Range:
+    if _number(value):
+        return Range(float(value), float(value))
+    if isinstance(value, (list, tuple)) and len(value) == 2 and all(_number(v) for v in value):
+        return Range(float(value[0]), float(value[1]))
+    if isinstance(value, dict):
+        extra = sorted(set(value) - {"low", "high", "log"})
+        if extra or "low" not in value or "high" not in value:
+            raise RayexitError(f"{where}: expected keys low, high and optionally log; got {', '.join(map(str, value))}")
+        if not (_number(value["low"]) and _number(value["high"])):
+            raise RayexitError(f"{where}: low and high must be numbers, got {value['low']!r} and {value['high']!r}")
+        log = value.get("log", False)
+        if not isinstance(log, bool):
+            raise RayexitError(f"{where}.log: got {log!r}, expected true or false")
+        return Range(float(value["low"]), float(value["high"]), log)
+    raise RayexitError(f"{where}: got {value!r}; expected a number, [low, high] or {{low, high, log}}")
+
+
+def _check_range(name: str, r: Range) -> None:
+    where = f"tune.space.{name}"
+    bottom, top, log_default = SEARCHABLE[name]
+    if r.low > r.high:
+        raise RayexitError(f"{where}: low {r.low} is above high {r.high}")
+    if r.low < bottom or r.high > top:
+        raise RayexitError(f"{where}: [{r.low}, {r.high}] leaves the allowed interval [{bottom}, {top}]")
+    if name in ("temperature", "lr", "head_lr") and r.low <= 0:
+        raise RayexitError(f"{where}: low {r.low} must be > 0")
+    if not r.log and log_default and not r.fixed and r.high / max(r.low, 1e-300) > 10:
+        r.log = True  # a rate spanning decades is sampled per decade unless said otherwise
+
+
+@dataclass
+class TuneConfig:
+    """Both sections of a tune config: fixed training settings and the search."""
+
+    train: TrainSettings
+    tune: TuneSpec
+    source: str = ""
+
+    def trial_settings(self, sampled: dict[str, float]) -> TrainSettings:
+        values = {**self.tune.fixed(), **sampled}
+        return dataclasses.replace(self.train, **values)
+
+    def default_point(self) -> dict[str, float]:
+        """The paper's setting among the searched ones (lr: the `train:` section's value)."""
+        point = {}
+        for name in self.tune.searched():
+            value = PAPER_DEFAULT.get(name, getattr(self.train, name))
+            r = self.tune.space[name]
+            if value is not None and r.low <= value <= r.high:
+                point[name] = float(value)
+        return point
+
+
+def load_tune_config(
+    path: str | Path | None, train_overrides: dict[str, Any], tune_overrides: dict[str, Any]
+) -> TuneConfig:
+    """`train:` and `tune:` sections of a YAML file (either may be absent), flags on top."""
+    raw: dict[str, Any] = load_yaml(path) if path else {}
+    unknown = sorted(set(raw) - {"train", "tune"})
+    if unknown:
+        raise RayexitError(f"{path}: unknown section(s) {', '.join(unknown)}; expected train: and tune:")
+    train_data = dict(raw.get("train") or {})
+    train_data.update({k: v for k, v in train_overrides.items() if v is not None})
+    tune_data = dict(raw.get("tune") or {})
+    tune_data.update({k: v for k, v in tune_overrides.items() if v is not None})
+    try:
+        return TuneConfig(TrainSettings.from_dict(train_data), TuneSpec.from_dict(tune_data), str(path or ""))
+    except RayexitError as exc:
+        raise RayexitError(f"{path}: {exc}" if path else str(exc)) from None
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _integer(name: str, value: Any, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise RayexitError(f"{name}: got {value!r}, expected a whole number >= {minimum}")
+
+
+def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise RayexitError(f"{name}: got {value!r}, expected one of {', '.join(allowed)}")

@@ -1,0 +1,61 @@
+"""How a trial trains its model: the one place that says which trainer does it.
+
+`distributed` goes through the Ray Train trainer (`rayexit.train.distributed.fit_distributed`);
+`local` trains in the trial's own process with the same loop (`rayexit.train.loop`), which
+also lets the trial report after every epoch so that ASHA can stop poor trials early.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from rayexit.config import TrainSettings
+
+# Called after each epoch of local training with the model as it stands and the epoch record.
+EpochHook = Callable[[object, dict], None]
+
+
+def train_trial_model(
+    model_name: str,
+    train_path: str,
+    validation_path: str,
+    settings: TrainSettings,
+    output: Path,
+    *,
+    trainer: str = "distributed",
+    workers: int = 1,
+    use_gpu: bool = False,
+    storage_path: str | None = None,
+    on_epoch: EpochHook | None = None,
+) -> tuple[Path, dict]:
+    """Train one model into `output`; returns the model directory and what training recorded."""
+    if trainer == "distributed":
+        from rayexit.train.distributed import fit_distributed
+
+        result = fit_distributed(
+            model_name,
+            train_path,
+            validation_path,
+            settings,
+            output,
+            num_workers=workers,
+            use_gpu=use_gpu,
+            storage_path=storage_path,
+            name=f"train-{output.parent.name}",
+            show_progress=False,
+        )
+        return Path(result.model_dir), {"seconds": result.seconds, "history": result.history}
+    return _train_local(model_name, train_path, validation_path, settings, output, on_epoch)
+
+
+def _train_local(model_name, train_path, validation_path, settings, output, on_epoch) -> tuple[Path, dict]:
+    from rayexit.train.loop import train_model
+    from rayexit.train.recipe import prepare
+
+    # No eval set here: the trial measures the validation split itself, on the full cache.
+    run = prepare(model_name, train_path, None, settings)
+    hook = None if on_epoch is None else (lambda record: on_epoch(run.model, record))
+    result = train_model(run.model, run.train_data, settings, on_epoch_end=hook, show_progress=False)
+    run.model.save_pretrained(output, run.tokenizer)
+    return Path(output), {"seconds": result.seconds, "history": result.history}

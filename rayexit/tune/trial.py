@@ -1,0 +1,183 @@
+"""One Tune trial: train with the sampled settings, cache every exit's logits, search thresholds.
+
+Validation logits (from the split carved out of --train) decide; eval logits are only measured,
+so each candidate policy carries both figures and nothing is ever chosen on the eval set.
+The trial's model directory and its `trial_points.json` go back to Tune as the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from rayexit.data import encode_examples, iterate_batches, load_text_classification
+from rayexit.exits import ExitCache, collect_exit_logits
+from rayexit.files import write_json
+from rayexit.tune.pareto import fastest_within, within_drop_score
+from rayexit.tune.space import TuneConfig
+from rayexit.tune.thresholds import Point, SearchResult, evaluate_points, search_thresholds
+from rayexit.tune.training import train_trial_model
+
+log = logging.getLogger(__name__)
+
+POINTS_FILE = "trial_points.json"
+CACHE_BATCH = 64
+SPEED = lambda p: (p.accuracy, p.layer_speedup)  # noqa: E731
+
+
+@dataclass
+class TrialJob:
+    """What every trial shares; travels to the trial through `tune.with_parameters`."""
+
+    model: str
+    fit_path: str
+    validation_path: str
+    eval_path: str
+    config: TuneConfig
+    storage_path: str | None = None
+
+
+def exit_cache(model, source: str, batch_size: int = CACHE_BATCH) -> tuple[ExitCache, torch.Tensor]:
+    """Every exit's logits on a data source, computed once at full depth."""
+    from rayexit.train.recipe import keep_known_labels
+
+    examples = load_text_classification(source)
+    if examples.origin.startswith("atis:"):
+        examples = keep_known_labels(examples, model.labels)
+    tokenizer = model.tokenizer
+    data = encode_examples(tokenizer, examples, model.labels, model.exit_config.max_length)
+    model.eval()
+    logits, labels = collect_exit_logits(model, iterate_batches(data, batch_size))
+    return ExitCache(logits), labels
+
+
+def load_for_measuring(model_dir: Path):
+    from rayexit.models import MultiExitForSequenceClassification, load_tokenizer
+
+    model = MultiExitForSequenceClassification.from_pretrained(model_dir)
+    model.tokenizer = load_tokenizer(model_dir)
+    return model
+
+
+def search(cache: ExitCache, labels: torch.Tensor, config: TuneConfig, samples: int | None = None) -> SearchResult:
+    spec = config.tune
+    return search_thresholds(
+        cache,
+        labels,
+        kinds=spec.policies,
+        per_layer=spec.per_layer,
+        samples=spec.threshold_samples if samples is None else samples,
+        seed=spec.seed,
+    )
+
+
+def objectives(result: SearchResult, config: TuneConfig) -> dict:
+    """What Optuna and ASHA see: the trial's fastest point within the drop budget, and its score."""
+    spec = config.tune
+    reference = max(result.full_accuracy, spec.reference_accuracy or 0.0)
+    chosen = fastest_within(result.points, SPEED, reference, spec.max_drop)
+    point = chosen or max(result.points, key=lambda p: p.accuracy)
+    return {
+        "accuracy": point.accuracy,
+        "layer_speedup": point.layer_speedup,
+        "score": within_drop_score(result.points, SPEED, reference, spec.max_drop),
+        "full_accuracy": result.full_accuracy,
+    }
+
+
+def run_trial(params: dict, job: TrialJob) -> None:
+    """The Tune trainable (a function trainable)."""
+    from ray import tune
+
+    config = job.config
+    settings = config.trial_settings(params)
+    work = Path(tempfile.mkdtemp(prefix="rayexit-trial-"))
+    try:
+        hook = _epoch_reporter(config, job) if config.tune.scheduler == "asha" else None
+        model_dir, training = train_trial_model(
+            job.model,
+            job.fit_path,
+            job.validation_path,
+            settings,
+            work / "model",
+            trainer=config.tune.trainer,
+            workers=config.tune.workers,
+            use_gpu=config.tune.use_gpu,
+            storage_path=job.storage_path,
+            on_epoch=hook,
+        )
+        model = load_for_measuring(model_dir)
+        val_cache, val_labels = exit_cache(model, job.validation_path)
+        eval_cache, eval_labels = exit_cache(model, job.eval_path)
+        result = search(val_cache, val_labels, config)
+        # The paper's way to pick, kept per trial so the default can be compared: one entropy threshold.
+        entropy_only = search_thresholds(val_cache, val_labels, kinds=["entropy"], per_layer=False)
+        record = {
+            "params": params,
+            "settings": settings.to_dict(),
+            "validation_exit_accuracy": val_cache.exit_accuracies(val_labels),
+            "eval_exit_accuracy": eval_cache.exit_accuracies(eval_labels),
+            "front": _paired(result.points, eval_cache, eval_labels),
+            "entropy_sweep": _paired(entropy_only.points, eval_cache, eval_labels),
+            "threshold_settings": result.settings,
+            "threshold_seconds": result.seconds,
+            "train_seconds": training.get("seconds"),
+            "history": training.get("history"),
+        }
+        write_json(model_dir / POINTS_FILE, record)
+        metrics = {
+            **objectives(result, config),
+            "eval_full_accuracy": record["eval_exit_accuracy"][-1],
+            "front_size": len(result.points),
+            "threshold_settings_per_second": result.settings_per_second,
+            "train_seconds": training.get("seconds") or 0.0,
+            "final": 1,
+        }
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(model_dir)))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _paired(points: list[Point], cache: ExitCache, labels: torch.Tensor) -> list[dict]:
+    measured = evaluate_points(cache, labels, points)
+    return [
+        {
+            "policy": p.policy,
+            "thresholds": p.thresholds,
+            "validation": {"accuracy": p.accuracy, "layer_speedup": p.layer_speedup},
+            "eval": {"accuracy": m.accuracy, "layer_speedup": m.layer_speedup},
+        }
+        for p, m in zip(points, measured, strict=True)
+    ]
+
+
+def _epoch_reporter(config: TuneConfig, job: TrialJob):
+    """Per-epoch reports for ASHA: the same objective on the validation cache, a quicker search."""
+    from ray import tune
+
+    from rayexit.models import load_tokenizer
+
+    encoded: dict = {}
+
+    def report(model, record: dict) -> None:
+        if "data" not in encoded:  # the tokenizer training used: the base model's
+            examples = load_text_classification(job.validation_path)
+            tokenizer = load_tokenizer(job.model)
+            encoded["data"] = encode_examples(tokenizer, examples, model.labels, model.exit_config.max_length)
+        model.eval()
+        logits, labels = collect_exit_logits(model, iterate_batches(encoded["data"], CACHE_BATCH))
+        result = search(ExitCache(logits), labels, config, samples=min(config.tune.threshold_samples, 1000))
+        tune.report({**objectives(result, config), "epoch": record.get("epoch", 0), "final": 0})
+
+    return report
+
+
+def read_points(checkpoint_dir: str | Path) -> dict:
+    path = Path(checkpoint_dir) / POINTS_FILE
+    return json.loads(path.read_text())
