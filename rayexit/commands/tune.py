@@ -1,0 +1,80 @@
+"""`rayexit tune`: Ray Tune + Optuna over gamma, T and lr; thresholds searched on cached logits."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("tune", help="search training settings and exit thresholds; export the best model")
+    p.add_argument("--model", help="encoder: a folder, a hub name, or `minilm` (packaged)")
+    p.add_argument("--train", help="training data; the validation split used for choosing is carved from it")
+    p.add_argument("--eval", help="the set the final figures are reported on (never used for choosing)")
+    p.add_argument("--trials", type=int, help="number of trials (default: the config's, else 8)")
+    p.add_argument("--output", help="folder for the experiment, pareto.json/png, best/ and serve.yaml")
+    p.add_argument("--config", help="YAML with `train:` (fixed settings) and `tune:` (the search) sections")
+    p.add_argument("--max-examples", type=int, help="use the first N examples of --train (before the split)")
+    p.add_argument("--max-drop", type=float, help="accuracy drop allowed below the best full depth (0.01 = 1 point)")
+    p.add_argument("--objective", choices=("pareto", "within_drop"), help="two objectives, or one with ASHA")
+    p.add_argument("--scheduler", choices=("none", "asha"), help="asha stops poor trials (objective within_drop)")
+    p.add_argument("--trainer", choices=("distributed", "local"), help="Ray Train (default) or in the trial")
+    p.add_argument("--workers", type=int, help="Ray Train workers per trial")
+    p.add_argument("--epochs", type=float)
+    p.add_argument("--resume", metavar="DIR", help="continue an interrupted `rayexit tune --output DIR`")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from rayexit.errors import RayexitError
+    from rayexit.tune.run import tune_new, tune_resume
+    from rayexit.tune.space import load_tune_config
+
+    if args.resume:
+        given = [flag for flag in ("model", "train", "eval", "output", "config", "trials") if getattr(args, flag)]
+        if given:
+            raise RayexitError(f"--resume takes the earlier run's settings; drop --{', --'.join(given)}")
+        report = tune_resume(args.resume)
+        output = args.resume
+    else:
+        missing = [flag for flag in ("model", "train", "eval", "output") if not getattr(args, flag)]
+        if missing:
+            raise RayexitError(f"missing --{', --'.join(missing)} (or --resume DIR to continue a run)")
+        config = load_tune_config(
+            args.config,
+            {"epochs": args.epochs},
+            {
+                "trials": args.trials,
+                "max_drop": args.max_drop,
+                "objective": args.objective,
+                "scheduler": args.scheduler,
+                "trainer": args.trainer,
+                "workers": args.workers,
+            },
+        )
+        report = tune_new(args.model, args.train, args.eval, args.output, config, args.max_examples)
+        output = args.output
+    print(format_report(report))
+    print(f"best model -> {output}/best ; serve with: serve run {output}/serve.yaml")
+    return 0
+
+
+def format_report(report: dict) -> str:
+    chosen = report["chosen"]
+    lines = [
+        f"{report['trials']} trial(s) in {report['seconds']:.0f}s; validation split: {report['split']['name']}",
+        f"threshold search: {report['threshold_settings_per_second']:.0f} settings/s (slowest trial)",
+        f"best full-depth accuracy on eval: {report['best_full_eval_accuracy']:.4f}",
+        f"chosen: gamma {chosen['gamma']:.3f}, T {chosen['temperature']:.2f}, lr {chosen['lr']:.2e}, "
+        f"{chosen['policy']} {chosen['thresholds']}",
+        f"  on eval: accuracy {chosen['accuracy']:.4f} (its full depth {chosen['full_accuracy']:.4f}), "
+        f"layer speed-up {chosen['layer_speedup']:.2f}x",
+        f"  best/ through the runner: accuracy {report['best_runner_eval']['accuracy']:.4f}, "
+        f"layer speed-up {report['best_runner_eval']['layer_speedup']:.2f}x",
+    ]
+    default = report.get("default")
+    if default:
+        lines.append(
+            f"paper default (gamma 0.9, T 3, one entropy threshold {default['thresholds']:.4f}): "
+            f"accuracy {default['accuracy']:.4f}, layer speed-up {default['layer_speedup']:.2f}x"
+        )
+    return "\n".join(lines)

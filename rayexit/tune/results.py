@@ -1,0 +1,224 @@
+"""From finished trials to what the user keeps: the choice, pareto.json/png, best/, serve.yaml, optuna.db.
+
+Choosing uses validation figures only (the split carved from --train): the reference is the best
+full-depth validation accuracy over all trials, and the choice is the fastest policy of any trial
+within `max_drop` of it. Every figure written as `accuracy` / `layer_speedup` is measured on --eval.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from rayexit.config import ExitPolicy
+from rayexit.errors import RayexitError
+from rayexit.files import write_atomic, write_json
+from rayexit.tune.export import export_model, write_serve_config
+from rayexit.tune.pareto import fastest_within, pareto_front
+from rayexit.tune.space import TuneSpec
+from rayexit.tune.trial import read_points
+
+log = logging.getLogger(__name__)
+
+VALIDATION = lambda c: (c["validation"]["accuracy"], c["validation"]["layer_speedup"])  # noqa: E731
+
+
+def collect(result_grid) -> list[dict]:
+    """One record per trial that finished with a checkpoint (stopped or failed trials have none)."""
+    trials = []
+    for result in result_grid:
+        if result.error is not None or result.checkpoint is None:
+            continue
+        record = read_points(result.checkpoint.path)
+        record["trial_id"] = result.metrics.get("trial_id")
+        record["checkpoint"] = result.checkpoint.path
+        record["metrics"] = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
+        trials.append(record)
+    trials.sort(key=lambda r: str(r["trial_id"]))
+    return trials
+
+
+def _candidate(record: dict, point: dict, index: int) -> dict:
+    params = record["settings"]
+    return {
+        "trial": index,
+        "trial_id": record["trial_id"],
+        "gamma": params["gamma"],
+        "temperature": params["temperature"],
+        "lr": params["lr"],
+        "policy": point["policy"],
+        "thresholds": point["thresholds"],
+        "accuracy": point["eval"]["accuracy"],
+        "layer_speedup": point["eval"]["layer_speedup"],
+        "full_accuracy": record["eval_exit_accuracy"][-1],
+        "validation": point["validation"],
+    }
+
+
+def choose(trials: list[dict], spec: TuneSpec, default_params: dict | None = None) -> dict:
+    if not trials:
+        raise RayexitError("no trial finished with a model; see the Tune experiment folder for the errors")
+    candidates = [_candidate(r, p, i) for i, r in enumerate(trials) for p in r["front"]]
+    reference = max(r["validation_exit_accuracy"][-1] for r in trials)
+    front = pareto_front(candidates, key=VALIDATION)
+    chosen = fastest_within(front, VALIDATION, reference, spec.max_drop)
+    summary = {
+        "reference_validation_accuracy": reference,
+        "max_drop": spec.max_drop,
+        "front": front,
+        "candidates": candidates,
+        "chosen": chosen,
+        "best_full_eval_accuracy": max(r["eval_exit_accuracy"][-1] for r in trials),
+    }
+    default = _default_choice(trials, spec, default_params)
+    if default is not None:
+        summary["default"] = default
+    return summary
+
+
+def _default_choice(trials: list[dict], spec: TuneSpec, default_params: dict | None) -> dict | None:
+    """The paper's way: its own settings, one entropy threshold, within the drop of its own full depth."""
+    if not default_params:
+        return None
+    for index, record in enumerate(trials):
+        if all(abs(record["params"].get(k, float("nan")) - v) < 1e-12 for k, v in default_params.items()):
+            sweep = [_candidate(record, p, index) for p in record["entropy_sweep"]]
+            own = record["validation_exit_accuracy"][-1]
+            return fastest_within(sweep, VALIDATION, own, spec.max_drop)
+    return None
+
+
+def write_results(output: str | Path, trials: list[dict], spec: TuneSpec, job_data: dict, seconds: float) -> dict:
+    output = Path(output)
+    default_params = None
+    if spec.include_default:
+        default_params = job_data.get("default_params")
+    summary = choose(trials, spec, default_params)
+    chosen = summary["chosen"]
+    front = [dict(p, chosen=p is chosen) for p in summary["front"]]
+    write_json(output / "pareto.json", front)
+    plot_pareto(summary, output / "pareto.png")
+    source = trials[chosen["trial"]]["checkpoint"]
+    policy = ExitPolicy(chosen["policy"], chosen["thresholds"])
+    best = export_model(source, output / "best", policy, {k: v for k, v in chosen.items() if k != "trial"})
+    write_serve_config(best, output / "serve.yaml", name="rayexit-tuned")
+    runner = runner_check(best, job_data["eval"])
+    report = {
+        "split": job_data["split"],
+        "eval": job_data["eval"],
+        "trials": len(trials),
+        "seconds": seconds,
+        "reference_validation_accuracy": summary["reference_validation_accuracy"],
+        "max_drop": spec.max_drop,
+        "best_full_eval_accuracy": summary["best_full_eval_accuracy"],
+        "chosen": chosen,
+        "default": summary.get("default"),
+        "best_runner_eval": runner,
+        "threshold_settings_per_second": min(r["threshold_settings"] / r["threshold_seconds"] for r in trials),
+        "per_trial": [
+            {
+                "trial_id": r["trial_id"],
+                "params": r["params"],
+                "validation_full_accuracy": r["validation_exit_accuracy"][-1],
+                "eval_full_accuracy": r["eval_exit_accuracy"][-1],
+                "train_seconds": r["train_seconds"],
+                "threshold_settings": r["threshold_settings"],
+                "threshold_seconds": r["threshold_seconds"],
+            }
+            for r in trials
+        ],
+    }
+    write_json(output / "tune.json", report)
+    if spec.optuna_db:
+        try:
+            write_optuna_db(output / "optuna.db", trials, spec)
+        except Exception as exc:  # the study copy is a convenience; the run's results stand without it
+            log.warning("optuna.db not written: %s", exc)
+    return report
+
+
+@torch.no_grad()
+def runner_check(model_dir: Path, eval_source: str) -> dict:
+    """The exported directory, loaded as anyone would, through the batched runner on --eval."""
+    from rayexit.data import encode_examples, iterate_batches, load_text_classification
+    from rayexit.evaluate import run_over
+    from rayexit.metrics import accuracy
+    from rayexit.models import MultiExitForSequenceClassification, load_tokenizer
+    from rayexit.train.recipe import keep_known_labels
+
+    model = MultiExitForSequenceClassification.from_pretrained(model_dir)
+    examples = load_text_classification(eval_source)
+    if examples.origin.startswith("atis:"):
+        examples = keep_known_labels(examples, model.labels)
+    data = encode_examples(load_tokenizer(model_dir), examples, model.labels, model.exit_config.max_length)
+    batches = list(iterate_batches(data, 32))
+    start = time.perf_counter()
+    result = run_over(model, batches, model.exit_config.policy)
+    return {
+        "accuracy": accuracy(result.predictions, torch.tensor(data.labels)),
+        "layer_speedup": result.layer_speedup(model.num_layers),
+        "seconds": time.perf_counter() - start,
+        "batch_size": 32,
+    }
+
+
+def plot_pareto(summary: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    everything = summary["candidates"]
+    ax.scatter(
+        [c["layer_speedup"] for c in everything], [c["accuracy"] for c in everything], s=6, color="0.8", label="all"
+    )
+    for kind in sorted({p["policy"] for p in summary["front"]}):
+        points = sorted((p for p in summary["front"] if p["policy"] == kind), key=lambda p: p["layer_speedup"])
+        xs, ys = [p["layer_speedup"] for p in points], [p["accuracy"] for p in points]
+        ax.plot(xs, ys, "o", ms=4, label=f"front: {kind}")
+    chosen = summary["chosen"]
+    if chosen:
+        ax.plot(chosen["layer_speedup"], chosen["accuracy"], "*", ms=16, color="black", label="chosen")
+    default = summary.get("default")
+    if default:
+        ax.plot(default["layer_speedup"], default["accuracy"], "X", ms=11, color="tab:red", label="paper default")
+    best = summary["best_full_eval_accuracy"]
+    ax.axhline(best, color="grey", ls="--", lw=1, label="best full depth")
+    ax.axhline(best - summary["max_drop"], color="grey", ls=":", lw=1, label=f"best - {summary['max_drop']:g}")
+    ax.set_xlabel("layer speed-up (x), eval set")
+    ax.set_ylabel("accuracy, eval set")
+    ax.set_title("trials' Pareto front (chosen on validation, measured on eval)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+    return path
+
+
+def write_optuna_db(path: Path, trials: list[dict], spec: TuneSpec) -> Path:
+    """The finished trials as an Optuna study in SQLite, for `optuna-dashboard sqlite:///optuna.db`."""
+    import optuna
+
+    distributions = {
+        name: optuna.distributions.FloatDistribution(r.low, r.high, log=r.log) for name, r in spec.searched().items()
+    }
+
+    def build(tmp: Path) -> None:
+        tmp.unlink(missing_ok=True)
+        directions = ["maximize", "maximize"] if spec.objective == "pareto" else ["maximize"]
+        study = optuna.create_study(storage=f"sqlite:///{tmp}", study_name="rayexit-tune", directions=directions)
+        for record in trials:
+            metrics = record["metrics"]
+            values = (
+                [metrics["accuracy"], metrics["layer_speedup"]] if spec.objective == "pareto" else [metrics["score"]]
+            )
+            params = {k: v for k, v in record["params"].items() if k in distributions}
+            study.add_trial(optuna.trial.create_trial(params=params, distributions=distributions, values=values))
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return write_atomic(path, build)
