@@ -1,0 +1,1 @@
+"""Ray Serve deployment of a multi-exit model: FastAPI ingress, batched early exit, adaptive batching."""

@@ -1,0 +1,161 @@
+"""The served model in plain PyTorch: texts in, (label, probability, exit layer) out.
+
+A batch from the queue is grouped by layer cap (the runner takes one cap per call), sorted
+by length and cut into passes that stay under a padded-token budget, so short texts are not
+padded to the longest one in the queue. Everything here runs in one worker thread of the
+replica; Ray stays in app.py.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from rayexit.config import ExitPolicy
+from rayexit.data.encode import pad_batch
+from rayexit.exits import run_early_exit
+from rayexit.serve.controller import relax_policy
+
+
+@dataclass
+class Answer:
+    label: str
+    probability: float
+    exit_layer: int
+
+    def to_json(self) -> dict:
+        return {"label": self.label, "probability": round(self.probability, 6), "exit_layer": self.exit_layer}
+
+
+@dataclass
+class PassStats:
+    """One call's bookkeeping, for metrics: padded tokens computed against real tokens."""
+
+    passes: int = 0
+    real_tokens: int = 0
+    padded_tokens: int = 0
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    # Half precision only where it is fast and supported: CPU kernels for float16 are slow or missing.
+    if dtype == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return getattr(torch, dtype)
+
+
+class ServedClassifier:
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        policy: ExitPolicy | None = None,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        token_budget: int = 4096,
+        overload_layer_cap: int | None = None,
+    ) -> None:
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.model = model.to(device=self.device, dtype=dtype).eval()
+        self.tokenizer = tokenizer
+        self.policy = policy or model.exit_config.policy
+        self.token_budget = token_budget
+        self.overload_layer_cap = overload_layer_cap
+        self.max_length = model.exit_config.max_length
+        self.pad_id = tokenizer.pad_token_id or 0
+
+    @classmethod
+    def from_model_dir(
+        cls,
+        directory: str | Path,
+        policy: ExitPolicy | None = None,
+        device: str = "auto",
+        dtype: str = "auto",
+        token_budget: int = 4096,
+        overload_layer_cap: int | None = None,
+    ) -> ServedClassifier:
+        from rayexit.models import MultiExitForSequenceClassification, load_tokenizer
+
+        model = MultiExitForSequenceClassification.from_pretrained(directory)
+        chosen = pick_device(device)
+        tokenizer = load_tokenizer(directory)
+        return cls(model, tokenizer, policy, chosen, pick_dtype(dtype, chosen), token_budget, overload_layer_cap)
+
+    @property
+    def num_layers(self) -> int:
+        return self.model.num_layers
+
+    @property
+    def labels(self) -> list[str]:
+        return self.model.labels
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        return self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
+
+    def classify(
+        self, texts: list[str], layer_caps: list[int | None] | None = None, relax_level: int = 0
+    ) -> tuple[list[Answer], PassStats]:
+        """Answers in the order of `texts`; `layer_caps[i]` bounds text i's depth."""
+        sequences = self.encode(texts)
+        caps = layer_caps or [None] * len(texts)
+        policy = relax_policy(self.policy, relax_level, len(self.labels))
+        if relax_level > 0 and self.overload_layer_cap is not None:
+            caps = [min(c or self.num_layers, self.overload_layer_cap) for c in caps]
+        answers: list[Answer | None] = [None] * len(texts)
+        stats = PassStats()
+        by_cap: dict[int | None, list[int]] = {}
+        for i, cap in enumerate(caps):
+            by_cap.setdefault(cap, []).append(i)
+        for cap, rows in by_cap.items():
+            for chunk in token_budget_chunks(rows, [len(sequences[i]) for i in rows], self.token_budget):
+                self._run_pass([sequences[i] for i in chunk], chunk, cap, policy, answers, stats)
+        return answers, stats  # type: ignore[return-value]
+
+    def _run_pass(self, sequences, rows, cap, policy, answers, stats: PassStats) -> None:
+        ids, mask = pad_batch(sequences, self.pad_id)
+        stats.passes += 1
+        stats.real_tokens += int(mask.sum())
+        stats.padded_tokens += mask.numel()
+        result = run_early_exit(
+            self.model, ids.to(self.device), mask.to(self.device), policy, layer_cap=cap
+        )
+        predictions = result.predictions.tolist()
+        confidences = result.confidences.float().tolist()
+        layers = result.exit_layers.tolist()
+        for j, row in enumerate(rows):
+            answers[row] = Answer(self.labels[predictions[j]], confidences[j], layers[j])
+
+    def warm_up(self) -> float:
+        """One pass so the first real request does not pay for lazy initialisation; returns its seconds."""
+        start = time.perf_counter()
+        self.classify(["warm up"])
+        return time.perf_counter() - start
+
+
+def token_budget_chunks(rows: list[int], lengths: list[int], budget: int) -> list[list[int]]:
+    """Rows sorted by length, cut so that each chunk's rows x longest-length stays within `budget`.
+
+    A single row longer than the budget still gets its own chunk: the budget bounds waste,
+    it never refuses work.
+    """
+    order = sorted(range(len(rows)), key=lambda k: lengths[k])
+    chunks: list[list[int]] = []
+    current: list[int] = []
+    for k in order:
+        width = lengths[k]  # sorted ascending, so the newcomer is the longest in the chunk
+        if current and (len(current) + 1) * width > budget:
+            chunks.append(current)
+            current = []
+        current.append(rows[k])
+    if current:
+        chunks.append(current)
+    return chunks

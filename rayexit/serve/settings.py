@@ -1,0 +1,110 @@
+"""What one served model is configured with: the `args:` of a Serve YAML application, checked up front."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from rayexit.errors import RayexitError
+from rayexit.serve.controller import ControllerConfig
+
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class ServeSettings:
+    model_dir: str
+    # Request limits: anything over them is answered 4xx before it reaches the model.
+    max_texts: int = 64
+    max_text_chars: int = 2000
+    max_body_bytes: int = 256 * 1024
+    # Batching. `adaptive: false` keeps max_batch_size and batch_wait_ms fixed (the benchmark's baselines).
+    adaptive: bool = True
+    max_batch_size: int = 16
+    batch_wait_ms: float = 2.0
+    min_batch_size: int = 1
+    max_batch_size_limit: int = 64
+    max_batch_wait_ms: float = 20.0
+    target_p99_ms: float = 250.0
+    window_s: float = 1.0
+    token_budget: int = 4096  # padded tokens per forward pass; a batch is split to stay under it
+    # Load relief (METHODS section 7): relax thresholds while p99 is over target, optionally cap depth.
+    relax_under_load: bool = False
+    max_relax_level: int = 3
+    overload_layer_cap: int | None = None
+    # Exit policy override; `policy_kind: none` serves full depth.
+    policy_kind: str | None = None
+    thresholds: float | list[float] | None = None
+    device: str = "auto"
+    dtype: str = "auto"  # auto: float16 on a GPU, float32 on CPU
+    torch_threads: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("max_texts", "max_text_chars", "max_body_bytes", "max_batch_size", "min_batch_size",
+                     "max_batch_size_limit", "token_budget", "max_relax_level"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "max_relax_level" else 1):
+                raise RayexitError(f"serve args.{name}: got {value!r}, expected a whole number >= 1")
+        for name in ("batch_wait_ms", "max_batch_wait_ms", "target_p99_ms", "window_s"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+                raise RayexitError(f"serve args.{name}: got {value!r}, expected a number >= 0")
+        if self.device not in DEVICES:
+            raise RayexitError(f"serve args.device: got {self.device!r}, expected one of {', '.join(DEVICES)}")
+        if self.dtype not in DTYPES:
+            raise RayexitError(f"serve args.dtype: got {self.dtype!r}, expected one of {', '.join(DTYPES)}")
+        if self.overload_layer_cap is not None and self.overload_layer_cap < 1:
+            raise RayexitError(f"serve args.overload_layer_cap: got {self.overload_layer_cap}, expected >= 1")
+        if self.max_batch_size > self.max_batch_size_limit:
+            raise RayexitError(
+                f"serve args.max_batch_size: got {self.max_batch_size}, more than max_batch_size_limit "
+                f"({self.max_batch_size_limit})"
+            )
+
+    @classmethod
+    def from_args(cls, args: dict[str, Any]) -> ServeSettings:
+        if not isinstance(args, dict):
+            raise RayexitError(f"serve args: expected a mapping, got {type(args).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(args) - known)
+        if unknown:
+            raise RayexitError(
+                f"serve args: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+            )
+        if "model_dir" not in args:
+            raise RayexitError("serve args.model_dir: missing; give the model directory to serve")
+        try:
+            return cls(**args)
+        except TypeError as exc:
+            raise RayexitError(f"serve args: {exc}") from None
+
+    def resolved(self) -> ServeSettings:
+        """With `model_dir` made absolute and checked, so replicas find it whatever their working directory."""
+        path = Path(self.model_dir).expanduser().resolve()
+        if not (path / "rayexit.json").is_file():
+            raise RayexitError(
+                f"serve args.model_dir: {self.model_dir} is not a rayexit model directory (no rayexit.json); "
+                "train one with `rayexit train` or point at the tuning run's best/ export"
+            )
+        data = asdict(self)
+        data["model_dir"] = str(path)
+        return ServeSettings(**data)
+
+    def controller_config(self) -> ControllerConfig:
+        return ControllerConfig(
+            target_p99_s=self.target_p99_ms / 1000,
+            min_batch_size=min(self.min_batch_size, self.max_batch_size),
+            max_batch_size=self.max_batch_size_limit,
+            initial_batch_size=self.max_batch_size,
+            min_wait_s=0.0,
+            max_wait_s=max(self.max_batch_wait_ms, self.batch_wait_ms) / 1000,
+            initial_wait_s=self.batch_wait_ms / 1000,
+            window_s=self.window_s,
+            relax=self.relax_under_load,
+            max_relax_level=self.max_relax_level,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

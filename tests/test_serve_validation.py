@@ -1,0 +1,159 @@
+"""Request checking and the served engine, without Ray: every bad body, and answers equal to the runner's."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_sequence_model
+
+from rayexit.config import ExitPolicy
+from rayexit.data.encode import pad_batch
+from rayexit.errors import RayexitError
+from rayexit.exits import run_early_exit
+from rayexit.serve.engine import ServedClassifier, token_budget_chunks
+from rayexit.serve.settings import ServeSettings
+from rayexit.serve.validation import Limits, RequestError, check_declared_size, parse_texts_request
+
+LIMITS = Limits(max_texts=3, max_text_chars=20, max_body_bytes=200)
+
+
+def rejected(body: bytes | str) -> RequestError:
+    raw = body.encode() if isinstance(body, str) else body
+    with pytest.raises(RequestError) as info:
+        parse_texts_request(raw, LIMITS, num_layers=4)
+    return info.value
+
+
+@pytest.mark.parametrize(
+    "body, status, field, limit",
+    [
+        ('{"texts": []}', 422, "texts", 3),
+        ('{"texts": [""]}', 422, "texts[0]", None),
+        ('{"texts": ["ok", "   "]}', 422, "texts[1]", None),
+        ('{"texts": ["ok", 5]}', 422, "texts[1]", None),
+        ('{"texts": ["a", "b", "c", "d"]}', 422, "texts", 3),
+        ('{"texts": ["' + "x" * 21 + '"]}', 422, "texts[0]", 20),
+        ('{"texts": "just one string"}', 422, "texts", None),
+        ('{"text": ["typo"]}', 422, "text", None),
+        ("{}", 422, "texts", None),
+        ('["a list"]', 422, "body", None),
+        ('{"texts": ["ok"', 400, "body", None),
+        (b"\xff\xfe not utf8", 400, "body", None),
+        ('{"texts": ["ok"], "max_layers": 0}', 422, "max_layers", 4),
+        ('{"texts": ["ok"], "max_layers": 5}', 422, "max_layers", 4),
+        ('{"texts": ["ok"], "max_layers": true}', 422, "max_layers", 4),
+        ('{"texts": ["' + "a" * 190 + '"]}', 413, "body", 200),
+    ],
+)
+def test_every_bad_body_names_its_field_and_limit(body, status, field, limit):
+    error = rejected(body)
+    assert (error.status, error.field, error.limit) == (status, field, limit)
+    payload = error.to_json()["error"]
+    assert payload["field"] == field and payload["message"]
+    if limit is not None:
+        assert payload["limit"] == limit and str(limit) in payload["message"] + json.dumps(payload)
+
+
+def test_a_good_body_parses():
+    parsed = parse_texts_request(b'{"texts": ["hello", "world"], "max_layers": 2}', LIMITS, num_layers=4)
+    assert parsed.texts == ["hello", "world"] and parsed.max_layers == 2
+
+
+def test_declared_size_is_checked_before_reading():
+    check_declared_size(None, LIMITS)
+    check_declared_size("200", LIMITS)
+    with pytest.raises(RequestError) as info:
+        check_declared_size("201", LIMITS)
+    assert info.value.status == 413
+    with pytest.raises(RequestError) as info:
+        check_declared_size("lots", LIMITS)
+    assert info.value.status == 400 and info.value.field == "content-length"
+
+
+def test_token_budget_chunks_sort_by_length_and_bound_padding():
+    rows = [10, 11, 12, 13, 14]
+    lengths = [50, 3, 40, 4, 5]
+    chunks = token_budget_chunks(rows, lengths, budget=90)
+    assert sorted(r for c in chunks for r in c) == rows
+    assert chunks[0] == [11, 13, 14]  # the three short ones together
+    width = dict(zip(rows, lengths, strict=True))
+    for chunk in chunks:
+        assert len(chunk) == 1 or len(chunk) * max(width[r] for r in chunk) <= 90
+    assert token_budget_chunks([7], [500], budget=10) == [[7]]  # over budget alone still runs
+
+
+def test_serve_settings_refuse_unknown_and_bad_fields(tmp_path):
+    with pytest.raises(RayexitError, match="unknown setting.*max_batch"):
+        ServeSettings.from_args({"model_dir": "x", "max_batch": 4})
+    with pytest.raises(RayexitError, match="model_dir: missing"):
+        ServeSettings.from_args({})
+    with pytest.raises(RayexitError, match="max_texts"):
+        ServeSettings.from_args({"model_dir": "x", "max_texts": 0})
+    with pytest.raises(RayexitError, match="not a rayexit model directory"):
+        ServeSettings.from_args({"model_dir": str(tmp_path)}).resolved()
+
+
+def confident_tiny_model(seed: int = 3):
+    """A tiny random model whose exits are not all uniform (fresh heads start near zero), so texts leave
+    at different layers under a 0.15 entropy threshold."""
+    model = tiny_sequence_model(layers=4, labels=("neg", "pos", "neutral"), seed=seed, pooling="mean")
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for head in model.heads.exits:
+            head.pooler.weight.copy_(torch.randn(head.pooler.weight.shape, generator=generator) * 0.5)
+            head.classifier.weight.copy_(torch.randn(head.classifier.weight.shape, generator=generator))
+    return model
+
+
+@pytest.fixture(scope="module")
+def tiny_served(minilm_tokenizer):
+    return ServedClassifier(confident_tiny_model(), minilm_tokenizer, ExitPolicy("entropy", 0.15), token_budget=64)
+
+
+TEXTS = [
+    "a short one",
+    "show me the flights from boston to denver on monday morning please",
+    "cheap",
+    "what is the cheapest fare between pittsburgh and atlanta with a stop in dallas",
+    "list airlines",
+    "i would like to book a round trip ticket",
+]
+
+
+def test_served_answers_equal_the_runner_on_each_text_alone(tiny_served):
+    answers, stats = tiny_served.classify(TEXTS, [None, 2, None, None, 3, None])
+    assert stats.passes >= 2  # the 64-token budget split the batch
+    caps = [None, 2, None, None, 3, None]
+    layers_seen = set()
+    for text, cap, answer in zip(TEXTS, caps, answers, strict=True):
+        ids, mask = pad_batch(tiny_served.encode([text]), tiny_served.pad_id)
+        alone = run_early_exit(tiny_served.model, ids, mask, tiny_served.policy, layer_cap=cap)
+        assert answer.label == tiny_served.labels[int(alone.predictions[0])]
+        assert answer.exit_layer == int(alone.exit_layers[0])
+        assert answer.probability == pytest.approx(float(alone.confidences[0]), abs=1e-4)
+        if cap is not None:
+            assert answer.exit_layer <= cap
+        layers_seen.add(answer.exit_layer)
+    assert len(layers_seen) > 1  # the threshold was chosen so texts leave at different layers
+
+
+def test_relaxed_policy_and_overload_cap_make_answers_shallower(tiny_served):
+    base, _ = tiny_served.classify(TEXTS)
+    relaxed, _ = tiny_served.classify(TEXTS, relax_level=3)
+    assert sum(a.exit_layer for a in relaxed) < sum(a.exit_layer for a in base)
+    tiny_served.overload_layer_cap = 1
+    try:
+        capped, _ = tiny_served.classify(TEXTS, relax_level=1)
+    finally:
+        tiny_served.overload_layer_cap = None
+    assert all(a.exit_layer == 1 for a in capped)
+
+
+def test_full_depth_policy_runs_every_layer(tiny_served):
+    full = ServedClassifier(tiny_served.model, tiny_served.tokenizer, ExitPolicy("none", 0.0))
+    answers, _ = full.classify(TEXTS[:3])
+    assert [a.exit_layer for a in answers] == [4, 4, 4]
+    assert all(0.0 < a.probability <= 1.0 for a in answers)
+    assert torch.get_default_dtype() == torch.float32
