@@ -105,5 +105,8 @@ def format_table(report: dict) -> str:
         lines.append(
             f"{p['policy']:<9}{threshold!s:>10}{p['accuracy']:10.4f}{p['layer_speedup']:10.2f}{p['wallclock_speedup']:9.2f}"
         )
-    lines.append(f"full depth {report['full']:.4f}; oracle layer speed-up {report['oracle_layer_speedup']:.2f}x; * = saved policy")
+    lines.append(
+        f"full depth {report['full']:.4f}; oracle layer speed-up "
+        f"{report['oracle_layer_speedup']:.2f}x; * = saved policy"
+    )
     return "\n".join(lines)

