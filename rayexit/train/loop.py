@@ -8,9 +8,10 @@ same arithmetic on every worker, and all workers end each step with identical we
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -52,6 +53,28 @@ class TrainResult:
     conflict_rate: float | None = None
 
 
+@dataclass
+class LoopState:
+    """Where a run stands, enough to resume it exactly: what a training checkpoint holds.
+
+    `stage` indexes `build_stages`; `step` counts optimizer steps within that stage; `epoch`
+    counts finished epochs; `batch` counts batches already taken from the current epoch, so a
+    mid-epoch checkpoint resumes on the next batch of the same permutation.
+    """
+
+    stage: int = 0
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0
+    steps_before: int = 0  # steps of the stages already finished
+    seconds: float = 0.0
+    optimizer: dict | None = None
+    scheduler: dict | None = None
+    history: list[dict] = field(default_factory=list)
+    conflicts: list[bool] = field(default_factory=list)
+    epoch_losses: list[float] = field(default_factory=list)
+
+
 def train_model(
     model,
     train_data: EncodedSet,
@@ -63,31 +86,63 @@ def train_model(
     average: Average = no_average,
     on_epoch_end: Callable[[dict], None] | None = None,
     show_progress: bool = True,
+    resume: LoopState | None = None,
+    on_checkpoint: Callable[[LoopState, dict | None], None] | None = None,
+    checkpoint_every: int | None = None,
+    device: torch.device | None = None,
+    autocast_dtype: torch.dtype | None = None,
 ) -> TrainResult:
+    """Train `model` in place.
+
+    For Ray Train workers (all optional; without them the loop is the plain one-process loop):
+    `resume` continues from a checkpointed `LoopState`; `on_checkpoint(state, record)` is called
+    at every epoch end (with that epoch's record) and every `checkpoint_every` steps (record None);
+    `device` is where batches go; `autocast_dtype` (e.g. bfloat16 on GPU) enables mixed precision.
+    """
     torch.manual_seed(settings.seed)
     result = TrainResult()
     start = time.perf_counter()
-    conflicts: list[bool] = []
-    for stage in build_stages(model, settings):
+    state = resume or LoopState()
+    offset = state.seconds  # time spent before a resume counts towards the run's time
+    conflicts: list[bool] = list(state.conflicts)
+    result.history = list(state.history)
+    result.steps = state.steps_before
+    for stage_index, stage in enumerate(build_stages(model, settings)):
+        if stage_index < state.stage:
+            continue
         per_epoch = steps_per_epoch(train_data, settings.batch_size, world_size)
         total = max(1, math.ceil(stage.epochs * per_epoch))
         optimizer, scheduler = make_optimizer(stage, settings, total)
         step = 0
         epoch = 0
-        bar = progress(range(total), desc=f"train {stage.name}", enabled=show_progress and rank == 0)
+        skip = 0
+        losses: list[float] = []
+        if resume is not None and stage_index == state.stage:
+            step, epoch, skip, losses = state.step, state.epoch, state.batch, list(state.epoch_losses)
+            if state.optimizer is not None:
+                optimizer.load_state_dict(state.optimizer)
+            if state.scheduler is not None:
+                scheduler.load_state_dict(state.scheduler)
+        bar = progress(range(step, total), desc=f"train {stage.name}", enabled=show_progress and rank == 0)
         bar_iter = iter(bar)
         while step < total:
             model.train()
             if stage.frozen_backbone:
                 model.backbone.eval()  # frozen: no dropout noise in the features the exits learn from
-            losses = []
             batches = iterate_batches(
                 train_data, settings.batch_size, shuffle_seed=settings.seed + epoch, rank=rank, world_size=world_size
             )
+            taken = 0
             for ids, mask, labels in batches:
                 if step >= total:
                     break
-                flat, loss_value, combine = stage.step(model, ids, mask, labels, stage.params, settings)
+                taken += 1
+                if taken <= skip:  # already trained on before the checkpoint we resumed from
+                    continue
+                if device is not None:
+                    ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
+                with _autocast(device, autocast_dtype):
+                    flat, loss_value, combine = stage.step(model, ids, mask, labels, stage.params, settings)
                 grads, conflict = combine(average(flat))
                 apply_gradients(stage.params, grads, optimizer, scheduler)
                 losses.append(loss_value)
@@ -95,26 +150,74 @@ def train_model(
                     conflicts.append(conflict)
                 step += 1
                 next(bar_iter, None)
+                if on_checkpoint is not None and checkpoint_every and step % checkpoint_every == 0 and step < total:
+                    seconds = offset + time.perf_counter() - start
+                    where = (stage_index, step, epoch, taken, seconds)
+                    on_checkpoint(_state(where, result, optimizer, scheduler, conflicts, losses), None)
+            skip = 0
             epoch += 1
             record = {"stage": stage.name, "epoch": epoch, "step": step, "loss": sum(losses) / max(len(losses), 1)}
+            losses = []
             if eval_data is not None:
-                record["exit_accuracy"] = exit_accuracies(model, eval_data, settings.batch_size)
-            record["seconds"] = time.perf_counter() - start
+                record["exit_accuracy"] = exit_accuracies(model, eval_data, settings.batch_size, device)
+            record["seconds"] = offset + time.perf_counter() - start
             result.history.append(record)
             if on_epoch_end is not None:
                 on_epoch_end(record)
+            if on_checkpoint is not None:
+                if step >= total:  # the next stage (if any) starts from its beginning
+                    done = LoopState(
+                        stage=stage_index + 1,
+                        steps_before=result.steps + total,
+                        seconds=record["seconds"],
+                        history=list(result.history),
+                        conflicts=list(conflicts),
+                    )
+                    on_checkpoint(done, record)
+                else:
+                    where = (stage_index, step, epoch, 0, record["seconds"])
+                    on_checkpoint(_state(where, result, optimizer, scheduler, conflicts, []), record)
         result.steps += total
-    result.seconds = time.perf_counter() - start
+    result.seconds = offset + time.perf_counter() - start
     if conflicts:
         result.conflict_rate = sum(conflicts) / len(conflicts)
     model.eval()
     return result
 
 
-def exit_accuracies(model, data: EncodedSet, batch_size: int) -> list[float]:
+def _state(where: tuple, result: TrainResult, optimizer, scheduler, conflicts, losses) -> LoopState:
+    stage, step, epoch, batch, seconds = where
+    return LoopState(
+        stage=stage,
+        step=step,
+        epoch=epoch,
+        batch=batch,
+        steps_before=result.steps,
+        seconds=seconds,
+        optimizer=optimizer.state_dict(),
+        scheduler=scheduler.state_dict(),
+        history=list(result.history),
+        conflicts=list(conflicts),
+        epoch_losses=list(losses),
+    )
+
+
+def _autocast(device: torch.device | None, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=(device or torch.device("cpu")).type, dtype=dtype)
+
+
+def _on_device(batches: Iterator, device: torch.device | None) -> Iterator:
+    for batch in batches:
+        yield tuple(t.to(device) for t in batch) if device is not None else batch
+
+
+def exit_accuracies(model, data: EncodedSet, batch_size: int, device: torch.device | None = None) -> list[float]:
     model.eval()
-    logits, labels = collect_exit_logits(model, iterate_batches(data, batch_size))
-    return ExitCache(logits).exit_accuracies(labels)
+    with torch.no_grad():
+        logits, labels = collect_exit_logits(model, _on_device(iterate_batches(data, batch_size), device))
+    return ExitCache(logits.cpu()).exit_accuracies(labels.cpu())
 
 
 def build_stages(model, settings: TrainSettings) -> list[Stage]:
