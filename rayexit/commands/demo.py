@@ -10,30 +10,22 @@ import argparse
 import time
 from pathlib import Path
 
-# Short utterances and a sentence-embedding backbone: mean pooling and larger learning rates
-# than BERT-base's defaults make one epoch on 2 CPU cores enough (see README's demo section).
-DEMO_SETTINGS = {
-    "method": "romebert",
-    "epochs": 1.0,
-    "batch_size": 32,
-    "lr": 1e-4,
-    "head_lr": 1e-3,
-    "pooling": "mean",
-    "max_length": 48,
-}
+# The demo's settings live in the repository's configs/demo.yaml, the same file a user can copy.
+DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="train, evaluate and plot on the packaged MiniLM + ATIS (no network)")
     p.add_argument("--output", default="runs/demo", help="folder for the model, report and plot")
-    p.add_argument("--epochs", type=float, help=f"training epochs (default {DEMO_SETTINGS['epochs']})")
+    p.add_argument("--config", default=str(DEMO_CONFIG), help="training settings (default: configs/demo.yaml)")
+    p.add_argument("--epochs", type=float, help="training epochs (default: the config's)")
     p.add_argument("--max-examples", type=int, help="train on the first N utterances only")
     p.add_argument("--repeats", type=int, default=2, help="timing runs per curve point")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from rayexit.config import TrainSettings
+    from rayexit.config import train_settings
     from rayexit.evaluate import evaluate_sequence_model, format_table, summarize
     from rayexit.files import write_json
     from rayexit.plots import plot_curve
@@ -41,9 +33,7 @@ def run(args: argparse.Namespace) -> int:
 
     output = Path(args.output)
     started = time.perf_counter()
-    settings = TrainSettings.from_dict(
-        {**DEMO_SETTINGS, **({"epochs": args.epochs} if args.epochs else {}), "max_examples": args.max_examples}
-    )
+    settings = train_settings(args.config, {"epochs": args.epochs, "max_examples": args.max_examples})
     model_dir = output / "model"
     print(f"[1/2] training {settings.method} on packaged MiniLM + ATIS intents -> {model_dir}", flush=True)
     run_, result = train_to_directory("minilm", "atis:train", "atis:test", settings, model_dir)
