@@ -11,7 +11,8 @@ import yaml
 
 from rayexit.errors import RayexitError
 
-METHODS = ("romebert", "deebert", "pabee", "joint")
+# self-sampling is stage 2 of token-level early exit (sequence labeling only).
+METHODS = ("romebert", "deebert", "pabee", "joint", "self-sampling")
 POLICIES = ("entropy", "maxprob", "patience", "none")
 GR_DIRECTIONS = ("reverse", "final", "none")
 GR_SCOPES = ("encoder", "shared", "per_tensor")
@@ -154,9 +155,7 @@ def _build(cls: type, data: dict[str, Any], section: str) -> Any:
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise RayexitError(
-            f"{section}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
-        )
+        raise RayexitError(f"{section}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     try:
         return cls(**data)
     except TypeError as exc:

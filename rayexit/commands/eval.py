@@ -17,6 +17,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from rayexit.models import read_exit_config
+
+    if read_exit_config(args.model).task == "token":
+        from rayexit.evaluate_token import run_token_eval
+
+        return run_token_eval(args.model, args.data, args.json, args.plot, args.batch_size)
     from rayexit.data import encode_examples, load_text_classification
     from rayexit.evaluate import evaluate_sequence_model, format_table
     from rayexit.files import write_json

@@ -10,10 +10,18 @@ from rayexit.evaluate import format_exit_accuracies
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a multi-exit model")
-    p.add_argument("--model", required=True, help="encoder: a folder, a hub name, or `minilm` (packaged)")
+    p.add_argument("--model", help="encoder: a folder, a hub name, or `minilm` (packaged); not with --init")
+    p.add_argument(
+        "--task", choices=("sequence", "token"), default="sequence",
+        help="sequence: one label per text; token: one tag per word (CoNLL files, `atis` slots, hub tokens/tags)",
+    )
+    p.add_argument("--init", help="token task, --method self-sampling: the stage-1 model directory to start from")
     p.add_argument("--train", required=True, help="TSV/CSV/JSONL file, `atis`, or a hub dataset like glue/sst2")
     p.add_argument("--eval", help="evaluation data, same kinds as --train")
-    p.add_argument("--method", choices=METHODS, help="training method (default: romebert)")
+    p.add_argument(
+        "--method", choices=METHODS,
+        help="training method (default: romebert; token task: stage-1 joint, or self-sampling with --init)",
+    )
     p.add_argument("--epochs", type=float)
     p.add_argument("--output", required=True, help="model directory to write")
     p.add_argument("--config", help="YAML file; its `train:` section holds the settings")
@@ -31,8 +39,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from rayexit.errors import RayexitError
     from rayexit.train.recipe import train_to_directory
 
+    if args.task == "token":
+        return run_token(args)
+    if args.method == "self-sampling" or args.init:
+        raise RayexitError("--method self-sampling and --init are for token tasks; add --task token")
+    if not args.model:
+        raise RayexitError("--model: required (an encoder folder, a hub name, or `minilm`)")
     overrides = {
         "method": args.method,
         "epochs": args.epochs,
@@ -53,4 +68,39 @@ def run(args: argparse.Namespace) -> int:
     last = result.history[-1]
     if "exit_accuracy" in last:
         print(format_exit_accuracies(last["exit_accuracy"]))
+    return 0
+
+
+def run_token(args: argparse.Namespace) -> int:
+    from rayexit.errors import RayexitError
+    from rayexit.train.token_recipe import train_token_to_directory
+
+    method = args.method or ("self-sampling" if args.init else "joint")
+    if method == "self-sampling" and not args.init:
+        raise RayexitError("--method self-sampling: needs --init DIR, a stage-1 token model directory")
+    if method not in ("joint", "pabee", "self-sampling"):
+        raise RayexitError(
+            f"--method {method}: token tasks train stage 1 (joint, weighted sum_i i*CE_i / sum_i i) "
+            "or stage 2 (self-sampling with --init)"
+        )
+    if method != "self-sampling" and args.init:
+        raise RayexitError("--init: only with --method self-sampling")
+    if args.init and args.model:
+        raise RayexitError("--model and --init: give one; stage 2 starts from the --init directory's model")
+    overrides = {
+        "method": "self-sampling" if method == "self-sampling" else "joint",
+        "epochs": args.epochs,
+        "max_examples": args.max_examples,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "head_lr": args.head_lr,
+        "max_length": args.max_length,
+        "seed": args.seed,
+    }
+    settings = train_settings(args.config, overrides)
+    _, result = train_token_to_directory(args.model, args.train, args.eval, settings, args.output, init=args.init)
+    print(f"trained token {settings.method} in {result.seconds:.1f}s ({result.steps} steps) -> {args.output}")
+    last = result.history[-1]
+    if "exit_f1" in last:
+        print("\n".join(["exit  F1"] + [f"{i + 1:>4}  {f:6.4f}" for i, f in enumerate(last["exit_f1"])]))
     return 0
