@@ -1,0 +1,118 @@
+"""`rayexit train` and `rayexit eval` end to end on a tiny encoder folder and a small SST-2 slice."""
+
+import json
+
+import pytest
+from conftest import tiny_backbone
+
+from rayexit.cli import main
+
+
+@pytest.fixture(scope="module")
+def encoder_dir(tmp_path_factory, minilm_tokenizer):
+    folder = tmp_path_factory.mktemp("tiny-encoder")
+    tiny_backbone(layers=3).save_pretrained(folder)
+    minilm_tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def sst2_slice(tmp_path_factory, datasets_dir):
+    folder = tmp_path_factory.mktemp("data")
+    lines = (datasets_dir / "sst2" / "dev.tsv").read_text().splitlines()
+    (folder / "train.tsv").write_text("\n".join(lines[:97]) + "\n")
+    (folder / "eval.tsv").write_text("\n".join([lines[0]] + lines[97:161]) + "\n")
+    return folder
+
+
+def test_train_then_eval_writes_the_report(tmp_path, encoder_dir, sst2_slice, capsys):
+    model_dir = tmp_path / "model"
+    code = main(
+        [
+            "train",
+            "--model",
+            str(encoder_dir),
+            "--train",
+            str(sst2_slice / "train.tsv"),
+            "--eval",
+            str(sst2_slice / "eval.tsv"),
+            "--method",
+            "romebert",
+            "--epochs",
+            "1",
+            "--output",
+            str(model_dir),
+            "--batch-size",
+            "16",
+            "--max-length",
+            "32",
+        ]
+    )
+    assert code == 0
+    assert json.loads((model_dir / "rayexit.json").read_text())["labels"] == ["0", "1"]
+    code = main(
+        [
+            "eval",
+            "--model",
+            str(model_dir),
+            "--data",
+            str(sst2_slice / "eval.tsv"),
+            "--json",
+            str(tmp_path / "r.json"),
+            "--plot",
+            str(tmp_path / "r.png"),
+            "--batch-size",
+            "8",
+            "--repeats",
+            "1",
+        ]
+    )
+    assert code == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert len(report["exit_accuracy"]) == 3
+    assert report["full"] == report["exit_accuracy"][-1]
+    assert all(0.0 <= a <= 1.0 for a in report["exit_accuracy"])
+    point = report["curve"][0]
+    assert set(point) >= {"policy", "threshold", "accuracy", "layer_speedup", "wallclock_speedup"}
+    assert {p["policy"] for p in report["curve"]} == {"entropy", "maxprob", "patience"}
+    assert report["oracle_layer_speedup"] >= 1.0
+    assert report["chosen"]["policy"] == "entropy"
+    assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bad_input_is_one_clear_line_and_leaves_nothing(tmp_path, encoder_dir, capsys):
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("sentence\tscore\nhello\t1\n")
+    out = tmp_path / "never"
+    code = main(["train", "--model", str(encoder_dir), "--train", str(bad), "--output", str(out)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "bad.tsv" in err and "label" in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_eval_on_a_folder_that_is_not_a_model(tmp_path, capsys):
+    code = main(["eval", "--model", str(tmp_path), "--data", "x.tsv", "--json", str(tmp_path / "r.json")])
+    assert code == 2
+    assert "not a rayexit model directory" in capsys.readouterr().err
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_unknown_config_setting_is_refused(tmp_path, encoder_dir, sst2_slice, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text("train:\n  gama: 0.5\n")
+    code = main(
+        [
+            "train",
+            "--model",
+            str(encoder_dir),
+            "--train",
+            str(sst2_slice / "train.tsv"),
+            "--output",
+            str(tmp_path / "m"),
+            "--config",
+            str(config),
+        ]
+    )
+    assert code == 2
+    assert "unknown setting(s) gama" in capsys.readouterr().err
