@@ -1,0 +1,114 @@
+"""Stage-1 loss, self-sampling halting masks, and the train -> self-sampling -> eval commands."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_backbone
+from test_token_exits import SENTENCES, tiny_tagger
+
+from rayexit.cli import main
+from rayexit.data.conll import encode_tagged, make_batch
+from rayexit.token_exits import TokenPolicy, run_token_exit
+from rayexit.train.token_loop import halting_layer_states, simulate_halting, weighted_token_loss, word_logits
+
+CONLL = (
+    "-DOCSTART- O\n\n"
+    "Peter B-PER\nBlackburn I-PER\nvisited O\nBrussels B-LOC\n\n"
+    "The O\nEuropean B-ORG\nCommission I-ORG\nsaid O\n\n"
+    "German B-MISC\nadvice O\n\n"
+    "Hi O\n"
+)
+
+
+def test_weighted_loss_weighs_deeper_exits_more(minilm_tokenizer):
+    data = encode_tagged(minilm_tokenizer, [["a", "b"]], None, 16)
+    batch = make_batch(data, [0])
+    batch.labels[0] = torch.tensor([0, 1])
+    width = batch.input_ids.shape[1]
+    sure = torch.zeros(1, width, 2)
+    sure[..., 0] = 10.0
+    sure[0, 2, 1] = 20.0  # word 2's first piece sits at position 2
+    unsure = torch.zeros(1, width, 2)
+    ce_sure = torch.nn.functional.cross_entropy(word_logits(sure, batch)[0], batch.labels[0])
+    ce_unsure = torch.tensor(2.0).log()
+    loss = weighted_token_loss([unsure, sure], batch)
+    assert torch.allclose(loss, (1 * ce_unsure + 2 * ce_sure) / 3)
+    # with halting masks, exit 2 no longer scores a word that halted at layer 1
+    halted = weighted_token_loss([unsure, sure], batch, torch.tensor([[1, 2]]))
+    ce_second = torch.nn.functional.cross_entropy(word_logits(sure, batch)[0, 1:], batch.labels[0, 1:])
+    assert torch.allclose(halted, (1 * ce_unsure + 2 * ce_second) / 3)
+
+
+def test_simulated_halting_on_hand_made_uncertainties():
+    # 1 sentence, 4 words, 3 layers
+    u = torch.tensor([[[0.5, 0.05, 0.0], [0.05, 0.5, 0.0], [0.5, 0.5, 0.0], [0.05, 0.05, 0.0]]])
+    mask = torch.ones(1, 4, dtype=torch.bool)
+    alone = simulate_halting(u, mask, torch.tensor([1]), torch.tensor([0.1]))
+    assert alone.tolist() == [[2, 1, 3, 1]]
+    # window 3: word 2 halts at layer 1 and its frozen 0.05 (not its layer-2 value 0.9) is what
+    # its neighbours see at layer 2, so all the rest halt there
+    u = torch.tensor([[[0.5, 0.05, 0.0], [0.05, 0.05, 0.0], [0.05, 0.9, 0.0], [0.05, 0.05, 0.0], [0.5, 0.05, 0.0]]])
+    mask = torch.ones(1, 5, dtype=torch.bool)
+    windowed = simulate_halting(u, mask, torch.tensor([3]), torch.tensor([0.1]))
+    assert windowed.tolist() == [[2, 2, 1, 2, 2]]
+    assert simulate_halting(u, mask, torch.tensor([1]), torch.tensor([0.1])).tolist() == [[2, 1, 1, 1, 2]]
+
+
+@torch.no_grad()
+def test_training_form_matches_the_runner(minilm_tokenizer):
+    model = tiny_tagger(seed=3)
+    data = encode_tagged(minilm_tokenizer, SENTENCES, None, 64)
+    batch = make_batch(data, list(range(len(data))))
+    result = run_token_exit(model, batch, TokenPolicy("tokee", 0.6, window=1))
+    halt = result.exit_layers
+    assert halt[batch.word_mask].min() < model.num_layers  # some words halt early
+    states = halting_layer_states(model, batch, halt)
+    for b in range(len(data)):
+        for w in range(int(batch.word_mask[b].sum())):
+            layer = int(halt[b, w]) - 1
+            state = states[layer][b, batch.word_starts[b, w]]
+            assert int(model.exit_logits(layer, state).argmax()) == int(result.predictions[b, w])
+            # frozen from its halting layer on
+            assert torch.equal(states[-1][b, batch.word_starts[b, w]], state)
+
+
+def test_train_self_sample_and_eval_commands(tmp_path, minilm_tokenizer, capsys):
+    encoder = tmp_path / "encoder"
+    tiny_backbone(layers=3).save_pretrained(encoder)
+    minilm_tokenizer.save_pretrained(encoder)
+    data = tmp_path / "train.txt"
+    data.write_text(CONLL)
+    stage1, stage2 = tmp_path / "stage1", tmp_path / "stage2"
+    common = ["--train", str(data), "--epochs", "1", "--batch-size", "2"]
+    assert main(["train", "--task", "token", "--model", str(encoder), "--eval", str(data), "--output", str(stage1),
+                 *common]) == 0
+    config = json.loads((stage1 / "rayexit.json").read_text())
+    assert config["task"] == "token" and config["labels"][0] == "O" and "B-MISC" in config["labels"]
+    assert main(["train", "--task", "token", "--method", "self-sampling", "--init", str(stage1),
+                 "--output", str(stage2), *common]) == 0
+    assert json.loads((stage2 / "rayexit.json").read_text())["method"] == "self-sampling"
+    report_path = tmp_path / "report.json"
+    assert main(["eval", "--model", str(stage2), "--data", str(data), "--json", str(report_path)]) == 0
+    report = json.loads(report_path.read_text())
+    assert len(report["exit_f1"]) == 3 and report["full"] == report["exit_f1"][-1]
+    assert report["full_runner_f1"] == pytest.approx(report["full"])
+    assert {p["policy"] for p in report["curve"]} == {"sentee", "tokee"}
+    for point in report["curve"]:
+        assert 0.0 <= point["f1"] <= 1.0
+        assert point["flops_speedup"] > 0 and point["wallclock_speedup"] > 0
+
+
+def test_token_command_errors(tmp_path, capsys):
+    data = tmp_path / "train.txt"
+    data.write_text(CONLL)
+    out = str(tmp_path / "out")
+    assert main(["train", "--task", "token", "--method", "self-sampling", "--train", str(data), "--output", out]) == 2
+    assert "needs --init" in capsys.readouterr().err
+    assert main(["train", "--model", "x", "--init", out, "--train", str(data), "--output", out]) == 2
+    assert "--task token" in capsys.readouterr().err
+    assert main(["train", "--task", "token", "--method", "romebert", "--model", "x", "--train", str(data),
+                 "--output", out]) == 2
+    assert "token tasks train stage 1" in capsys.readouterr().err
