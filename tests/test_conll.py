@@ -128,3 +128,24 @@ def test_packaged_atis_slots():
     assert len(sentences) > 800
     assert all(len(w) == len(t) for w, t in zip(sentences.words, sentences.tags, strict=True))
     assert "O" in tag_set(sentences)
+
+
+def test_hub_dataset_with_class_label_tags(monkeypatch):
+    import datasets
+
+    features = datasets.Features(
+        {
+            "tokens": datasets.Sequence(datasets.Value("string")),
+            "ner_tags": datasets.Sequence(datasets.ClassLabel(names=["O", "B-PER", "I-PER"])),
+        }
+    )
+    table = datasets.Dataset.from_dict(
+        {"tokens": [["Peter", "Blackburn", "said"], []], "ner_tags": [[1, 2, 0], []]}, features=features
+    )
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, split: table)
+    sentences = load_tagged("someone/ner:validation")
+    assert sentences.words == [["Peter", "Blackburn", "said"]]
+    assert sentences.tags == [["B-PER", "I-PER", "O"]]
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, split: datasets.Dataset.from_dict({"text": ["x"]}))
+    with pytest.raises(RayexitError, match="expected a tokens column"):
+        load_tagged("someone/other")
