@@ -13,6 +13,8 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
+from ray.tune.search.optuna import OptunaSearch
+
 from rayexit.data import load_text_classification
 from rayexit.errors import RayexitError
 from rayexit.files import write_json
@@ -61,7 +63,6 @@ def prepare_job(
         validation_path=str(validation_path.resolve()),
         eval_path=_portable(eval_source),
         config=config,
-        storage_path=str((output / "train_runs").resolve()),
     )
     write_json(
         output / JOB_FILE,
@@ -73,7 +74,6 @@ def prepare_job(
             "split": split.describe(),
             "fit_path": job.fit_path,
             "validation_path": job.validation_path,
-            "storage_path": job.storage_path,
             "train_settings": config.train.to_dict(),
             "tune": spec.to_dict(),
             "default_params": config.default_point() if spec.include_default else None,
@@ -92,13 +92,43 @@ def load_job(output: str | Path) -> tuple[TrialJob, dict]:
     from rayexit.config import TrainSettings
 
     config = TuneConfig(TrainSettings.from_dict(data["train_settings"]), TuneSpec.from_dict(data["tune"]))
-    job = TrialJob(data["model"], data["fit_path"], data["validation_path"], data["eval"], config, data["storage_path"])
+    job = TrialJob(data["model"], data["fit_path"], data["validation_path"], data["eval"], config)
     return job, data
+
+
+class ResumableOptunaSearch(OptunaSearch):
+    """OptunaSearch that accepts results of trials it did not suggest in this session.
+
+    After `Tuner.restore`, a trial started before the interruption runs again, but the restored
+    searcher may not hold its Optuna trial (its state was saved before that suggestion), and the
+    stock class fails with a KeyError. Such a result is added to the study as a finished trial
+    with the parameters Tune ran it with, so the sampler still learns from it.
+    """
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if trial_id in self._ot_trials:
+            super().on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if trial_id in self._ot_trials:
+            super().on_trial_complete(trial_id, result, error)
+            return
+        if error or not result:
+            return
+        import optuna
+
+        names = self.metric if isinstance(self.metric, list) else [self.metric]
+        config = result.get("config") or {}
+        params = {name: result.get(f"config/{name}", config.get(name)) for name in self._space}
+        values = [result.get(name) for name in names]
+        if None in values or None in params.values():
+            return
+        self._ot_study.add_trial(optuna.trial.create_trial(params=params, distributions=self._space, values=values))
+        self._completed_trials.add(trial_id)
 
 
 def _searcher(config: TuneConfig):
     import optuna
-    from ray.tune.search.optuna import OptunaSearch
 
     spec = config.tune
     space = {
@@ -112,11 +142,11 @@ def _searcher(config: TuneConfig):
         log.warning("tune.include_default: the paper's default is outside the search space; not queued")
     if spec.objective == "pareto":
         sampler = optuna.samplers.TPESampler(seed=spec.seed, n_startup_trials=min(10, max(2, spec.trials // 2)))
-        return OptunaSearch(
+        return ResumableOptunaSearch(
             space, metric=["accuracy", "layer_speedup"], mode=["max", "max"], points_to_evaluate=points, sampler=sampler
         )
     sampler = optuna.samplers.TPESampler(seed=spec.seed, n_startup_trials=min(10, max(2, spec.trials // 2)))
-    return OptunaSearch(space, metric="score", mode="max", points_to_evaluate=points, sampler=sampler)
+    return ResumableOptunaSearch(space, metric="score", mode="max", points_to_evaluate=points, sampler=sampler)
 
 
 def _resources(spec: TuneSpec) -> dict:
@@ -128,8 +158,9 @@ def _resources(spec: TuneSpec) -> dict:
         return {"cpu": spec.cpus_per_trial}
     if spec.trainer == "local":
         return {"cpu": total}
-    # Ray Train's workers hold a CPU each; the trial itself (cache, search) takes what is left.
-    return {"cpu": 1.0 if total >= spec.workers + 1 else 0.0}
+    # Ray Train's own workers hold the CPUs while training; the trial only waits for them and then
+    # measures, and with one trial at a time nothing else competes for the machine meanwhile.
+    return {"cpu": 0.0}
 
 
 def _trainable(job: TrialJob, trainable: Trainable | None):

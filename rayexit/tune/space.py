@@ -110,6 +110,11 @@ class TuneSpec:
                 "tune.scheduler: asha stops trials on one number; use objective: within_drop with it "
                 "(objective pareto has two)"
             )
+        if self.scheduler == "asha" and self.trainer != "local":
+            raise RayexitError(
+                "tune.scheduler: asha needs a report after every epoch, which the trial makes when it trains "
+                "itself; use trainer: local with it"
+            )
         if self.cpus_per_trial is not None and (not _number(self.cpus_per_trial) or self.cpus_per_trial < 0):
             raise RayexitError(f"tune.cpus_per_trial: got {self.cpus_per_trial!r}, expected a number >= 0")
         for name in ("per_layer", "include_default", "use_gpu", "optuna_db"):

@@ -41,8 +41,9 @@ def train_trial_model(
             output,
             num_workers=workers,
             use_gpu=use_gpu,
+            # None inside a trial: Ray Train keeps its run under the trial's own folder.
             storage_path=storage_path,
-            name=f"train-{output.parent.name}",
+            name=None,
             show_progress=False,
         )
         return Path(result.model_dir), {"seconds": result.seconds, "history": result.history}

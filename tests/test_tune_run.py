@@ -1,0 +1,102 @@
+"""A real (tiny) Tune experiment: two trials, one interrupted and resumed, results and best/ exported."""
+
+import json
+import random
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_backbone
+
+from rayexit.tune.run import tune_new, tune_resume
+from rayexit.tune.space import load_tune_config
+from rayexit.tune.trial import run_trial
+
+POSITIVE = "good great fine lovely superb".split()
+NEGATIVE = "bad awful poor dull terrible".split()
+FILLER = "the a movie film plot it was is and".split()
+
+
+def write_data(path: Path, count: int, seed: int) -> Path:
+    rng = random.Random(seed)
+    lines = ["sentence\tlabel"]
+    for _ in range(count):
+        label = rng.randint(0, 1)
+        words = [rng.choice(FILLER) for _ in range(rng.randint(2, 6))] + [rng.choice(POSITIVE if label else NEGATIVE)]
+        rng.shuffle(words)
+        lines.append(f"{' '.join(words)}\t{label}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_encoder(tmp_path_factory, minilm_tokenizer):
+    folder = tmp_path_factory.mktemp("encoder")
+    tiny_backbone(layers=3, hidden=32).save_pretrained(folder)
+    minilm_tokenizer.save_pretrained(folder)
+    return folder
+
+
+def flaky_trial(params: dict, job) -> None:
+    """The real trial, except that the second trial dies the first time it starts (an interruption)."""
+    calls = Path(job.fit_path).parent.parent / "calls.jsonl"
+    earlier = calls.read_text().splitlines() if calls.exists() else []
+    with calls.open("a") as handle:
+        handle.write(json.dumps(params) + "\n")
+    if len(earlier) == 1 and not (calls.parent / "interrupted").exists():
+        (calls.parent / "interrupted").write_text("once")
+        raise RuntimeError("interrupted on purpose")
+    run_trial(params, job)
+
+
+def test_tune_resumes_without_redoing_finished_trials(ray_session, tmp_path, tiny_encoder):
+    import ray.cloudpickle
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import tests/
+    train = write_data(tmp_path / "train.tsv", 200, seed=1)
+    evaluation = write_data(tmp_path / "eval.tsv", 80, seed=2)
+    config = load_tune_config(
+        None,
+        {"epochs": 3, "batch_size": 16, "lr": 3e-3, "max_length": 16, "head_lr": 3e-3},
+        {
+            "trials": 2,
+            "trainer": "local",
+            "threshold_samples": 400,
+            "validation_fraction": 0.2,
+            "space": {"gamma": [0.5, 1.0], "temperature": [1.0, 5.0], "lr": [1e-3, 5e-3]},
+        },
+    )
+    output = tmp_path / "run"
+    first = tune_new(str(tiny_encoder), str(train), str(evaluation), output, config, trainable=flaky_trial)
+    assert first["trials"] == 1  # the second trial failed before finishing
+    report = tune_resume(output, trainable=flaky_trial)
+
+    calls = [json.loads(line) for line in (output / "calls.jsonl").read_text().splitlines()]
+    assert len(calls) == 3, "resume must rerun only the interrupted trial"
+    assert calls[0] == {"gamma": 0.9, "temperature": 3.0, "lr": 3e-3}  # the paper's default goes first
+    assert calls[1] == calls[2] != calls[0]
+    assert report["trials"] == 2
+    job = json.loads((output / "job.json").read_text())
+    assert job["split"]["validation_examples"] == 40 and job["split"]["fit_examples"] == 160
+
+    pareto = json.loads((output / "pareto.json").read_text())
+    assert pareto and sum(p["chosen"] for p in pareto) == 1
+    for point in pareto:
+        assert {"gamma", "temperature", "lr", "policy", "thresholds", "accuracy", "layer_speedup"} <= set(point)
+    validation = [(p["validation"]["accuracy"], p["validation"]["layer_speedup"]) for p in pareto]
+    for a in validation:  # chosen on validation: no front point is beaten there on both counts
+        assert not any(b[0] >= a[0] and b[1] >= a[1] and b != a for b in validation)
+    assert (output / "pareto.png").stat().st_size > 1000
+    assert (output / "optuna.db").exists()
+
+    chosen = report["chosen"]
+    best = json.loads((output / "best" / "rayexit.json").read_text())
+    assert best["policy"] == {"kind": chosen["policy"], "thresholds": chosen["thresholds"]}
+    # best/ loaded from disk and run through the batched runner gives the figures reported for it
+    assert report["best_runner_eval"]["accuracy"] == pytest.approx(chosen["accuracy"], abs=1e-9)
+    assert report["best_runner_eval"]["layer_speedup"] == pytest.approx(chosen["layer_speedup"], rel=1e-9)
+    assert report["best_full_eval_accuracy"] > 0.6, "the tiny model should learn the keyword task"
+    assert report["threshold_settings_per_second"] >= 1000
+    assert "serve.app:build_app" in (output / "serve.yaml").read_text()
+    torch.set_num_threads(torch.get_num_threads())  # the search restores thread settings it changes
