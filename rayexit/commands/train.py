@@ -35,6 +35,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--head", choices=("pooler", "shared-pooler"))
     p.add_argument("--max-length", type=int)
     p.add_argument("--seed", type=int)
+    ray = p.add_argument_group("distributed (Ray Train; sequence task)")
+    ray.add_argument("--num-workers", type=int, help="train data-parallel with N Ray Train workers")
+    ray.add_argument("--use-gpu", action="store_true", help="one GPU per worker, bf16 autocast where supported")
+    ray.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a local one)")
+    ray.add_argument("--cpus-per-worker", type=float, default=1.0)
+    ray.add_argument("--storage-path", help="where checkpoints go (default: Ray's ~/ray_results)")
+    ray.add_argument("--name", help="run name; a run started again with the same name and storage resumes")
+    ray.add_argument("--resume-from", help="a checkpoint directory to start from")
+    ray.add_argument("--max-failures", type=int, default=0, help="worker-group restarts from the latest checkpoint")
+    ray.add_argument("--checkpoint-every", type=int, help="also checkpoint every N steps (default: each epoch)")
     p.set_defaults(func=run)
 
 
@@ -43,6 +53,8 @@ def run(args: argparse.Namespace) -> int:
     from rayexit.train.recipe import train_to_directory
 
     if args.task == "token":
+        if args.num_workers is not None:
+            raise RayexitError("--num-workers: distributed training is for the sequence task only")
         return run_token(args)
     if args.method == "self-sampling" or args.init:
         raise RayexitError("--method self-sampling and --init are for token tasks; add --task token")
@@ -63,11 +75,42 @@ def run(args: argparse.Namespace) -> int:
         "seed": args.seed,
     }
     settings = train_settings(args.config, overrides)
+    if args.num_workers is not None:
+        return run_distributed(args, settings)
     _, result = train_to_directory(args.model, args.train, args.eval, settings, args.output)
     print(f"trained {settings.method} in {result.seconds:.1f}s ({result.steps} steps) -> {args.output}")
     last = result.history[-1]
     if "exit_accuracy" in last:
         print(format_exit_accuracies(last["exit_accuracy"]))
+    return 0
+
+
+def run_distributed(args: argparse.Namespace, settings) -> int:
+    from rayexit.train.distributed import fit_distributed
+
+    result = fit_distributed(
+        args.model,
+        args.train,
+        args.eval,
+        settings,
+        args.output,
+        num_workers=args.num_workers,
+        use_gpu=args.use_gpu,
+        storage_path=args.storage_path,
+        name=args.name,
+        max_failures=args.max_failures,
+        checkpoint_every=args.checkpoint_every,
+        cpus_per_worker=args.cpus_per_worker,
+        resume_from=args.resume_from,
+        address=args.address,
+    )
+    print(
+        f"trained {settings.method} on {args.num_workers} worker(s) in {result.seconds:.1f}s "
+        f"({result.steps} steps; {result.wall_seconds:.1f}s with Ray) -> {args.output}"
+    )
+    print(f"checkpoints and TensorBoard logs: {result.run_path}")
+    if result.history and "exit_accuracy" in result.history[-1]:
+        print(format_exit_accuracies(result.history[-1]["exit_accuracy"]))
     return 0
 
 

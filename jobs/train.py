@@ -1,0 +1,26 @@
+"""Entry point for `ray job submit --working-dir . -- python jobs/train.py --config ... --output ...`.
+
+Takes the options of `rayexit train`; under `ray job submit` the driver runs on the cluster's
+head with RAY_ADDRESS set, so training goes to that cluster's workers. Without --num-workers,
+one Ray Train worker is used (a job should not train inside its driver process).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# `--working-dir .` ships the project but does not install it; import it from there.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from rayexit.cli import main  # noqa: E402
+
+
+def job_args(argv: list[str]) -> list[str]:
+    if not any(arg == "--num-workers" or arg.startswith("--num-workers=") for arg in argv):
+        argv = [*argv, "--num-workers", "1"]
+    return ["train", *argv]
+
+
+if __name__ == "__main__":
+    sys.exit(main(job_args(sys.argv[1:])))

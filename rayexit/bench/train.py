@@ -1,0 +1,146 @@
+"""`rayexit bench train`: data-parallel throughput and RomeBERT's step cost against joint's.
+
+Two measurements on the packaged MiniLM and an SST-2 slice:
+
+- step time, in this process: one optimizer step of `joint`, of `romebert` without the
+  projection (`gr_direction=none`: one backward pass) and of `romebert` with it (two backward
+  passes, the projection, then the update), each the median of `--steps` timed steps after
+  warm-up, on the same fixed batch. Target: romebert with projection <= 1.5x joint.
+- samples/s with 1 and 2 Ray Train workers (1 CPU each) at the same global batch, measured
+  inside the training loop (Ray start-up and checkpoint writing excluded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from rayexit.bench.common import datasets_dir, machine_info
+from rayexit.config import TrainSettings
+from rayexit.files import write_json
+
+TARGET_RATIO = 1.5
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="samples/s for 1 and 2 Ray Train workers; romebert vs joint step time")
+    p.add_argument("--json", required=True, help="where to write the figures")
+    p.add_argument("--datasets", help="the shared datasets folder (default ../shared/datasets)")
+    p.add_argument("--model", default="minilm", help="encoder (default: the packaged MiniLM)")
+    p.add_argument("--batch-size", type=int, default=16, help="global batch (split over the workers)")
+    p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--steps", type=int, default=10, help="timed steps per method (after 3 warm-up steps)")
+    p.add_argument("--train-examples", type=int, default=256, help="examples per throughput run (one epoch)")
+    p.add_argument("--workers", default="1,2", help="comma-separated worker counts for throughput")
+    p.add_argument("--skip-ray", action="store_true", help="only the in-process step-time comparison")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    sst2 = datasets_dir(args.datasets) / "sst2"
+    train_source = str(sst2 / "train.tsv")
+    base = TrainSettings(
+        batch_size=args.batch_size, max_length=args.max_length, max_examples=args.train_examples, epochs=1.0, lr=1e-4
+    )
+    step_times = measure_step_times(args.model, train_source, base, args.steps)
+    ratio = step_times["romebert"]["median_s"] / step_times["joint"]["median_s"]
+    print(f"romebert / joint step time: {ratio:.2f}x (target <= {TARGET_RATIO}x)", flush=True)
+    throughput = {}
+    if not args.skip_ray:
+        for count in [int(c) for c in args.workers.split(",") if c.strip()]:
+            throughput[str(count)] = measure_throughput(args.model, train_source, base, count)
+            print(f"{count} worker(s): {throughput[str(count)]['samples_per_s']:.1f} samples/s", flush=True)
+    write_json(
+        args.json,
+        {
+            "benchmark": "train",
+            "model": args.model,
+            "data": f"SST-2 train.tsv, first {args.train_examples} examples, max_length {args.max_length}",
+            "global_batch": args.batch_size,
+            "step_time": step_times,
+            "romebert_over_joint": ratio,
+            "target_ratio": TARGET_RATIO,
+            "target_met": ratio <= TARGET_RATIO,
+            "throughput": throughput,
+            "machine": machine_info(),
+        },
+    )
+    print(f"wrote {args.json}")
+    return 0
+
+
+def measure_step_times(model_name: str, train_source: str, base: TrainSettings, steps: int) -> dict:
+    """Median wall-clock of one full optimizer step per method, on one fixed batch, same weights."""
+    from rayexit.data.encode import iterate_batches
+    from rayexit.train.loop import apply_gradients, build_stages, make_optimizer
+    from rayexit.train.recipe import prepare
+
+    variants = {
+        "joint": {"method": "joint"},
+        "romebert_no_projection": {"method": "romebert", "gr_direction": "none"},
+        "romebert": {"method": "romebert", "gr_direction": "reverse"},
+    }
+    run = prepare(model_name, train_source, None, TrainSettings.from_dict({**base.to_dict(), "dropout": 0.0}))
+    ids, mask, labels = next(iterate_batches(run.train_data, base.batch_size))
+    initial = {k: v.clone() for k, v in run.model.state_dict().items()}
+    out = {}
+    for label, change in variants.items():
+        settings = TrainSettings.from_dict({**base.to_dict(), **change})
+        run.model.load_state_dict(initial)
+        run.model.train()
+        stage = build_stages(run.model, settings)[0]
+        optimizer, scheduler = make_optimizer(stage, settings, steps + 3)
+        times, conflicts = [], []
+        for index in range(steps + 3):
+            start = time.perf_counter()
+            flat, _, combine = stage.step(run.model, ids, mask, labels, stage.params, settings)
+            grads, conflict = combine(flat)
+            apply_gradients(stage.params, grads, optimizer, scheduler)
+            if index >= 3:
+                times.append(time.perf_counter() - start)
+                conflicts.append(conflict)
+        out[label] = {
+            "median_s": statistics.median(times),
+            "min_s": min(times),
+            "steps": steps,
+            "batch": int(ids.shape[0]),
+            "seq_len": int(ids.shape[1]),
+            "conflict_rate": None if conflicts[0] is None else sum(conflicts) / len(conflicts),
+            "torch_threads": torch.get_num_threads(),
+        }
+        print(f"{label}: {out[label]['median_s'] * 1000:.0f} ms/step", flush=True)
+    return out
+
+
+def measure_throughput(model_name: str, train_source: str, base: TrainSettings, workers: int) -> dict:
+    import tempfile
+
+    from rayexit.train.distributed import fit_prepared
+    from rayexit.train.recipe import prepare
+
+    if base.batch_size % workers:
+        from rayexit.errors import RayexitError
+
+        raise RayexitError(f"--batch-size {base.batch_size}: does not split evenly over {workers} workers")
+    per_worker = base.batch_size // workers
+    settings = TrainSettings.from_dict({**base.to_dict(), "method": "romebert", "batch_size": per_worker})
+    run = prepare(model_name, train_source, None, settings)
+    with tempfile.TemporaryDirectory(prefix="rayexit-bench-train-") as storage:
+        result = fit_prepared(
+            run, settings, num_workers=workers, storage_path=storage, show_progress=False, num_to_keep=1
+        )
+    loop_seconds = result.history[-1]["seconds"]  # epoch end, before the checkpoint is written
+    samples = result.steps * base.batch_size
+    return {
+        "workers": workers,
+        "per_worker_batch": settings.batch_size,
+        "steps": result.steps,
+        "samples": samples,
+        "loop_seconds": loop_seconds,
+        "samples_per_s": samples / loop_seconds,
+        "wall_seconds_with_ray": result.wall_seconds,
+        "cpus_per_worker": 1,
+    }
