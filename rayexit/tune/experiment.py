@@ -160,7 +160,8 @@ def _resources(spec: TuneSpec) -> dict:
         return {"cpu": total}
     # Ray Train's own workers hold the CPUs while training; the trial only waits for them and then
     # measures, and with one trial at a time nothing else competes for the machine meanwhile.
-    return {"cpu": 0.0}
+    # (Tune refuses an empty request, hence a token share rather than zero.)
+    return {"cpu": 0.01}
 
 
 def _trainable(job: TrialJob, trainable: Trainable | None):
