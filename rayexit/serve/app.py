@@ -6,9 +6,10 @@ accepting (and rejecting) requests while a batch computes. After every batch the
 controller may move the batch size, the batch wait and the relaxation level.
 
 Serve YAML: `import_path: rayexit.serve.app:build_app` with the `args:` of ServeSettings.
+No `from __future__ import annotations` here: FastAPI must see real types on the route methods
+that Serve re-wraps, or it takes `request: Request` for a query parameter.
 """
 
-from __future__ import annotations
 
 import asyncio
 import logging
@@ -58,6 +59,27 @@ class _Item:
     text: str
     layer_cap: int | None
     enqueued: float
+
+
+# Helpers sit above the deployment class: Serve captures the ingress class when it is decorated,
+# and a module-level name defined after it was missing in the replica (NameError at request time).
+async def _read_body(request: Request, limits: Limits) -> bytes:
+    check_declared_size(request.headers.get("content-length"), limits)
+    size, chunks = 0, []
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limits.max_body_bytes:
+            raise too_large(limits)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _load_tagger(settings: ServeSettings):
+    try:
+        from rayexit.serve.tagging import ServedTagger
+    except ImportError as exc:
+        raise RayexitError(f"{settings.model_dir}: token models cannot be served yet ({exc})") from None
+    return ServedTagger.from_model_dir(settings.model_dir, settings.device, settings.dtype)
 
 
 @serve.deployment(name=DEPLOYMENT_NAME, max_ongoing_requests=256, ray_actor_options={"num_cpus": 1})
@@ -234,30 +256,17 @@ class ExitClassifier:
         return [asdict(d) for d in self.controller.history]
 
 
-async def _read_body(request: Request, limits: Limits) -> bytes:
-    check_declared_size(request.headers.get("content-length"), limits)
-    size, chunks = 0, []
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limits.max_body_bytes:
-            raise too_large(limits)
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _load_tagger(settings: ServeSettings):
-    try:
-        from rayexit.serve.tagging import ServedTagger
-    except ImportError as exc:
-        raise RayexitError(f"{settings.model_dir}: token models cannot be served yet ({exc})") from None
-    return ServedTagger.from_model_dir(settings.model_dir, settings.device, settings.dtype)
-
-
 def build_app(args: dict[str, Any]) -> serve.Application:
     """Application builder for Serve YAML (`import_path: rayexit.serve.app:build_app`)."""
-    settings = ServeSettings.from_args(dict(args)).resolved()
-    options: dict[str, Any] = {}
+    return bind_app(ServeSettings.from_args(dict(args)))
+
+
+def bind_app(settings: ServeSettings, ray_actor_options: dict[str, Any] | None = None) -> serve.Application:
+    """The deployment bound to checked settings; a GPU is requested when `device: cuda` says so."""
+    settings = settings.resolved()
+    options = dict(ray_actor_options or {})
     if settings.device == "cuda":
-        options["ray_actor_options"] = {"num_cpus": 1, "num_gpus": 1}
-    deployment = ExitClassifier.options(**options) if options else ExitClassifier
+        options.setdefault("num_cpus", 1)
+        options["num_gpus"] = 1
+    deployment = ExitClassifier.options(ray_actor_options=options) if options else ExitClassifier
     return deployment.bind(settings.to_dict())
