@@ -11,7 +11,7 @@ import sys
 from rayexit.errors import RayexitError
 
 # Each module adds its sub-parser and sets `func`; a new command is one more name here.
-COMMANDS = ("train", "eval", "bench", "demo", "tune")
+COMMANDS = ("train", "eval", "bench", "demo", "tune", "serve")
 
 
 def build_parser() -> argparse.ArgumentParser:
