@@ -7,37 +7,47 @@ from rayexit.data.encode import pad_batch
 from rayexit.exits import ExitCache, run_early_exit
 
 
-def random_batch(seed=1, size=12, vocab=30522):
+def random_batch(seed=1, size=12, vocab=30522, pad_id=0):
     generator = torch.Generator().manual_seed(seed)
     lengths = torch.randint(3, 17, (size,), generator=generator).tolist()
     sequences = [[101] + torch.randint(1000, vocab, (n - 2,), generator=generator).tolist() + [102] for n in lengths]
-    return sequences, *pad_batch(sequences, 0)
+    return sequences, *pad_batch(sequences, pad_id)
 
 
-@pytest.fixture(scope="module")
-def model():
+def sharp_model(kind="bert"):
     # 6 labels and a sharp head so that entropy differs across samples and layers
-    m = tiny_sequence_model(layers=4, labels=[str(i) for i in range(6)], pooling="mean", seed=3)
+    m = tiny_sequence_model(kind, layers=4, labels=[str(i) for i in range(6)], pooling="mean", seed=3)
     with torch.no_grad():
         for exit_head in m.heads.exits:
             exit_head.classifier.weight.mul_(40)
     return m
 
 
+@pytest.fixture(scope="module")
+def model():
+    return sharp_model()
+
+
 def median_entropy_policy(model, ids, mask):
     """A threshold that sends about half the batch out at layer 1 and the rest deeper."""
     with torch.no_grad():
         cache = ExitCache(torch.stack(model(ids, mask), dim=1))
-    return ExitPolicy("entropy", float(cache.entropy[:, 0].median()))
+    # midway between two samples, so no sample sits on the threshold where rounding decides
+    ordered = cache.entropy[:, 0].sort().values
+    middle = len(ordered) // 2
+    return ExitPolicy("entropy", float(ordered[middle - 1] + ordered[middle]) / 2)
 
 
-def test_batched_runner_equals_per_sample_runner(model):
-    sequences, ids, mask = random_batch()
+@pytest.mark.parametrize("kind", ["bert", "roberta"])
+def test_batched_runner_equals_per_sample_runner(kind):
+    model = sharp_model(kind)
+    pad_id = 1 if kind == "roberta" else 0  # RoBERTa's positions count from its padding id
+    sequences, ids, mask = random_batch(pad_id=pad_id)
     policy = median_entropy_policy(model, ids, mask)
     batched = run_early_exit(model, ids, mask, policy)
     assert len(set(batched.exit_layers.tolist())) > 1, "test needs samples leaving at different layers"
     for row, seq in enumerate(sequences):
-        one_ids, one_mask = pad_batch([seq], 0)
+        one_ids, one_mask = pad_batch([seq], pad_id)
         single = run_early_exit(model, one_ids, one_mask, policy)
         assert single.exit_layers.item() == batched.exit_layers[row].item()
         assert single.predictions.item() == batched.predictions[row].item()
