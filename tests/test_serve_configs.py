@@ -21,7 +21,7 @@ def test_serve_config_is_valid_and_binds_loopback(path):
     from ray.serve.schema import ServeDeploySchema
 
     data = yaml.safe_load(path.read_text())
-    ServeDeploySchema(**data)  # raises on any field Serve does not know
+    ServeDeploySchema(**data)  # raises when a field has the wrong shape
     assert data["http_options"]["host"] == "127.0.0.1"
     for app in data["applications"]:
         assert app["import_path"] == "rayexit.serve.app:build_app"

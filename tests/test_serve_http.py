@@ -136,3 +136,31 @@ def test_replica_survives_a_burst_of_bad_and_good_requests(server):
         assert 400 <= status < 500
     status, body = post(server, "/v1/classify", {"texts": ["still answering"]})
     assert status == 200 and len(body["results"]) == 1
+
+
+def test_tag_route_serves_a_token_model(server, tmp_path, minilm_tokenizer):
+    from ray import serve
+    from test_token_exits import tiny_tagger
+
+    from rayexit.serve.app import bind_app
+    from rayexit.serve.settings import ServeSettings
+    from rayexit.token_exits import predict_tags
+
+    model = tiny_tagger()
+    model.save_pretrained(tmp_path / "tagger", minilm_tokenizer)
+    settings = ServeSettings.from_args({"model_dir": str(tmp_path / "tagger"), **LIMITS})
+    serve.run(bind_app(settings, ray_actor_options={"num_cpus": 0}), name="rayexit-tagger", route_prefix="/tagger")
+    try:
+        texts = ["Peter Blackburn visited Brussels today", "German advice"]
+        status, body = post(server, "/tagger/v1/tag", {"texts": texts})
+        assert status == 200
+        direct = predict_tags(model, minilm_tokenizer, [t.split() for t in texts])
+        assert [r["tags"] for r in body["results"]] == [d["tags"] for d in direct]
+        assert [r["exit_layers"] for r in body["results"]] == [list(map(int, d["exit_layers"])) for d in direct]
+        assert body["results"][1]["words"] == ["German", "advice"]
+        status, body = post(server, "/tagger/v1/classify", {"texts": ["a sentence"]})
+        assert status == 400 and "/v1/tag" in body["error"]["message"]
+        status, body = post(server, "/tagger/v1/tag", {"texts": ["ok"], "max_layers": 99})
+        assert status == 422 and body["error"]["field"] == "max_layers"
+    finally:
+        serve.delete("rayexit-tagger")

@@ -85,12 +85,17 @@ def run(args: argparse.Namespace) -> int:
                 result.update(config=name, concurrency=level)
                 report["runs"].append(result)
                 print(format_row(result), flush=True)
+                write_json(args.json, report)  # partial figures survive a later failure
             report.setdefault("controller", {})[name] = controller_history()
         if args.fault_seconds > 0:
             settings = ServeSettings.from_args({**base, **CONFIGS["early-exit adaptive"]})
             redeploy(settings)
-            report["fault"] = asyncio.run(fault_run(running.url, payloads, 16, args.fault_seconds))
-            print(format_fault(report["fault"]), flush=True)
+            try:
+                report["fault"] = asyncio.run(fault_run(running.url, payloads, 16, args.fault_seconds))
+                print(format_fault(report["fault"]), flush=True)
+            except RayexitError as exc:
+                report["fault"] = {"error": str(exc)}
+                print(f"fault run failed: {exc}", flush=True)
     finally:
         if running is not None:
             running.stop()
@@ -256,8 +261,15 @@ async def fault_run(url: str, payloads: list[dict], concurrency: int, seconds: f
         "errors_after_kill": len(errors),
         "statuses": statuses,
         "recovery_s": round(min(flowing) - kill_time, 2) if flowing else None,
-        "new_pid": await asyncio.to_thread(replica_pid),
+        "new_pid": await asyncio.to_thread(_pid_or_none),
     }
+
+
+def _pid_or_none() -> int | None:
+    try:
+        return replica_pid()
+    except RayexitError:
+        return None
 
 
 def summarize(runs: list[dict], levels: list[int]) -> list[dict]:

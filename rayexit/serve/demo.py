@@ -16,11 +16,14 @@ DEMO_TEXTS = [
 ]
 
 
-def serve_demo(model_dir: Path, port: int | None = None) -> None:
-    """Serve `model_dir` on 127.0.0.1 (a free port unless given), classify DEMO_TEXTS, then shut Serve down."""
+def serve_demo(model_dir: Path, port: int | None = None, *, ray_actor_options: dict | None = None) -> None:
+    """Serve `model_dir` on 127.0.0.1 (a free port unless given), classify DEMO_TEXTS, then shut Serve down.
+
+    Uses this process's Ray instance when there is one (and leaves it running), else starts its own.
+    """
     settings = ServeSettings.from_args({"model_dir": str(model_dir)})
     print(f"serving {model_dir} ...")
-    running = start_serving(settings, port=port)
+    running = start_serving(settings, port=port, ray_actor_options=ray_actor_options)
     try:
         print(f"Serve is up at {running.url} (OpenAPI docs at {running.url}/docs)")
         status, body = post_json(running.url + "/v1/classify", {"texts": DEMO_TEXTS})
