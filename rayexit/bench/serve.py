@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import random
 import signal
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from rayexit.bench.common import machine_info
+from rayexit.config import ExitPolicy
 from rayexit.errors import RayexitError
 
 CONFIGS: dict[str, dict[str, Any]] = {
@@ -61,8 +63,13 @@ def run(args: argparse.Namespace) -> int:
     texts = load_text_classification("atis:test").texts
     payloads = make_payloads(texts, args.texts_per_request, count=max(args.requests, 1000), seed=args.seed)
 
+    from rayexit.models import read_exit_config
+
+    exit_config = read_exit_config(model_dir)
     report: dict[str, Any] = {
         "model": str(model_dir),
+        "policy": exit_config.policy.to_dict(),
+        "policy_choice": exit_config.extra.get("serve_bench_choice"),
         "machine": machine_info(),
         "requests_per_level": args.requests,
         "texts_per_request": args.texts_per_request,
@@ -108,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
 
 def train_quick_model(work: Path) -> Path:
     """A demo-like model (RomeBERT on packaged MiniLM + ATIS, one epoch), reused when already there."""
-    from rayexit.config import ExitPolicy, TrainSettings
+    from rayexit.config import TrainSettings
     from rayexit.train.recipe import train_to_directory
 
     model_dir = work / "model"
@@ -119,7 +126,45 @@ def train_quick_model(work: Path) -> Path:
         method="romebert", epochs=1, pooling="mean", lr=5e-5, head_lr=1e-3, policy=ExitPolicy("entropy", 0.3)
     )
     train_to_directory("minilm", "atis", "atis:test", settings, model_dir, show_progress=False)
+    choose_threshold(model_dir)
     return model_dir
+
+
+def choose_threshold(model_dir: Path, max_drop: float = 0.01) -> dict:
+    """Write into the model directory the loosest entropy threshold (of the eval sweep) that stays within
+    `max_drop` of full-depth accuracy on ATIS test: the serving benchmark should serve a model
+    whose policy someone would choose, not the training default."""
+    import json
+
+    from rayexit.data import encode_examples, iterate_batches, load_text_classification
+    from rayexit.evaluate import ENTROPY_FRACTIONS
+    from rayexit.exits import ExitCache, collect_exit_logits
+    from rayexit.files import write_json
+    from rayexit.models import MultiExitForSequenceClassification, load_tokenizer
+    from rayexit.models.encoder import EXIT_CONFIG_FILE
+    from rayexit.train.recipe import keep_known_labels
+
+    model = MultiExitForSequenceClassification.from_pretrained(model_dir)
+    examples_ = keep_known_labels(load_text_classification("atis:test"), model.labels)
+    data = encode_examples(load_tokenizer(model_dir), examples_, model.labels, model.exit_config.max_length)
+    logits, labels = collect_exit_logits(model, iterate_batches(data, 64))
+    cache = ExitCache(logits)
+    full = cache.exit_accuracies(labels)[-1]
+    top = math.log(len(model.labels))
+    chosen = {"threshold": 0.0, "accuracy": full, "mean_exit_layer": float(cache.num_layers)}
+    for fraction in ENTROPY_FRACTIONS:
+        policy = ExitPolicy("entropy", round(fraction * top, 6))
+        result = cache.simulate(policy)
+        acc = (result.predictions == labels).double().mean().item()
+        if acc < full - max_drop:
+            break  # looser thresholds only lose more
+        chosen = {"threshold": policy.thresholds, "accuracy": acc,
+                  "mean_exit_layer": result.exit_layers.double().mean().item()}
+    config = json.loads((model_dir / EXIT_CONFIG_FILE).read_text())
+    config["policy"] = {"kind": "entropy", "thresholds": chosen["threshold"]}
+    config.setdefault("extra", {})["serve_bench_choice"] = {**chosen, "full_accuracy": full, "data": "atis:test"}
+    write_json(model_dir / EXIT_CONFIG_FILE, config)
+    return chosen
 
 
 def make_payloads(texts: list[str], per_request: int, count: int, seed: int) -> list[dict]:
