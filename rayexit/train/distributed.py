@@ -256,6 +256,8 @@ def _worker(config: dict[str, Any]) -> dict:
 
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
+    # One line per worker saying where it runs: the multi-node check reads it from the job log.
+    print(f"rayexit-worker rank={rank} node={ray.get_runtime_context().get_node_id()}", flush=True)
     settings = TrainSettings.from_dict(config["settings"])
     model = config["model"]
     device = ray.train.torch.get_device() if config["use_gpu"] else None
@@ -292,6 +294,7 @@ def _worker(config: dict[str, Any]) -> dict:
                 Path(tmp) / "checkpoint", model, state, config["tokenizer"], {"settings": config["settings"]}
             )
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+        print(f"rayexit-checkpoint step={metrics['global_step']} epoch_end={metrics['epoch_end']}", flush=True)
 
     result: TrainResult = train_model(
         model,
