@@ -157,3 +157,12 @@ def test_full_depth_policy_runs_every_layer(tiny_served):
     assert [a.exit_layer for a in answers] == [4, 4, 4]
     assert all(0.0 < a.probability <= 1.0 for a in answers)
     assert torch.get_default_dtype() == torch.float32
+
+
+def test_fixed_batching_pins_the_controller_and_adaptive_leaves_it_room():
+    fixed = ServeSettings.from_args({"model_dir": "m", "adaptive": False, "max_batch_size": 8, "batch_wait_ms": 3})
+    config = fixed.controller_config()
+    assert (config.min_batch_size, config.max_batch_size, config.initial_batch_size) == (8, 8, 8)
+    assert config.min_wait_s == config.max_wait_s == pytest.approx(0.003)
+    adaptive = ServeSettings.from_args({"model_dir": "m", "max_batch_size": 8}).controller_config()
+    assert (adaptive.min_batch_size, adaptive.max_batch_size) == (1, 64)

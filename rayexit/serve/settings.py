@@ -93,14 +93,22 @@ class ServeSettings:
         return ServeSettings(**data)
 
     def controller_config(self) -> ControllerConfig:
+        """With `adaptive: false` the batch knobs are pinned (min = max); relaxation still works."""
+        size, wait = self.max_batch_size, self.batch_wait_ms / 1000
+        if self.adaptive:
+            smallest, largest = min(self.min_batch_size, size), self.max_batch_size_limit
+            shortest, longest = 0.0, max(self.max_batch_wait_ms / 1000, wait)
+        else:
+            smallest = largest = size
+            shortest = longest = wait
         return ControllerConfig(
             target_p99_s=self.target_p99_ms / 1000,
-            min_batch_size=min(self.min_batch_size, self.max_batch_size),
-            max_batch_size=self.max_batch_size_limit,
-            initial_batch_size=self.max_batch_size,
-            min_wait_s=0.0,
-            max_wait_s=max(self.max_batch_wait_ms, self.batch_wait_ms) / 1000,
-            initial_wait_s=self.batch_wait_ms / 1000,
+            min_batch_size=smallest,
+            max_batch_size=largest,
+            initial_batch_size=size,
+            min_wait_s=shortest,
+            max_wait_s=longest,
+            initial_wait_s=wait,
             window_s=self.window_s,
             relax=self.relax_under_load,
             max_relax_level=self.max_relax_level,
