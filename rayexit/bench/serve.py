@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
         for name in names:
             settings = ServeSettings.from_args({**base, **CONFIGS[name]})
             if running is None:
-                running = start_serving(settings)
+                running = start_serving(settings, include_dashboard=args.fault_seconds > 0)
             else:
                 redeploy(settings)
             for level in levels:

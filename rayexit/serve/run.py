@@ -49,6 +49,7 @@ def start_serving(
     address: str = "local",
     ray_actor_options: dict[str, Any] | None = None,
     num_cpus: int | None = None,
+    include_dashboard: bool = False,
 ) -> Running:
     """Start Ray (unless this process already has it), Serve on host:port, and the app; wait until it answers."""
     import ray
@@ -60,7 +61,8 @@ def start_serving(
     port = port or free_port(host)
     started_ray = False
     if not ray.is_initialized():
-        ray.init(address=address, num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+        # The dashboard is off unless asked for; Ray's state API (used to find a replica's process) needs it.
+        ray.init(address=address, num_cpus=num_cpus, include_dashboard=include_dashboard, log_to_driver=False)
         started_ray = True
     running = Running(f"http://{host}:{port}", started_ray)
     try:
