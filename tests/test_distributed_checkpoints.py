@@ -1,0 +1,79 @@
+"""Training checkpoints without Ray: resume equals never stopping; damaged checkpoints are refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_distributed import SEED, toy_data, toy_model
+
+from rayexit.config import TrainSettings
+from rayexit.errors import RayexitError
+from rayexit.train.checkpoints import OPTIMIZER_FILE, STATE_FILE, read_checkpoint, write_checkpoint
+from rayexit.train.loop import train_model
+
+
+def train(settings, **kwargs):
+    model = toy_model()
+    result = train_model(model, toy_data(n=24), settings, show_progress=False, **kwargs)
+    return model, result
+
+
+def other_model():
+    """Different starting weights, so that only the checkpoint can make the runs agree."""
+    from conftest import tiny_sequence_model
+
+    model = tiny_sequence_model(layers=3, labels=("a", "b", "c"), seed=SEED + 1)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    return model
+
+
+@pytest.mark.parametrize(
+    "method, when",
+    [
+        ("romebert", lambda s: s.stage == 0 and s.step == 4 and s.batch == 4),  # mid-epoch 1 (6 steps/epoch)
+        ("deebert", lambda s: s.stage == 1 and s.step == 0),  # between DeeBERT's two stages
+    ],
+)
+def test_resume_equals_an_uninterrupted_run(tmp_path, method, when):
+    settings = TrainSettings(method=method, batch_size=4, epochs=2, lr=1e-3, dropout=0.0, head_lr=3e-3)
+    settings.deebert_stage2_epochs = 1
+    model = toy_model()
+
+    def checkpoint_once(state, record):
+        if when(state) and not (tmp_path / "ckpt").exists():
+            write_checkpoint(tmp_path / "ckpt", model, state, extra={"settings": settings.to_dict()})
+
+    full = train_model(model, toy_data(n=24), settings, show_progress=False, on_checkpoint=checkpoint_once,
+                       checkpoint_every=4)
+    assert (tmp_path / "ckpt").is_dir(), "the hook never saw the state the test resumes from"
+
+    resumed_model = other_model()
+    state, extra = read_checkpoint(tmp_path / "ckpt", resumed_model)
+    assert extra["settings"] == settings.to_dict()
+    resumed = train_model(resumed_model, toy_data(n=24), settings, show_progress=False, resume=state)
+    assert resumed.steps == full.steps
+    assert [h["epoch"] for h in resumed.history] == [h["epoch"] for h in full.history]
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(resumed_model.state_dict()[key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_damaged_or_cut_off_checkpoints_are_refused(tmp_path):
+    settings = TrainSettings(method="joint", batch_size=4, epochs=1, lr=1e-3, dropout=0.0)
+    states = []
+    model, _ = train(settings, on_checkpoint=lambda state, record: states.append(state), checkpoint_every=2)
+    directory = write_checkpoint(tmp_path / "ckpt", model, states[0])
+    assert (directory / OPTIMIZER_FILE).is_file()
+    read_checkpoint(directory, toy_model())  # intact: loads
+
+    weights = directory / "model.safetensors"
+    raw = bytearray(weights.read_bytes())
+    raw[-10] ^= 0xFF
+    weights.write_bytes(bytes(raw))
+    with pytest.raises(RayexitError, match="does not match"):
+        read_checkpoint(directory, toy_model())
+
+    (directory / STATE_FILE).unlink()
+    with pytest.raises(RayexitError, match="not a training checkpoint"):
+        read_checkpoint(directory, toy_model())
