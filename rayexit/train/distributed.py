@@ -180,6 +180,12 @@ def fit_prepared(
     from ray.train.torch import TorchTrainer
 
     start = time.perf_counter()
+    global_batch = settings.batch_size * num_workers
+    if len(run.train_data) < global_batch:
+        raise RayexitError(
+            f"batch_size: {settings.batch_size} per worker x {num_workers} workers = {global_batch}, "
+            f"more than the {len(run.train_data)} training examples; use a smaller batch or fewer workers"
+        )
     if not ray.is_initialized():
         ray.init(address=address, log_to_driver=show_progress)
     _check_request(num_workers, cpus_per_worker, use_gpu)
