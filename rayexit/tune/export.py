@@ -54,7 +54,10 @@ def serve_config(model_dir: str | Path, name: str = "rayexit") -> dict:
     """A Serve config file (`serve run` / `serve deploy`) for one model directory."""
     args = {"model_dir": str(Path(model_dir).resolve())}
     _check_serve_args(args)
+    # Same shape as serve_configs/demo.yaml: loopback only until the user opens it up.
     return {
+        "proxy_location": "HeadOnly",
+        "http_options": {"host": "127.0.0.1", "port": 8000},
         "applications": [
             {"name": name, "route_prefix": "/", "import_path": SERVE_IMPORT_PATH, "args": args},
         ]
