@@ -167,9 +167,7 @@ def _read_hub(name: str) -> TaggedSentences:
     for index, row in enumerate(table):
         row_tags = [names[t] if names is not None else str(t) for t in row[tag_column]]
         if len(row_tags) != len(row[token_column]):
-            raise RayexitError(
-                f"{name}: row {index}: {len(row[token_column])} tokens but {len(row_tags)} tags"
-            )
+            raise RayexitError(f"{name}: row {index}: {len(row[token_column])} tokens but {len(row_tags)} tags")
         if row_tags:
             words.append([str(w) for w in row[token_column]])
             tags.append(row_tags)
@@ -235,7 +233,10 @@ def encode_tagged(
             where = f"{origin.origin}: {origin.where(s)}" if origin is not None else f"sentence {s}"
             log.warning(
                 "%s: %d words need more than %d word-pieces; split into %d windows",
-                where, len(sentence), max_length, len(windows),
+                where,
+                len(sentence),
+                max_length,
+                len(windows),
             )
         for first, last in windows:
             body: list[int] = []
