@@ -98,15 +98,16 @@ def fit_distributed(
     from explicitly. Asking for more workers (or GPUs) than the cluster has raises RayexitError
     at once. Connects to `address` (or RAY_ADDRESS) when Ray is not yet initialised.
 
-    Inside a Ray Tune trial (Ray 2.60, Train V2): call it from the trial function as usual.
-    Ray Train starts its own controller and workers as separate actors; the trial only waits
-    for them, so give the trial no CPU of its own (`tune.with_resources(fn, {"cpu": 0})`),
-    otherwise trial plus workers must fit on the cluster together. `ray.train.report` cannot
-    be used in the trial itself; report with `ray.tune.report` there. With
-    `report_to_tune=True` every epoch's metrics are also forwarded to the trial as Tune
-    results (Ray's `TuneReportCallback`), for schedulers that stop trials early. When no
-    `storage_path`/`name` are given inside a trial, checkpoints go to the trial's own folder
-    under `train/`, so concurrent trials never share a run folder.
+    Inside a Ray Tune trial (Ray 2.60, Train V2), checked with a Tuner: call it from the trial
+    function as usual. Ray Train starts its own controller (0 CPU, on the trial's node) and
+    worker actors; the trial only waits for them. The trial's own reservation counts against
+    the cluster too: Tune refuses 0 CPU, so use `tune.with_resources(fn, {"cpu": 0.01})` and
+    leave room for the workers (on a 2-CPU machine, 2 workers need `cpus_per_worker=0.99`).
+    `ray.train.report` raises inside a trial; report with `ray.tune.report` there. With
+    `report_to_tune=True` every epoch's metrics also reach the trial as Tune results (Ray's
+    `TuneReportCallback`), for schedulers that stop trials early. Without `storage_path`,
+    checkpoints go to the trial's own folder under `train/`, so trials never share a run
+    folder. Exceptions reach the trial as RayexitError.
     """
     from rayexit.train.recipe import prepare
 
