@@ -461,6 +461,7 @@ def _root_message(exc: BaseException) -> str:
         seen = seen.__cause__
     worker_failures = getattr(exc, "worker_failures", None)
     if isinstance(worker_failures, dict) and worker_failures:
-        first = next(iter(worker_failures.values()))
-        return f"{type(first).__name__}: {first}"
-    return f"{type(seen).__name__}: {seen}"
+        seen = next(iter(worker_failures.values()))
+    # a worker's exception text carries its whole traceback; its last line is the message
+    lines = [line for line in str(seen).splitlines() if line.strip()]
+    return lines[-1] if lines else type(seen).__name__
