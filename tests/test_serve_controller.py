@@ -125,3 +125,11 @@ def test_relax_policy_moves_each_kind_toward_always_exit():
     assert maxprob.thresholds == pytest.approx([0.5 + 0.4 / 4, 0.5 + 0.3 / 4])
     assert relax_policy(ExitPolicy("patience", 3), 5, 2).thresholds == 1.0
     assert relax_policy(ExitPolicy("none", 0.1), 3, 2).kind == "none"
+
+
+def test_waits_halve_down_to_the_floor_not_toward_zero():
+    controller, clock = make(min_wait_s=0.0, initial_wait_s=0.002)
+    decisions = drive(controller, clock, windows=6, latency_s=0.5, batch_fill=0.5, compute_s=0.01, backlog=3)
+    waits = [d.batch_wait_timeout_s for d in decisions]
+    assert waits[:4] == pytest.approx([0.001, 0.0005, 0.00025, 0.000125])
+    assert waits[4:] == [0.0, 0.0]

@@ -130,6 +130,10 @@ def train_quick_model(work: Path) -> Path:
     return model_dir
 
 
+# Entropy thresholds tried, as fractions of the largest possible entropy log(labels), tightest first.
+ENTROPY_FRACTIONS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5)
+
+
 def choose_threshold(model_dir: Path, max_drop: float = 0.01) -> dict:
     """Write into the model directory the loosest entropy threshold (of the eval sweep) that stays within
     `max_drop` of full-depth accuracy on ATIS test: the serving benchmark should serve a model
@@ -137,7 +141,6 @@ def choose_threshold(model_dir: Path, max_drop: float = 0.01) -> dict:
     import json
 
     from rayexit.data import encode_examples, iterate_batches, load_text_classification
-    from rayexit.evaluate import ENTROPY_FRACTIONS
     from rayexit.exits import ExitCache, collect_exit_logits
     from rayexit.files import write_json
     from rayexit.models import MultiExitForSequenceClassification, load_tokenizer

@@ -133,7 +133,7 @@ class AdaptiveBatchController:
                 reasons.append("full batches with work queued and latency headroom: larger batches")
 
         if p99 > target:
-            new_wait = max(cfg.min_wait_s, self.batch_wait_timeout_s / 2)
+            new_wait = _floor_wait(self.batch_wait_timeout_s / 2, cfg.min_wait_s)
             if new_wait != self.batch_wait_timeout_s:
                 reasons.append("over target: wait less for batches to fill")
             self.batch_wait_timeout_s = new_wait
@@ -143,7 +143,7 @@ class AdaptiveBatchController:
                 reasons.append("busy with small batches: wait a little longer to fill them")
             self.batch_wait_timeout_s = new_wait
         elif mean_fill < 0.5 and busy < 0.5:
-            new_wait = max(cfg.min_wait_s, self.batch_wait_timeout_s / 2)
+            new_wait = _floor_wait(self.batch_wait_timeout_s / 2, cfg.min_wait_s)
             if new_wait != self.batch_wait_timeout_s:
                 reasons.append("idle: waiting only adds latency")
             self.batch_wait_timeout_s = new_wait
@@ -168,6 +168,11 @@ class AdaptiveBatchController:
                 reasons.append("latency well under target: tighten exits again")
         else:
             self._over = self._calm = 0
+
+
+def _floor_wait(wait: float, floor: float) -> float:
+    """Halving never reaches zero by itself; under 0.1 ms a wait is noise, so drop to the floor."""
+    return floor if wait < max(floor, 1e-4) else wait
 
 
 def quantile(values: list[float], q: float) -> float:
