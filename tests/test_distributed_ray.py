@@ -78,7 +78,7 @@ def test_killed_worker_resumes_from_checkpoint_and_finishes(ray_session, tmp_pat
 def test_more_workers_than_the_cluster_has_fails_fast(ray_session, tmp_path):
     started = time.monotonic()
     with pytest.raises(RayexitError, match=r"asked for 5 worker\(s\) x 1 CPU.*2 CPU\(s\)"):
-        fit_prepared(prepared(), settings_for("joint", PER_WORKER), num_workers=5, storage_path=str(tmp_path))
+        fit_prepared(prepared(n=40), settings_for("joint", PER_WORKER), num_workers=5, storage_path=str(tmp_path))
     if not ray_session.cluster_resources().get("GPU"):
         with pytest.raises(RayexitError, match=r"1 GPU.*0 GPU\(s\)"):
             fit_prepared(prepared(), settings_for("joint", PER_WORKER), num_workers=1, use_gpu=True,

@@ -210,6 +210,9 @@ def env() -> dict:
     e = dict(os.environ)
     e["PATH"] = f"{BIN}:{e.get('PATH', '')}"
     e.update(RAY_USAGE_STATS_ENABLED="0", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    # Ray 2.60 turns token auth on for a head when a local token exists, but not for a joining
+    # node; say it for every process so both nodes and the job client use Ray's own local token.
+    e.setdefault("RAY_AUTH_MODE", "token")
     e.pop("RAY_ADDRESS", None)
     return e
 
