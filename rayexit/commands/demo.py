@@ -1,7 +1,8 @@
 """`rayexit demo`: the whole flow on packaged data, no network.
 
 RomeBERT one-stage training of the packaged MiniLM on the packaged ATIS intents, then every
-exit evaluated on ATIS test, the accuracy/speed-up table printed and drawn as a PNG.
+exit evaluated on ATIS test, the accuracy/speed-up table printed and drawn as a PNG, and last
+the model served with Ray Serve on loopback, asked a few questions, and shut down.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=float, help="training epochs (default: the config's)")
     p.add_argument("--max-examples", type=int, help="train on the first N utterances only")
     p.add_argument("--repeats", type=int, default=2, help="timing runs per curve point")
+    p.add_argument("--no-serve", action="store_true", help="stop after evaluation; do not start Ray Serve")
     p.set_defaults(func=run)
 
 
@@ -35,11 +37,11 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     settings = train_settings(args.config, {"epochs": args.epochs, "max_examples": args.max_examples})
     model_dir = output / "model"
-    print(f"[1/2] training {settings.method} on packaged MiniLM + ATIS intents -> {model_dir}", flush=True)
+    print(f"[1/3] training {settings.method} on packaged MiniLM + ATIS intents -> {model_dir}", flush=True)
     run_, result = train_to_directory("minilm", "atis:train", "atis:test", settings, model_dir)
     print(f"      trained in {result.seconds:.0f}s ({result.steps} steps)", flush=True)
 
-    print("[2/2] evaluating every exit and sweeping thresholds on ATIS test", flush=True)
+    print("[2/3] evaluating every exit and sweeping thresholds on ATIS test", flush=True)
     report = evaluate_sequence_model(run_.model, run_.eval_data, batch_size=32, repeats=args.repeats)
     report.update(model=str(model_dir), data="atis:test", summary=summarize(report))
     write_json(output / "eval.json", report)
@@ -53,5 +55,10 @@ def run(args: argparse.Namespace) -> int:
             f"{best['wallclock_speedup']:.2f}x faster"
         )
     print(f"report -> {output / 'eval.json'}, plot -> {output / 'curve.png'}")
+    if not args.no_serve:
+        from rayexit.serve.demo import serve_demo
+
+        print("[3/3] serving the model with Ray Serve on 127.0.0.1 and sending a few requests", flush=True)
+        serve_demo(model_dir)
     print(f"demo finished in {time.perf_counter() - started:.0f}s")
     return 0
