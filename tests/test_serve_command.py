@@ -34,6 +34,7 @@ def test_serve_command_shuts_down_on_signal(monkeypatch, tmp_path, capsys, sig):
 
     def fake_start(settings, host, port, address):
         seen.update(model_dir=settings.model_dir, host=host, port=port, address=address)
+        signal.signal(sig, signal.SIG_DFL)  # as ray.init does: start-up replaces the handler
         threading.Timer(0.3, os.kill, (os.getpid(), sig)).start()
         return running
 

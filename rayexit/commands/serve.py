@@ -33,9 +33,17 @@ def run(args: argparse.Namespace) -> int:
     }
     settings = ServeSettings.from_args({k: v for k, v in options.items() if v is not None})
     stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def on_signal(*_) -> None:
+        stop.set()
+
+    signals = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.signal(sig, on_signal) for sig in signals}
     try:
         running = start_serving(settings, host=args.host, port=args.port, address=args.address)
+        # ray.init puts its own SIGTERM handler in (it aborts the process): take the signals back.
+        for sig in signals:
+            signal.signal(sig, on_signal)
         try:
             print(f"serving {args.model_dir} at {running.url}  (docs: {running.url}/docs); Ctrl-C to stop", flush=True)
             while not stop.wait(0.5):
