@@ -119,6 +119,10 @@ class Nodes:
     def node_ports(self, node: str) -> list[str]:
         return []
 
+    def interface(self, node: str) -> str:
+        """The interface gloo must use: by default it binds to the host name's address."""
+        return "lo"
+
 
 class NamespaceNodes(Nodes):
     mode = "network namespaces"
@@ -151,6 +155,9 @@ class NamespaceNodes(Nodes):
 
     def prefix(self, node: str) -> list[str]:
         return ["ip", "netns", "exec", self.ns[node]]
+
+    def interface(self, node: str) -> str:
+        return self.veth[0] if node == "head" else self.veth[1]
 
     def node_pids(self, node: str) -> set[int]:
         out = subprocess.run(["ip", "netns", "pids", self.ns[node]], capture_output=True, text=True)
@@ -217,8 +224,8 @@ def env() -> dict:
     return e
 
 
-def run(cmd: list[str], timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env())
+def run(cmd: list[str], timeout: float = 120, check: bool = True, extra_env: dict | None = None):
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**env(), **(extra_env or {})})
     if check and out.returncode != 0:
         tail = f"{out.stdout[-2000:]}\n{out.stderr[-2000:]}"
         raise RuntimeError(f"{' '.join(cmd[:6])} ... failed ({out.returncode}):\n{tail}")
@@ -237,7 +244,10 @@ def start_node(nodes: Nodes, node: str) -> None:
         ]
     else:
         cmd = common + [f"--address={nodes.head_ip}:{nodes.ports['gcs']}", f"--node-ip-address={nodes.worker_ip}"]
-    run(nodes.prefix(node) + cmd + nodes.node_ports(node), timeout=180)
+    # Ray's workers inherit the raylet's environment: this keeps torch.distributed (gloo) on
+    # the node's own link instead of the address the machine's host name resolves to.
+    run(nodes.prefix(node) + cmd + nodes.node_ports(node), timeout=180,
+        extra_env={"GLOO_SOCKET_IFNAME": nodes.interface(node)})
     say(f"started the {node} node ({nodes.head_ip if node == 'head' else nodes.worker_ip})")
 
 
@@ -324,6 +334,7 @@ def main() -> int:
     signal.signal(signal.SIGALRM, on_alarm)
     signal.alarm(int(args.timeout))
     outcome = EXIT_BAD
+    job = ""
     try:
         if not args.loopback:
             try:
@@ -351,7 +362,10 @@ def main() -> int:
 
         def workers_seen():
             seen = {}
-            for line in job_logs(nodes, job).splitlines():
+            logs = job_logs(nodes, job)
+            if "rayexit-worker rank=" not in logs and job_status(nodes, job) in ("FAILED", "STOPPED"):
+                raise RuntimeError("the job ended before its workers started")
+            for line in logs.splitlines():
                 if "rayexit-worker rank=" in line:
                     part = line.split("rayexit-worker ", 1)[1].split()
                     fields = dict(p.split("=", 1) for p in part if "=" in p)
@@ -389,6 +403,9 @@ def main() -> int:
             outcome = EXIT_FAILED_CLEARLY if (clear and not bad and different) else EXIT_BAD
     except Exception as exc:
         say(f"ERROR: {type(exc).__name__}: {exc}")
+        if job and nodes is not None:
+            say(f"job {job}: {job_status(nodes, job)}; its log ends:")
+            print("\n".join(job_logs(nodes, job).splitlines()[-40:]))
         outcome = EXIT_BAD
     finally:
         signal.alarm(0)
