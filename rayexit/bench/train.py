@@ -3,11 +3,9 @@
 Two measurements on the packaged MiniLM and an SST-2 slice:
 
 - step time, in this process: one optimizer step of `joint`, of `romebert` without the
-  projection (`gr_direction=none`: one backward pass), of `romebert` with it as the loop does
-  it (the final loss's gradient on the projected parameters + one gradient of the sum), and of
-  the straightforward way (both losses' gradients on every parameter), each the median of
-  `--steps` timed steps after warm-up, on the same fixed batch, taking turns step by step.
-  Target: romebert with projection <= 1.5x joint.
+  projection (`gr_direction=none`: one backward pass) and of `romebert` with it (two backward
+  passes, the projection, then the update), each the median of `--steps` timed steps after
+  warm-up, on the same fixed batch, taking turns step by step. Target: romebert <= 1.5x joint.
 - samples/s with 1 and 2 Ray Train workers (1 CPU each) at the same global batch, measured
   inside the training loop (Ray start-up and checkpoint writing excluded).
 """
@@ -66,8 +64,6 @@ def run(args: argparse.Namespace) -> int:
             "global_batch": args.batch_size,
             "step_time": step_times,
             "romebert_over_joint": ratio,
-            "two_full_gradients_over_joint": step_times["romebert_two_full_gradients"]["median_s"]
-            / step_times["joint"]["median_s"],
             "target_ratio": TARGET_RATIO,
             "target_met": ratio <= TARGET_RATIO,
             "throughput": throughput,
@@ -92,7 +88,6 @@ def measure_step_times(model_name: str, train_source: str, base: TrainSettings, 
         "joint": {"method": "joint"},
         "romebert_no_projection": {"method": "romebert", "gr_direction": "none"},
         "romebert": {"method": "romebert", "gr_direction": "reverse"},
-        "romebert_two_full_gradients": {"method": "romebert", "gr_direction": "reverse"},
     }
     run = prepare(model_name, train_source, None, TrainSettings.from_dict({**base.to_dict(), "dropout": 0.0}))
     for module in run.model.modules():  # the backbone's own dropout too: same work every step
@@ -104,8 +99,7 @@ def measure_step_times(model_name: str, train_source: str, base: TrainSettings, 
     for label, change in variants.items():
         settings = TrainSettings.from_dict({**base.to_dict(), **change})
         stage = build_stages(run.model, settings)[0]
-        step = _two_full_gradients_step if label == "romebert_two_full_gradients" else stage.step
-        plans[label] = (settings, stage, step, make_optimizer(stage, settings, steps + 3))
+        plans[label] = (settings, stage, stage.step, make_optimizer(stage, settings, steps + 3))
     times: dict[str, list[float]] = {label: [] for label in variants}
     conflicts: dict[str, list] = {label: [] for label in variants}
     for index in range(steps + 3):
@@ -131,27 +125,6 @@ def measure_step_times(model_name: str, train_source: str, base: TrainSettings, 
         }
         print(f"{label}: {out[label]['median_s'] * 1000:.0f} ms/step", flush=True)
     return out
-
-
-def _two_full_gradients_step(model, ids, mask, labels, params, settings):
-    """The straightforward RomeBERT step, for comparison: both losses' gradients on every parameter."""
-    from rayexit.gradreg import combine_with_projection
-    from rayexit.losses import romebert_losses
-    from rayexit.train.loop import _grads, _projected_mask
-
-    final, exits = romebert_losses(model(ids, mask), labels, settings.gamma, settings.temperature)
-    flat = _grads(final, params, retain=True) + _grads(exits, params)
-    shared = [i for i, is_projected in enumerate(_projected_mask(model, params, settings)) if is_projected]
-
-    def combine(grads):
-        g_final, g_exits = grads[: len(params)], grads[len(params) :]
-        combined, conflict = combine_with_projection([g_exits[i] for i in shared], [g_final[i] for i in shared])
-        out = [a + b for a, b in zip(g_exits, g_final)]
-        for i, grad in zip(shared, combined):
-            out[i] = grad
-        return out, conflict
-
-    return flat, (final + exits).item(), combine
 
 
 def measure_throughput(model_name: str, train_source: str, base: TrainSettings, workers: int) -> dict:

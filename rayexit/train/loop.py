@@ -299,35 +299,27 @@ def _frozen_exits_step(model, ids, mask, labels, params, settings):
 
 
 def _romebert_step(model, ids, mask, labels, params, settings):
-    """Both gradients go out in one flat list (one all-reduce); `combine` projects after averaging.
-
-    The two gradients are needed apart only on the projected parameters; every other parameter
-    takes their sum. So the step computes the final loss's gradient on the projected parameters
-    alone (that backward pass stops at the first encoder layer: no embedding or head gradients),
-    and one gradient of the sum on all parameters; the exits' gradient on the projected ones is
-    the difference. Same result up to float rounding as two full gradients, measurably cheaper
-    (`rayexit bench train`), and a smaller buffer to all-reduce. Averaging is linear, so the
-    difference of averages is the average of the differences.
-    """
+    """Both gradients go out in one flat list (one all-reduce); `combine` projects after averaging."""
     final, exits = romebert_losses(model(ids, mask), labels, settings.gamma, settings.temperature)
-    loss = final + exits
+    total = (final + exits).item()
     if settings.gr_direction == "none":
-        return _grads(loss, params), loss.item(), _as_is
+        return _grads(final + exits, params), total, _as_is
+    flat = _grads(final, params, retain=True) + _grads(exits, params)
     projected = _projected_mask(model, params, settings)
-    shared = [i for i, is_projected in enumerate(projected) if is_projected]
-    flat = _grads(final, [params[i] for i in shared], retain=True) + _grads(loss, params)
 
     def combine(averaged: list[torch.Tensor]) -> tuple[list[torch.Tensor], bool]:
-        g_final, g_sum = averaged[: len(shared)], averaged[len(shared) :]
-        g_exits = [g_sum[i] - f for i, f in zip(shared, g_final)]
+        g_final, g_exits = averaged[: len(params)], averaged[len(params) :]
         leader, other = (g_exits, g_final) if settings.gr_direction == "reverse" else (g_final, g_exits)
-        combined, conflict = combine_with_projection(leader, other, per_tensor=settings.gr_scope == "per_tensor")
-        out = list(g_sum)
+        shared = [i for i, is_projected in enumerate(projected) if is_projected]
+        combined, conflict = combine_with_projection(
+            [leader[i] for i in shared], [other[i] for i in shared], per_tensor=settings.gr_scope == "per_tensor"
+        )
+        out = [lead + oth for lead, oth in zip(leader, other)]
         for i, grad in zip(shared, combined):
             out[i] = grad
         return out, conflict
 
-    return flat, loss.item(), combine
+    return flat, total, combine
 
 
 def _projected_mask(model, params, settings: TrainSettings) -> list[bool]:
