@@ -21,6 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import ray
+
     from rayexit.serve.run import start_serving
     from rayexit.serve.settings import ServeSettings
 
@@ -40,17 +42,26 @@ def run(args: argparse.Namespace) -> int:
     signals = (signal.SIGINT, signal.SIGTERM)
     previous = {sig: signal.signal(sig, on_signal) for sig in signals}
     try:
-        running = start_serving(settings, host=args.host, port=args.port, address=args.address)
-        # ray.init puts its own SIGTERM handler in (it aborts the process): take the signals back.
+        started_ray = not ray.is_initialized()
+        if started_ray:
+            ray.init(address=args.address, include_dashboard=False, log_to_driver=False)
+        # ray.init puts in its own SIGTERM handler (it exits without shutting Serve down): take the signals
+        # back before Serve starts, so a signal at any later point ends in the clean shutdown below.
         for sig in signals:
             signal.signal(sig, on_signal)
         try:
-            print(f"serving {args.model_dir} at {running.url}  (docs: {running.url}/docs); Ctrl-C to stop", flush=True)
-            while not stop.wait(0.5):
-                pass
-            print("shutting down Serve ...", flush=True)
+            running = start_serving(settings, host=args.host, port=args.port, address=args.address)
+            try:
+                print(f"serving {args.model_dir} at {running.url}  (docs: {running.url}/docs); Ctrl-C to stop",
+                      flush=True)
+                while not stop.wait(0.5):
+                    pass
+                print("shutting down Serve ...", flush=True)
+            finally:
+                running.stop()
         finally:
-            running.stop()
+            if started_ray:
+                ray.shutdown()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
