@@ -274,9 +274,9 @@ def wait_for(predicate, what: str, timeout: float, every: float = 2.0):
     raise TimeoutError(f"gave up waiting for {what} after {timeout:.0f}s")
 
 
-def job_cmd(nodes: Nodes, *args: str) -> list[str]:
-    return nodes.prefix("head") + [str(BIN / "ray"), "job", *args, "--address",
-                                   f"http://{nodes.head_ip}:{nodes.ports['dashboard']}"]
+def job_cmd(nodes: Nodes, sub: str, *args: str) -> list[str]:
+    address = f"http://{nodes.head_ip}:{nodes.ports['dashboard']}"
+    return nodes.prefix("head") + [str(BIN / "ray"), "job", sub, "--address", address, *args]
 
 
 def job_logs(nodes: Nodes, job: str) -> str:
@@ -284,7 +284,8 @@ def job_logs(nodes: Nodes, job: str) -> str:
 
 
 def job_status(nodes: Nodes, job: str) -> str:
-    out = run(job_cmd(nodes, "status", job), check=False, timeout=60).stdout
+    done = run(job_cmd(nodes, "status", job), check=False, timeout=60)
+    out = done.stdout + done.stderr  # the CLI prints the status through its logger
     for status in ("SUCCEEDED", "FAILED", "STOPPED", "RUNNING", "PENDING"):
         if status in out:
             return status
