@@ -289,6 +289,12 @@ def job_status(nodes: Nodes, job: str) -> str:
     for status in ("SUCCEEDED", "FAILED", "STOPPED", "RUNNING", "PENDING"):
         if status in out:
             return status
+    # `ray job status` gave nothing readable in the one real run: judge by the job's own log
+    logs = job_logs(nodes, job)
+    if "checkpoints and TensorBoard logs:" in logs:  # rayexit train's last line
+        return "SUCCEEDED"
+    if "error: " in logs:
+        return "FAILED"
     return "UNKNOWN"
 
 
