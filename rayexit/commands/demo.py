@@ -48,7 +48,13 @@ def run(args: argparse.Namespace) -> int:
     plot_curve(report, output / "curve.png", title="RomeBERT MiniLM on ATIS intents (test)")
     print(format_table(report))
     best = report["summary"]["best_wallclock_point"]
+    serve_dir = model_dir
     if best:
+        from rayexit.config import ExitPolicy
+        from rayexit.tune.export import export_model
+
+        # Serve the fastest policy that stays within 1 point, as `rayexit tune` would export it.
+        serve_dir = export_model(model_dir, output / "best", ExitPolicy(best["policy"], best["threshold"]), best)
         print(
             f"fastest within 1 point of full depth: {best['policy']} {best['threshold']}: accuracy "
             f"{best['accuracy']:.4f}, {best['layer_speedup']:.2f}x fewer layers, "
@@ -59,6 +65,6 @@ def run(args: argparse.Namespace) -> int:
         from rayexit.serve.demo import serve_demo
 
         print("[3/3] serving the model with Ray Serve on 127.0.0.1 and sending a few requests", flush=True)
-        serve_demo(model_dir)
+        serve_demo(serve_dir)
     print(f"demo finished in {time.perf_counter() - started:.0f}s")
     return 0
