@@ -119,6 +119,17 @@ class MultiExitEncoder(nn.Module):
 
     # -- model directories -------------------------------------------------------------------
 
+    @classmethod
+    def from_pretrained(cls, directory: str | Path):
+        """Load a model directory written by `save_pretrained`, refusing one of another task."""
+        exit_config = read_exit_config(directory)
+        if exit_config.task != cls.task:
+            raise RayexitError(f"{directory}: holds a {exit_config.task!r} model, expected {cls.task!r}")
+        model = cls(load_backbone_from_config(directory), exit_config)
+        load_weights(model, directory)
+        model.eval()
+        return model
+
     def save_pretrained(self, directory: str | Path, tokenizer=None) -> None:
         """Write the model directory atomically: a temporary sibling, then a rename."""
         directory = Path(directory)

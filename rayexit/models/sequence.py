@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from rayexit.errors import RayexitError
 from rayexit.models.encoder import (
     ExitConfig,
     MultiExitEncoder,
-    load_backbone_from_config,
-    load_weights,
-    read_exit_config,
 )
 from rayexit.models.heads import ExitHeads
 
@@ -48,16 +43,6 @@ class MultiExitForSequenceClassification(MultiExitEncoder):
         pooler = getattr(backbone, "pooler", None)
         if pooler is not None and hasattr(pooler, "dense"):
             model.heads.init_poolers_from(pooler.dense)
-        return model
-
-    @classmethod
-    def from_pretrained(cls, directory: str | Path) -> MultiExitForSequenceClassification:
-        exit_config = read_exit_config(directory)
-        if exit_config.task != cls.task:
-            raise RayexitError(f"{directory}: holds a {exit_config.task!r} model, expected {cls.task!r}")
-        model = cls(load_backbone_from_config(directory), exit_config)
-        load_weights(model, directory)
-        model.eval()
         return model
 
 

@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from torch import nn
 
-from rayexit.errors import RayexitError
 from rayexit.models.encoder import (
     ExitConfig,
     MultiExitEncoder,
-    load_backbone_from_config,
-    load_weights,
-    read_exit_config,
 )
 from rayexit.models.sequence import load_pretrained_backbone
 
@@ -55,13 +49,3 @@ class MultiExitForTokenClassification(MultiExitEncoder):
     def from_backbone(cls, name_or_path: str, exit_config: ExitConfig) -> MultiExitForTokenClassification:
         """A new multi-exit tagger on a pretrained encoder (hub name or local folder)."""
         return cls(load_pretrained_backbone(name_or_path), exit_config)
-
-    @classmethod
-    def from_pretrained(cls, directory: str | Path) -> MultiExitForTokenClassification:
-        exit_config = read_exit_config(directory)
-        if exit_config.task != cls.task:
-            raise RayexitError(f"{directory}: holds a {exit_config.task!r} model, expected {cls.task!r}")
-        model = cls(load_backbone_from_config(directory), exit_config)
-        load_weights(model, directory)
-        model.eval()
-        return model
