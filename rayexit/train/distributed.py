@@ -36,7 +36,6 @@ import torch
 
 from rayexit.config import TrainSettings
 from rayexit.errors import RayexitError
-from rayexit.files import write_json
 from rayexit.train.loop import LoopState, TrainResult, no_average, train_model
 
 log = logging.getLogger(__name__)
@@ -109,7 +108,7 @@ def fit_distributed(
     checkpoints go to the trial's own folder under `train/`, so trials never share a run
     folder. Exceptions reach the trial as RayexitError.
     """
-    from rayexit.train.recipe import prepare
+    from rayexit.train.recipe import prepare, save_run
 
     start = time.perf_counter()
     _check_request(num_workers, cpus_per_worker, use_gpu)
@@ -130,23 +129,17 @@ def fit_distributed(
         report_to_tune=report_to_tune,
         address=address,
     )
-    run.model.save_pretrained(output, run.tokenizer)
-    write_json(
-        Path(output) / "training.json",
-        {
-            "settings": settings.to_dict(),
-            "base_model": model_name,
-            "train": train_source,
-            "eval": eval_source,
-            "train_examples": len(run.train_data),
-            "seconds": outcome.seconds,
-            "steps": outcome.steps,
-            "conflict_rate": outcome.conflict_rate,
-            "history": outcome.history,
-            "num_workers": num_workers,
-            "use_gpu": use_gpu,
-            "run_path": outcome.run_path,
-        },
+    save_run(
+        run,
+        output,
+        settings,
+        outcome,
+        base_model=model_name,
+        train=train_source,
+        eval=eval_source,
+        num_workers=num_workers,
+        use_gpu=use_gpu,
+        run_path=outcome.run_path,
     )
     outcome.model_dir = Path(output)
     outcome.wall_seconds = time.perf_counter() - start

@@ -84,14 +84,22 @@ def train_to_directory(
 ) -> tuple[PreparedRun, TrainResult]:
     run = prepare(model_name, train_source, eval_source, settings)
     result = train_model(run.model, run.train_data, settings, eval_data=run.eval_data, show_progress=show_progress)
+    save_run(run, output, settings, result, base_model=model_name, train=train_source, eval=eval_source)
+    return run, result
+
+
+def save_run(run: PreparedRun, output: str | Path, settings: TrainSettings, result, **provenance) -> None:
+    """The model directory plus `training.json`: settings, data, time and per-epoch metrics.
+
+    `result` is anything with seconds/steps/conflict_rate/history (one process or Ray Train);
+    `provenance` adds what made it (base model, data sources, workers, ...).
+    """
     run.model.save_pretrained(output, run.tokenizer)
     write_json(
         Path(output) / "training.json",
         {
             "settings": settings.to_dict(),
-            "base_model": model_name,
-            "train": train_source,
-            "eval": eval_source,
+            **provenance,
             "train_examples": len(run.train_data),
             "seconds": result.seconds,
             "steps": result.steps,
@@ -99,4 +107,3 @@ def train_to_directory(
             "history": result.history,
         },
     )
-    return run, result
