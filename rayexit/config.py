@@ -10,60 +10,14 @@ from typing import Any
 import yaml
 
 from rayexit.errors import RayexitError
+from rayexit.policy import POLICIES, ExitPolicy  # noqa: F401  (re-exported: settings carry a policy)
 
 # self-sampling is stage 2 of token-level early exit (sequence labeling only).
 METHODS = ("romebert", "deebert", "pabee", "joint", "self-sampling")
-POLICIES = ("entropy", "maxprob", "patience", "none")
 GR_DIRECTIONS = ("reverse", "final", "none")
 GR_SCOPES = ("encoder", "shared", "per_tensor")
 HEADS = ("pooler", "shared-pooler")
 POOLINGS = ("cls", "mean")
-
-
-@dataclass
-class ExitPolicy:
-    """How a sample decides to leave the network.
-
-    `thresholds` is one number for every layer or a list with one per exit (the last exit
-    always answers, so a list of L-1 or L values is accepted). For `patience` the threshold is
-    the number of consecutive layers whose argmax must agree.
-    """
-
-    kind: str = "entropy"
-    thresholds: float | list[float] = 0.1
-
-    def __post_init__(self) -> None:
-        if self.kind not in POLICIES:
-            raise RayexitError(f"policy.kind: got {self.kind!r}, expected one of {', '.join(POLICIES)}")
-        values = self.thresholds if isinstance(self.thresholds, list) else [self.thresholds]
-        for value in values:
-            if not isinstance(value, (int, float)) or isinstance(value, bool):
-                raise RayexitError(f"policy.thresholds: got {value!r}, expected numbers")
-            if value < 0:
-                raise RayexitError(f"policy.thresholds: got {value}, expected values >= 0")
-        if self.kind == "patience" and any(float(v) != int(v) for v in values):
-            raise RayexitError("policy.thresholds: patience takes whole numbers of layers")
-
-    def per_layer(self, num_layers: int) -> list[float]:
-        """One threshold per exit; the final exit's entry is never used but kept for shape."""
-        if not isinstance(self.thresholds, list):
-            return [float(self.thresholds)] * num_layers
-        values = [float(v) for v in self.thresholds]
-        if len(values) == num_layers - 1:
-            values.append(values[-1] if values else 0.0)
-        if len(values) != num_layers:
-            raise RayexitError(
-                f"policy.thresholds: got {len(self.thresholds)} values, expected 1, "
-                f"{num_layers - 1} or {num_layers} for a {num_layers}-layer model"
-            )
-        return values
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "thresholds": self.thresholds}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ExitPolicy:
-        return _build(cls, data, "policy")
 
 
 @dataclass
@@ -90,6 +44,9 @@ class TrainSettings:
     dropout: float = 0.1
     policy: ExitPolicy = field(default_factory=ExitPolicy)
     log_every: int = 20
+    # token self-sampling (stage 2): each sentence draws a TOKEE window and a threshold in [0, max]
+    sampling_windows: list[int] = field(default_factory=lambda: [1, 3, 5, 7])
+    sampling_max_threshold: float = 0.4
 
     def __post_init__(self) -> None:
         if isinstance(self.policy, dict):
@@ -112,6 +69,12 @@ class TrainSettings:
             raise RayexitError(f"gamma: got {self.gamma}, expected a value in [0, 1]")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise RayexitError(f"warmup_ratio: got {self.warmup_ratio}, expected a value in [0, 1)")
+        if not self.sampling_windows or any(
+            not isinstance(w, int) or isinstance(w, bool) or w < 1 for w in self.sampling_windows
+        ):
+            raise RayexitError(f"sampling_windows: got {self.sampling_windows!r}, expected whole numbers >= 1")
+        if not 0.0 < self.sampling_max_threshold <= 1.0:
+            raise RayexitError(f"sampling_max_threshold: got {self.sampling_max_threshold}, expected (0, 1]")
         if not 0.0 <= self.dropout < 1.0:
             raise RayexitError(f"dropout: got {self.dropout}, expected a value in [0, 1)")
 

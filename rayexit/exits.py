@@ -1,9 +1,9 @@
-"""Exit policies, the batched early-exit runner, and the same policies replayed on cached logits.
+"""The batched early-exit runner for sentence classification, and its replay on cached logits.
 
 The runner removes exited samples from the working batch after every layer and trims the
 padding columns nobody needs any more, so later layers compute only on what is left.
-Replaying on cached per-exit logits gives the same decisions without running the model,
-which is what threshold sweeps and tuning use.
+Replaying on cached per-exit logits gives the same decisions without running the model
+(both apply `rayexit.policy.passes`), which is what threshold sweeps and tuning use.
 """
 
 from __future__ import annotations
@@ -12,7 +12,10 @@ from dataclasses import dataclass
 
 import torch
 
-from rayexit.config import ExitPolicy
+from rayexit.flops import sentence_batch_flops
+from rayexit.policy import ExitPolicy, entropy, passes, sentence_statistic
+
+__all__ = ["ExitCache", "ExitResult", "collect_exit_logits", "entropy", "first_true", "run_early_exit"]
 
 
 @dataclass
@@ -20,24 +23,11 @@ class ExitResult:
     predictions: torch.Tensor  # [N] label index
     confidences: torch.Tensor  # [N] softmax probability of the prediction
     exit_layers: torch.Tensor  # [N] 1-based layer each sample left at
+    flops: int = 0  # what the runner computed (0 for a replay)
+    full_flops: int = 0  # what full depth computes for the same batches
 
     def layer_speedup(self, num_layers: int) -> float:
         return num_layers / self.exit_layers.double().mean().item()
-
-
-def entropy(probs: torch.Tensor) -> torch.Tensor:
-    return -(probs * torch.log(probs.clamp_min(1e-12))).sum(-1)
-
-
-def wants_exit(kind: str, threshold: float, probs: torch.Tensor, agree_count: torch.Tensor) -> torch.Tensor:
-    """Which samples leave at this layer, given their softmax and how many layers agreed so far."""
-    if kind == "entropy":
-        return entropy(probs) < threshold
-    if kind == "maxprob":
-        return probs.max(-1).values >= threshold
-    if kind == "patience":
-        return agree_count >= threshold
-    return torch.zeros(probs.shape[0], dtype=torch.bool, device=probs.device)
 
 
 @torch.no_grad()
@@ -57,6 +47,8 @@ def run_early_exit(
     predictions = torch.zeros(size, dtype=torch.long, device=device)
     confidences = torch.zeros(size, device=device)
     exit_layers = torch.full((size,), last, dtype=torch.long, device=device)
+    full_flops = num_layers * sentence_batch_flops(model, input_ids.shape[1], size)
+    flops = 0
 
     active = torch.arange(size, device=device)
     hidden = model.embed(input_ids)
@@ -64,6 +56,7 @@ def run_early_exit(
     previous = torch.full((size,), -1, dtype=torch.long, device=device)
     agree = torch.zeros(size, dtype=torch.long, device=device)
     for layer in range(last):
+        flops += sentence_batch_flops(model, hidden.shape[1], hidden.shape[0])
         additive = model.additive_mask(mask, hidden.dtype)
         hidden = model.run_layer(layer, hidden, additive)
         probs = torch.softmax(model.exit_logits(layer, hidden, mask).float(), dim=-1)
@@ -73,7 +66,7 @@ def run_early_exit(
         if layer == last - 1:
             leaving = torch.ones_like(predicted, dtype=torch.bool)
         else:
-            leaving = wants_exit(policy.kind, thresholds[layer], probs, agree)
+            leaving = passes(policy.kind, sentence_statistic(policy.kind, probs, agree), thresholds[layer])
         if leaving.any():
             rows = active[leaving]
             predictions[rows] = predicted[leaving]
@@ -86,7 +79,7 @@ def run_early_exit(
             previous, agree = previous[staying], agree[staying]
             width = int(mask.sum(1).max())  # right padding: columns past the longest left are dead
             hidden, mask = hidden[:, :width], mask[:, :width]
-    return ExitResult(predictions, confidences, exit_layers)
+    return ExitResult(predictions, confidences, exit_layers, flops, full_flops)
 
 
 class ExitCache:
@@ -95,6 +88,7 @@ class ExitCache:
     def __init__(self, logits: torch.Tensor) -> None:
         self.logits = logits.float()  # [N, L, C]
         probs = torch.softmax(self.logits, dim=-1)
+        self.probs = probs
         self.entropy = entropy(probs)  # [N, L]
         self.confidence, self.argmax = probs.max(-1)  # [N, L]
         agree = torch.zeros_like(self.argmax)
@@ -107,6 +101,10 @@ class ExitCache:
     def num_layers(self) -> int:
         return self.logits.shape[1]
 
+    def statistic(self, kind: str) -> torch.Tensor:
+        """[N, L]: what `kind` compares with its threshold, at every exit."""
+        return sentence_statistic(kind, self.probs, self.agree)
+
     def exit_accuracies(self, labels: torch.Tensor) -> list[float]:
         return (self.argmax == labels[:, None]).double().mean(0).tolist()
 
@@ -117,14 +115,7 @@ class ExitCache:
 
     def simulate(self, policy: ExitPolicy, layer_cap: int | None = None) -> ExitResult:
         thresholds = torch.tensor(policy.per_layer(self.num_layers))
-        if policy.kind == "entropy":
-            leave = self.entropy < thresholds
-        elif policy.kind == "maxprob":
-            leave = self.confidence >= thresholds
-        elif policy.kind == "patience":
-            leave = self.agree >= thresholds
-        else:
-            leave = torch.zeros_like(self.entropy, dtype=torch.bool)
+        leave = passes(policy.kind, self.statistic(policy.kind), thresholds)
         last = self.num_layers if layer_cap is None else max(1, min(layer_cap, self.num_layers))
         leave = leave.clone()
         leave[:, last - 1] = True

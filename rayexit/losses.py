@@ -48,3 +48,25 @@ def romebert_losses(
     ]
     exits = torch.stack(inner).sum() if inner else final.new_zeros(())
     return final, exits
+
+
+def weighted_token_loss(
+    word_logits: list[torch.Tensor], labels: torch.Tensor, halt_layers: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Token stage 1 (Li et al., 2021): sum_i i * CE_i / sum_i i over the words' first pieces.
+
+    `word_logits[i]` is [B, W, T], `labels` [B, W] with IGNORE (-100) where there is no word.
+    With `halt_layers` [B, W] (self-sampling), exit i scores only the words still live at i:
+    a halted word's prediction is read at its halting layer only.
+    """
+    total = word_logits[0].new_zeros(())
+    weight_sum = 0.0
+    for index, logits in enumerate(word_logits, start=1):
+        live = labels
+        if halt_layers is not None:
+            live = torch.where(halt_layers >= index, labels, torch.full_like(labels, -100))
+        if not (live != -100).any():
+            continue
+        total = total + index * F.cross_entropy(logits.flatten(0, 1), live.flatten(), ignore_index=-100)
+        weight_sum += index
+    return total / max(weight_sum, 1.0)

@@ -18,7 +18,6 @@ softmax, biases and activations are left out, the same way for the full model.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -26,33 +25,11 @@ import torch.nn.functional as F
 
 from rayexit.data.conll import EncodedTokens, TokenBatch, encode_tagged, token_batches
 from rayexit.errors import RayexitError
+from rayexit.flops import layer_flops, sizes, token_head_flops
+from rayexit.policy import FULL_DEPTH, ExitPolicy, token_halts, token_uncertainty
 
-TOKEN_POLICIES = ("tokee", "sentee", "none")
-DEFAULT_WINDOW = 3
-DEFAULT_THRESHOLD = 0.1
-
-
-@dataclass
-class TokenPolicy:
-    """`tokee`: window + threshold per word; `sentee`: threshold on the sentence's max or mean."""
-
-    kind: str = "tokee"
-    threshold: float = DEFAULT_THRESHOLD
-    window: int = DEFAULT_WINDOW
-    reduce: str = "max"  # SENTEE only: max or mean word uncertainty
-
-    def __post_init__(self) -> None:
-        if self.kind not in TOKEN_POLICIES:
-            raise RayexitError(f"policy: got {self.kind!r}, expected one of {', '.join(TOKEN_POLICIES)}")
-        if not isinstance(self.window, int) or self.window < 1:
-            raise RayexitError(f"window: got {self.window!r}, expected a whole number >= 1")
-        if not 0.0 <= float(self.threshold) <= 1.0:
-            raise RayexitError(f"threshold: got {self.threshold!r}, expected a value in [0, 1]")
-        if self.reduce not in ("max", "mean"):
-            raise RayexitError(f"reduce: got {self.reduce!r}, expected max or mean")
-
-    def to_dict(self) -> dict:
-        return {"policy": self.kind, "window": self.window, "threshold": self.threshold, "reduce": self.reduce}
+DEFAULT_POLICY = ExitPolicy("tokee", 0.1, window=3)
+TokenPolicy = ExitPolicy  # the token task's policies are ExitPolicy kinds tokee / sentee / none
 
 
 @dataclass
@@ -63,66 +40,11 @@ class TokenExitResult:
     full_flops: int  # what full depth computes for the same batch
 
 
-# -- criteria ------------------------------------------------------------------------------
-
-
-def token_uncertainty(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of the tag distribution divided by log(number of tags): 0 sure, 1 uniform."""
-    log_probs = torch.log_softmax(logits.float(), dim=-1)
-    entropy = -(log_probs.exp() * log_probs).sum(-1)
-    return entropy / math.log(max(logits.shape[-1], 2))
-
-
-def window_scores(uncertainty: torch.Tensor, word_mask: torch.Tensor, window: int) -> torch.Tensor:
-    """Max of u over a window of `window` words centred on each word (same padding) -> [B, W].
-
-    Slots past a sentence's end count as 0, which for a max over values >= 0 is the same as
-    cutting the window at the sentence boundary.
-    """
-    u = torch.where(word_mask, uncertainty, torch.zeros_like(uncertainty))
-    if window <= 1:
-        return u
-    padded = F.pad(u[:, None, :], ((window - 1) // 2, window // 2), value=0.0)
-    return F.max_pool1d(padded, kernel_size=window, stride=1)[:, 0, :]
-
-
-def sentence_scores(uncertainty: torch.Tensor, word_mask: torch.Tensor, reduce: str) -> torch.Tensor:
-    u = torch.where(word_mask, uncertainty, torch.zeros_like(uncertainty))
-    if reduce == "mean":
-        return u.sum(1) / word_mask.sum(1).clamp_min(1)
-    return u.max(1).values
-
-
-# -- FLOPs -----------------------------------------------------------------------------------
-
-
-def layer_flops(hidden: int, intermediate: int, queries: torch.Tensor, keys: torch.Tensor) -> int:
-    """One encoder layer, per sentence `queries` rows computed and `keys` tokens attended to.
-
-    keys/values 2 x (2 k H^2); query and attention output 2 x (2 q H^2); scores and context
-    2 x (2 q k H); feed-forward 2 x (2 q H I).
-    """
-    q = queries.long()
-    k = keys.long()
-    projections = 4 * k * hidden * hidden + 4 * q * hidden * hidden
-    per_sentence = projections + 4 * q * k * hidden + 4 * q * hidden * intermediate
-    return int(per_sentence.sum())
-
-
-def head_flops(hidden: int, num_tags: int, rows: int) -> int:
-    return 2 * rows * hidden * num_tags
-
-
 def full_depth_flops(model, tokens: torch.Tensor, words: torch.Tensor) -> int:
     """Every layer on every real token, and the final exit on every word."""
-    hidden, intermediate = _sizes(model)
+    hidden, intermediate = sizes(model)
     per_layer = layer_flops(hidden, intermediate, tokens, tokens)
-    return model.num_layers * per_layer + head_flops(hidden, len(model.labels), int(words.sum()))
-
-
-def _sizes(model) -> tuple[int, int]:
-    config = model.backbone.config
-    return config.hidden_size, config.intermediate_size
+    return model.num_layers * per_layer + token_head_flops(model, int(words.sum()))
 
 
 # -- one layer on the active rows ----------------------------------------------------------
@@ -176,12 +98,13 @@ def partial_layer(layer, hidden: torch.Tensor, valid: torch.Tensor, active: torc
 
 
 @torch.no_grad()
-def run_token_exit(model, batch: TokenBatch, policy: TokenPolicy, layer_cap: int | None = None) -> TokenExitResult:
+def run_token_exit(model, batch: TokenBatch, policy: ExitPolicy, layer_cap: int | None = None) -> TokenExitResult:
     """SENTEE/TOKEE (or full depth with kind `none`) on one right-padded batch."""
+    policy.check_task("token")
     num_layers = model.num_layers
     last = num_layers if layer_cap is None else max(1, min(int(layer_cap), num_layers))
-    hidden_size, intermediate = _sizes(model)
-    num_tags = len(model.labels)
+    hidden_size, intermediate = sizes(model)
+    thresholds = policy.per_layer(num_layers)
 
     valid_all = batch.attention_mask.bool()
     total, words = batch.word_mask.shape
@@ -211,19 +134,14 @@ def run_token_exit(model, batch: TokenBatch, policy: TokenPolicy, layer_cap: int
 
         states = hidden.gather(1, starts[:, :, None].expand(-1, -1, hidden.shape[-1]))  # [b, W, H]
         logits = model.exit_logits(layer, states[word_active])
-        flops += head_flops(hidden_size, num_tags, logits.shape[0])
+        flops += token_head_flops(model, logits.shape[0])
         uncertainty[word_active] = token_uncertainty(logits)
         local_pred[word_active] = logits.argmax(-1)
 
         if layer == last - 1:
             halting = word_active
-        elif policy.kind == "tokee":
-            halting = word_active & (window_scores(uncertainty, word_mask, policy.window) < policy.threshold)
-        elif policy.kind == "sentee":
-            done = sentence_scores(uncertainty, word_mask, policy.reduce) < policy.threshold
-            halting = word_active & done[:, None]
         else:
-            halting = torch.zeros_like(word_active)
+            halting = word_active & token_halts(policy, uncertainty, word_mask, thresholds[layer])
         local_exit[halting] = layer + 1
         word_active = word_active & ~halting
 
@@ -265,7 +183,7 @@ class TaggedRun:
 
 
 def run_over_tokens(
-    model, data: EncodedTokens, policy: TokenPolicy, batch_size: int = 32, layer_cap: int | None = None,
+    model, data: EncodedTokens, policy: ExitPolicy, batch_size: int = 32, layer_cap: int | None = None,
     batches: list[TokenBatch] | None = None,
 ) -> TaggedRun:
     predictions: list[list[int]] = [[] for _ in range(data.num_sentences)]
@@ -284,14 +202,10 @@ def run_over_tokens(
     return TaggedRun(predictions, exits, flops, full)
 
 
-def saved_token_policy(model) -> TokenPolicy:
-    saved = model.exit_config.extra.get("token_policy") or {}
-    return TokenPolicy(
-        kind=saved.get("policy", "tokee"),
-        threshold=float(saved.get("threshold", DEFAULT_THRESHOLD)),
-        window=int(saved.get("window", DEFAULT_WINDOW)),
-        reduce=saved.get("reduce", "max"),
-    )
+def saved_token_policy(model) -> ExitPolicy:
+    """The model directory's policy when it is a token one, else TOKEE window 3 / threshold 0.1."""
+    saved = model.exit_config.policy
+    return saved if saved.kind in ("tokee", "sentee") else DEFAULT_POLICY
 
 
 def predict_tags(
@@ -307,17 +221,20 @@ def predict_tags(
     """Tags and exit layers per word for pre-split sentences.
 
     `policy` is tokee, sentee (max uncertainty) or none (full depth); `window` and `threshold`
-    default to the model directory's saved token policy (rayexit.json `extra.token_policy`),
-    else window 3 / threshold 0.1. `layer_cap` bounds every word's depth (a latency budget).
+    default to the model directory's saved token policy (rayexit.json `policy`), else window 3 /
+    threshold 0.1. `layer_cap` bounds every word's depth (a latency budget).
     Returns one dict per sentence: {"tags": [...], "exit_layers": [...]}.
     """
     saved = saved_token_policy(model)
-    chosen = TokenPolicy(
-        kind=policy,
-        threshold=saved.threshold if threshold is None else float(threshold),
-        window=saved.window if window is None else int(window),
-        reduce=saved.reduce,
-    )
+    if policy == "none":
+        chosen = FULL_DEPTH
+    else:
+        chosen = ExitPolicy(
+            policy,
+            saved.thresholds if threshold is None else float(threshold),
+            window=saved.window if window is None else int(window),
+            reduce=saved.reduce,
+        )
     if layer_cap is not None and int(layer_cap) < 1:
         raise RayexitError(f"layer_cap: got {layer_cap!r}, expected a whole number >= 1")
     for index, sentence in enumerate(sentences):
@@ -334,3 +251,129 @@ def predict_tags(
     for k, i in enumerate(nonempty):
         out[i] = {"tags": [labels[t] for t in run.predictions[k]], "exit_layers": run.exit_layers[k]}
     return out
+
+
+# -- halting simulated on cached uncertainties ------------------------------------------------
+
+
+def simulate_halting(
+    uncertainty: torch.Tensor,
+    word_mask: torch.Tensor,
+    policy: ExitPolicy,
+    thresholds: torch.Tensor | None = None,
+    windows: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The runner's halting layer (1-based) per word, from per-layer uncertainties [B, W, L].
+
+    As in `run_token_exit`, a halted word's uncertainty stays at its halting layer's value in
+    its neighbours' windows and sentence scores. `thresholds` [B] and `windows` [B] give each
+    sentence its own setting (self-sampling draws them); by default the policy's apply to all.
+    """
+    batch, words, layers = uncertainty.shape
+    per_layer = policy.per_layer(layers)
+    halt = torch.full((batch, words), layers, dtype=torch.long)
+    active = word_mask.clone()
+    current = torch.zeros(batch, words)
+    groups = [(torch.ones(batch, dtype=torch.bool), policy)]
+    if windows is not None:
+        groups = [(windows == w, ExitPolicy(policy.kind, 0.0, window=int(w))) for w in windows.unique().tolist()]
+    for layer in range(layers - 1):
+        current = torch.where(active, uncertainty[:, :, layer], current)
+        limit = per_layer[layer] if thresholds is None else thresholds[:, None]
+        halting = torch.zeros_like(active)
+        for rows, group_policy in groups:
+            group_limit = limit if thresholds is None else limit[rows]
+            halting[rows] = token_halts(group_policy, current[rows], word_mask[rows], group_limit)
+        halting &= active
+        halt[halting] = layer + 1
+        active &= ~halting
+    return torch.where(word_mask, halt, torch.zeros_like(halt))
+
+
+@dataclass
+class TokenCache:
+    """Every exit's per-word uncertainty and tag at full depth, for replaying token policies.
+
+    SENTEE replays exactly (a sentence leaves whole, so nothing it attends to changes). TOKEE
+    replays approximately: live, the words still running attend to halted words' frozen states,
+    which full-depth states do not reproduce. Sweeps therefore screen on the replay and report
+    the points that matter from live runs.
+    """
+
+    uncertainty: torch.Tensor  # [R, W, L] per encoded window (row)
+    tags: torch.Tensor  # [R, W, L] argmax tag per exit
+    word_mask: torch.Tensor  # [R, W]
+    word_pieces: torch.Tensor  # [R, W] word-pieces per word
+    lengths: torch.Tensor  # [R] tokens per row, specials included
+    data: EncodedTokens
+    dims: tuple[int, int, int]  # hidden size, intermediate size, number of tags
+
+    @property
+    def num_layers(self) -> int:
+        return self.uncertainty.shape[2]
+
+    def exit_tags(self, layer: int) -> list[list[int]]:
+        """Per sentence (windows stitched), every word's tag at exit `layer` (0-based)."""
+        return self.stitch(self.tags[:, :, layer])
+
+    def stitch(self, per_row: torch.Tensor) -> list[list[int]]:
+        out: list[list[int]] = [[] for _ in range(self.data.num_sentences)]
+        for row, (sentence, _) in enumerate(self.data.pieces):
+            out[sentence].extend(per_row[row, : len(self.data.word_starts[row])].tolist())
+        return out
+
+    def simulate(self, policy: ExitPolicy) -> tuple[list[list[int]], list[list[int]], float]:
+        """(tags per sentence, exit layer per word, FLOPs speed-up) of `policy` replayed."""
+        halt = simulate_halting(self.uncertainty, self.word_mask, policy)
+        index = (halt.clamp_min(1) - 1)[:, :, None]
+        tags = self.tags.gather(2, index)[:, :, 0]
+        return self.stitch(tags), self.stitch(halt), self._full_flops() / max(self._flops(halt), 1)
+
+    def _flops(self, halt: torch.Tensor) -> int:
+        """What `run_token_exit` computes for these halting layers: per layer, the pieces of
+        running words (plus the specials while any word of the sentence runs) attend to the
+        sentence's tokens; an exit head runs on every running word."""
+        hidden, intermediate, num_tags = self.dims
+        specials = self.lengths - (self.word_pieces * self.word_mask).sum(1)
+        total = 0
+        for layer in range(self.num_layers):
+            running = (halt > layer) & self.word_mask
+            sentence_runs = running.any(1)
+            queries = (self.word_pieces * running).sum(1) + specials * sentence_runs
+            keys = self.lengths * sentence_runs
+            total += layer_flops(hidden, intermediate, queries, keys) + 2 * int(running.sum()) * hidden * num_tags
+        return total
+
+    def _full_flops(self) -> int:
+        return self._flops(torch.where(self.word_mask, self.num_layers, 0))
+
+
+@torch.no_grad()
+def cache_token_exits(model, data: EncodedTokens, batch_size: int = 32) -> TokenCache:
+    """One full-depth pass over `data`: the replay cache of every exit's word uncertainty and tag."""
+    model.eval()
+    rows, words, layers = len(data), max(len(s) for s in data.word_starts), model.num_layers
+    uncertainty = torch.ones(rows, words, layers)
+    tags = torch.zeros(rows, words, layers, dtype=torch.long)
+    device = next(model.parameters()).device
+    for batch in token_batches(data, batch_size):
+        moved = batch.to(device)
+        logits = model(moved.input_ids, moved.attention_mask)
+        per_word = torch.stack([word_logits(z, moved).float().cpu() for z in logits], dim=2)  # [B, W, L, T]
+        width = per_word.shape[1]
+        for b, row in enumerate(batch.rows):
+            uncertainty[row, :width] = token_uncertainty(per_word[b])
+            tags[row, :width] = per_word[b].argmax(-1)
+    word_mask = torch.zeros(rows, words, dtype=torch.bool)
+    pieces = torch.zeros(rows, words, dtype=torch.long)
+    for row, starts in enumerate(data.word_starts):
+        ends = starts[1:] + [len(data.input_ids[row]) - data.tail_length]
+        word_mask[row, : len(starts)] = True
+        pieces[row, : len(starts)] = torch.tensor([e - a for a, e in zip(starts, ends, strict=True)])
+    lengths = torch.tensor([len(ids) for ids in data.input_ids])
+    return TokenCache(uncertainty, tags, word_mask, pieces, lengths, data, (*sizes(model), len(model.labels)))
+
+
+def word_logits(logits: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
+    """[B, S, T] piece logits -> [B, W, T] at each word's first piece."""
+    return logits.gather(1, batch.word_starts[:, :, None].expand(-1, -1, logits.shape[-1]))

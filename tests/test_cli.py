@@ -22,6 +22,7 @@ def sst2_slice(tmp_path_factory, datasets_dir):
     lines = (datasets_dir / "sst2" / "dev.tsv").read_text().splitlines()
     (folder / "train.tsv").write_text("\n".join(lines[:97]) + "\n")
     (folder / "eval.tsv").write_text("\n".join([lines[0]] + lines[97:161]) + "\n")
+    (folder / "valid.tsv").write_text("\n".join([lines[0]] + lines[161:241]) + "\n")
     return folder
 
 
@@ -64,7 +65,9 @@ def test_train_then_eval_writes_the_report(tmp_path, encoder_dir, sst2_slice, ca
             "--batch-size",
             "8",
             "--repeats",
-            "1",
+            "2",
+            "--select-on",
+            str(sst2_slice / "valid.tsv"),
         ]
     )
     assert code == 0
@@ -73,10 +76,17 @@ def test_train_then_eval_writes_the_report(tmp_path, encoder_dir, sst2_slice, ca
     assert report["full"] == report["exit_accuracy"][-1]
     assert all(0.0 <= a <= 1.0 for a in report["exit_accuracy"])
     point = report["curve"][0]
-    assert set(point) >= {"policy", "threshold", "accuracy", "layer_speedup", "wallclock_speedup"}
-    assert {p["policy"] for p in report["curve"]} == {"entropy", "maxprob", "patience"}
+    assert set(point) >= {"policy", "accuracy", "layer_speedup", "flops_speedup"}
+    assert {p["policy"]["kind"] for p in report["curve"]} == {"entropy", "maxprob", "patience"}
     assert report["oracle_layer_speedup"] >= 1.0
-    assert report["chosen"]["policy"] == "entropy"
+    assert report["saved"]["policy"] == {"kind": "entropy", "thresholds": 0.1}
+    selected = report["selected"]
+    assert selected["how"] == "chosen on validation" and selected["validation"]["examples"] == 80
+    # the validation figures are what chose it; the reported ones are measured on --data
+    assert selected["validation"]["drop_bound"] <= 0.01 or selected["policy"]["kind"] == "none"
+    assert selected["gap"] == pytest.approx(report["full"] - selected["accuracy"] - selected["validation"]["drop"])
+    low, high = selected["wallclock_spread"]
+    assert low <= selected["wallclock_speedup"] <= high
     assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
 
 

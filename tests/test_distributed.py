@@ -19,7 +19,8 @@ from safetensors.torch import load_file, save_file
 
 from rayexit.config import TrainSettings
 from rayexit.data.encode import EncodedSet, iterate_batches
-from rayexit.train.loop import build_stages, train_model
+from rayexit.train.loop import train_model
+from rayexit.train.steps import build_stages
 
 SEED = 2  # model and data seed with a gradient conflict at the first RomeBERT step (asserted below)
 PER_WORKER = 4
@@ -52,7 +53,7 @@ def one_step_grads(model, data, settings, rank=0, world_size=1, average=None):
     stage = build_stages(model, settings)[0]
     ids, mask, labels = next(iterate_batches(data, settings.batch_size, shuffle_seed=settings.seed, rank=rank,
                                              world_size=world_size))
-    flat, _, combine = stage.step(model, ids, mask, labels, stage.params, settings)
+    flat, _, combine = stage.step(model, (ids, mask, labels), stage.params, settings, 0)
     grads, conflict = combine(average(flat) if average else flat)
     return grads, conflict
 

@@ -8,18 +8,16 @@ from conftest import tiny_backbone
 
 from rayexit.data.conll import encode_tagged, make_batch, token_batches
 from rayexit.errors import RayexitError
+from rayexit.flops import layer_flops
 from rayexit.models import ExitConfig
 from rayexit.models.token import MultiExitForTokenClassification
+from rayexit.policy import ExitPolicy, token_uncertainty, window_scores
 from rayexit.token_exits import (
-    TokenPolicy,
     full_depth_flops,
-    layer_flops,
     partial_layer,
     predict_tags,
     run_over_tokens,
     run_token_exit,
-    token_uncertainty,
-    window_scores,
 )
 
 TAGS = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
@@ -62,7 +60,7 @@ def median_uncertainty(model, data) -> float:
 @torch.no_grad()
 def test_halting_nothing_equals_full_depth(model, data):
     batch = make_batch(data, list(range(len(data))))
-    result = run_token_exit(model, batch, TokenPolicy("tokee", threshold=0.0, window=3))
+    result = run_token_exit(model, batch, ExitPolicy("tokee", thresholds=0.0, window=3))
     final = model(batch.input_ids, batch.attention_mask)[-1]
     expected = final.gather(1, batch.word_starts[:, :, None].expand(-1, -1, len(TAGS))).argmax(-1)
     assert torch.equal(result.predictions[batch.word_mask], expected[batch.word_mask])
@@ -129,7 +127,7 @@ def test_active_tokens_attend_to_halted_ones(model):
 
 def test_batched_equals_per_sentence(model, data):
     threshold = median_uncertainty(model, data)
-    for policy in (TokenPolicy("tokee", threshold, window=3), TokenPolicy("sentee", threshold, reduce="mean")):
+    for policy in (ExitPolicy("tokee", threshold, window=3), ExitPolicy("sentee", threshold, reduce="mean")):
         together = run_over_tokens(model, data, policy, batch_size=len(data))
         alone = run_over_tokens(model, data, policy, batch_size=1)
         assert together.predictions == alone.predictions
@@ -139,17 +137,17 @@ def test_batched_equals_per_sentence(model, data):
 
 def test_tokee_halts_some_words_early_and_saves_flops(model, data):
     threshold = median_uncertainty(model, data)
-    run = run_over_tokens(model, data, TokenPolicy("tokee", threshold, window=1), batch_size=8)
+    run = run_over_tokens(model, data, ExitPolicy("tokee", threshold, window=1), batch_size=8)
     layers = [layer for sentence in run.exit_layers for layer in sentence]
     assert min(layers) < model.num_layers
     assert run.flops < run.full_flops
-    capped = run_over_tokens(model, data, TokenPolicy("none"), batch_size=8, layer_cap=2)
+    capped = run_over_tokens(model, data, ExitPolicy("none"), batch_size=8, layer_cap=2)
     assert {layer for sentence in capped.exit_layers for layer in sentence} == {2}
 
 
 def test_sentee_exits_whole_sentences(model, data):
     threshold = median_uncertainty(model, data)
-    run = run_over_tokens(model, data, TokenPolicy("sentee", threshold * 1.2), batch_size=8)
+    run = run_over_tokens(model, data, ExitPolicy("sentee", threshold * 1.2), batch_size=8)
     assert all(len(set(sentence)) == 1 for sentence in run.exit_layers)
 
 
@@ -166,11 +164,11 @@ def test_flops_of_a_run_follow_the_rows_computed(model, minilm_tokenizer):
     h, i, layers, tags = 32, 64, model.num_layers, len(TAGS)
     full = layers * layer_flops(h, i, torch.tensor([4]), torch.tensor([4])) + 2 * 2 * h * tags
     assert full_depth_flops(model, torch.tensor([4]), torch.tensor([2])) == full
-    result = run_token_exit(model, batch, TokenPolicy("none"))
+    result = run_token_exit(model, batch, ExitPolicy("none"))
     assert result.full_flops == full
     assert result.flops == full + (layers - 1) * 2 * 2 * h * tags  # plus the inner exits' heads
     # threshold 1 halts every word after layer 1: one layer of 4 rows and one exit on 2 words
-    early = run_token_exit(model, batch, TokenPolicy("tokee", 1.0, window=1))
+    early = run_token_exit(model, batch, ExitPolicy("tokee", 1.0, window=1))
     assert early.exit_layers[0].tolist() == [1, 1]
     assert early.flops == layer_flops(h, i, torch.tensor([4]), torch.tensor([4])) + 2 * 2 * h * tags
 

@@ -4,15 +4,22 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import torch
 from conftest import tiny_backbone
 from test_token_exits import SENTENCES, tiny_tagger
 
 from rayexit.cli import main
 from rayexit.data.conll import encode_tagged, make_batch
-from rayexit.token_exits import TokenPolicy, run_token_exit
-from rayexit.train.token_loop import halting_layer_states, simulate_halting, weighted_token_loss, word_logits
+from rayexit.losses import weighted_token_loss
+from rayexit.policy import ExitPolicy
+from rayexit.token_exits import run_token_exit, simulate_halting
+from rayexit.train.steps import word_logits
+
+TOKEE = ExitPolicy("tokee", 0.1)
+
+
+def halting(u, mask, window: int, threshold: float):
+    return simulate_halting(u, mask, ExitPolicy("tokee", threshold, window=window))
 
 CONLL = (
     "-DOCSTART- O\n\n"
@@ -34,10 +41,11 @@ def test_weighted_loss_weighs_deeper_exits_more(minilm_tokenizer):
     unsure = torch.zeros(1, width, 2)
     ce_sure = torch.nn.functional.cross_entropy(word_logits(sure, batch)[0], batch.labels[0])
     ce_unsure = torch.tensor(2.0).log()
-    loss = weighted_token_loss([unsure, sure], batch)
+    loss = weighted_token_loss([word_logits(unsure, batch), word_logits(sure, batch)], batch.labels)
     assert torch.allclose(loss, (1 * ce_unsure + 2 * ce_sure) / 3)
     # with halting masks, exit 2 no longer scores a word that halted at layer 1
-    halted = weighted_token_loss([unsure, sure], batch, torch.tensor([[1, 2]]))
+    both = [word_logits(unsure, batch), word_logits(sure, batch)]
+    halted = weighted_token_loss(both, batch.labels, torch.tensor([[1, 2]]))
     ce_second = torch.nn.functional.cross_entropy(word_logits(sure, batch)[0, 1:], batch.labels[0, 1:])
     assert torch.allclose(halted, (1 * ce_unsure + 2 * ce_second) / 3)
 
@@ -46,15 +54,20 @@ def test_simulated_halting_on_hand_made_uncertainties():
     # 1 sentence, 4 words, 3 layers
     u = torch.tensor([[[0.5, 0.05, 0.0], [0.05, 0.5, 0.0], [0.5, 0.5, 0.0], [0.05, 0.05, 0.0]]])
     mask = torch.ones(1, 4, dtype=torch.bool)
-    alone = simulate_halting(u, mask, torch.tensor([1]), torch.tensor([0.1]))
+    alone = halting(u, mask, 1, 0.1)
     assert alone.tolist() == [[2, 1, 3, 1]]
     # window 3: word 2 halts at layer 1 and its frozen 0.05 (not its layer-2 value 0.9) is what
     # its neighbours see at layer 2, so all the rest halt there
     u = torch.tensor([[[0.5, 0.05, 0.0], [0.05, 0.05, 0.0], [0.05, 0.9, 0.0], [0.05, 0.05, 0.0], [0.5, 0.05, 0.0]]])
     mask = torch.ones(1, 5, dtype=torch.bool)
-    windowed = simulate_halting(u, mask, torch.tensor([3]), torch.tensor([0.1]))
+    windowed = halting(u, mask, 3, 0.1)
     assert windowed.tolist() == [[2, 2, 1, 2, 2]]
-    assert simulate_halting(u, mask, torch.tensor([1]), torch.tensor([0.1])).tolist() == [[2, 1, 1, 1, 2]]
+    assert halting(u, mask, 1, 0.1).tolist() == [[2, 1, 1, 1, 2]]
+    # per-sentence windows and thresholds (self-sampling's draws) give each row its own setting
+    two = torch.cat([u, u])
+    drawn = simulate_halting(two, torch.ones(2, 5, dtype=torch.bool), TOKEE, torch.tensor([0.1, 0.1]),
+                             torch.tensor([3, 1]))
+    assert drawn.tolist() == [[2, 2, 1, 2, 2], [2, 1, 1, 1, 2]]
 
 
 @torch.no_grad()
@@ -62,10 +75,10 @@ def test_training_form_matches_the_runner(minilm_tokenizer):
     model = tiny_tagger(seed=3)
     data = encode_tagged(minilm_tokenizer, SENTENCES, None, 64)
     batch = make_batch(data, list(range(len(data))))
-    result = run_token_exit(model, batch, TokenPolicy("tokee", 0.6, window=1))
+    result = run_token_exit(model, batch, ExitPolicy("tokee", 0.6, window=1))
     halt = result.exit_layers
     assert halt[batch.word_mask].min() < model.num_layers  # some words halt early
-    states = halting_layer_states(model, batch, halt)
+    states = model.halting_layer_states(batch.input_ids, batch.attention_mask, batch.piece_word, halt)
     for b in range(len(data)):
         for w in range(int(batch.word_mask[b].sum())):
             layer = int(halt[b, w]) - 1
@@ -94,11 +107,17 @@ def test_train_self_sample_and_eval_commands(tmp_path, minilm_tokenizer, capsys)
     assert main(["eval", "--model", str(stage2), "--data", str(data), "--json", str(report_path)]) == 0
     report = json.loads(report_path.read_text())
     assert len(report["exit_f1"]) == 3 and report["full"] == report["exit_f1"][-1]
-    assert report["full_runner_f1"] == pytest.approx(report["full"])
-    assert {p["policy"] for p in report["curve"]} == {"sentee", "tokee"}
+    assert {p["policy"]["kind"] for p in report["curve"]} == {"sentee", "tokee"}
     for point in report["curve"]:
         assert 0.0 <= point["f1"] <= 1.0
-        assert point["flops_speedup"] > 0 and point["wallclock_speedup"] > 0
+        assert point["flops_speedup"] >= 1.0 - 1e-9  # never more work than full depth
+    # a given policy is measured and reported as `selected`, live, with its timing spread
+    assert main(["eval", "--model", str(stage2), "--data", str(data), "--json", str(report_path),
+                 "--policy", "tokee", "--threshold", "0.3", "--window", "1", "--repeats", "2"]) == 0
+    selected = json.loads(report_path.read_text())["selected"]
+    assert selected["policy"] == {"kind": "tokee", "thresholds": 0.3, "window": 1} and selected["how"] == "given"
+    low, high = selected["wallclock_spread"]
+    assert low <= selected["wallclock_speedup"] <= high
 
 
 def test_token_command_errors(tmp_path, capsys):

@@ -6,7 +6,7 @@ from rayexit.config import TrainSettings
 from rayexit.data import encode_examples, load_text_classification
 from rayexit.data.encode import EncodedSet
 from rayexit.train import train_model
-from rayexit.train.loop import build_stages
+from rayexit.train.steps import build_stages
 
 
 def toy_data(size=64, seed=0):
@@ -46,7 +46,7 @@ def test_deebert_second_stage_freezes_backbone_and_final_head():
 def test_romebert_without_projection_equals_plain_sum_gradient():
     """gr_direction 'none' must give exactly the gradient of final + exits."""
     from rayexit.losses import romebert_losses
-    from rayexit.train.loop import _romebert_step
+    from rayexit.train.steps import romebert_step
 
     model = tiny_sequence_model(layers=3)
     data = toy_data(8)
@@ -55,7 +55,7 @@ def test_romebert_without_projection_equals_plain_sum_gradient():
     labels = torch.tensor(data.labels)
     params = list(model.parameters())
     settings = TrainSettings(gr_direction="none")
-    flat, _, combine = _romebert_step(model, ids, mask, labels, params, settings)
+    flat, _, combine = romebert_step(model, (ids, mask, labels), params, settings, 0)
     grads, _ = combine(flat)
     final, exits = romebert_losses(model(ids, mask), labels, settings.gamma, settings.temperature)
     expected = torch.autograd.grad(final + exits, params, allow_unused=True)
@@ -65,7 +65,7 @@ def test_romebert_without_projection_equals_plain_sum_gradient():
 
 def test_short_run_on_real_sst2_slice_beats_chance(datasets_dir, minilm_tokenizer):
     from rayexit.models import ExitConfig, MultiExitForSequenceClassification
-    from rayexit.train.loop import exit_accuracies
+    from rayexit.tasks import task_named
 
     train = load_text_classification(str(datasets_dir / "sst2" / "train.tsv"), max_examples=640)
     dev = load_text_classification(str(datasets_dir / "sst2" / "dev.tsv"), max_examples=200)
@@ -76,6 +76,6 @@ def test_short_run_on_real_sst2_slice_beats_chance(datasets_dir, minilm_tokenize
     train_data = encode_examples(minilm_tokenizer, train, ["0", "1"], 64)
     dev_data = encode_examples(minilm_tokenizer, dev, ["0", "1"], 64)
     train_model(model, train_data, settings, show_progress=False)
-    accuracies = exit_accuracies(model, dev_data, 64)
+    accuracies = task_named("sequence").exit_scores(model, dev_data, 64)
     majority = max(dev.labels.count("0"), dev.labels.count("1")) / len(dev)
     assert accuracies[-1] > majority + 0.15, accuracies

@@ -182,7 +182,7 @@ def test_exported_best_loads_and_predicts_with_the_chosen_thresholds(tmp_path, s
     loaded = MultiExitForSequenceClassification.from_pretrained(best)
     assert loaded.exit_config.policy.kind == "entropy"
     assert loaded.exit_config.policy.thresholds == point.thresholds
-    assert loaded.exit_config.extra["tune"] == {"why": "test"}
+    assert loaded.exit_config.extra["policy_choice"] == {"why": "test"}
     ran = run_early_exit(loaded, ids, mask, loaded.exit_config.policy)
     assert accuracy(ran.predictions, labels) == pytest.approx(point.accuracy, abs=1e-12)
     assert ran.layer_speedup(loaded.num_layers) == pytest.approx(point.layer_speedup)

@@ -1,4 +1,8 @@
-"""`rayexit eval`: per-exit accuracy and the accuracy/speed-up curve of a model directory."""
+"""`rayexit eval`: every exit's score, the accuracy/speed-up curve, and one policy measured honestly.
+
+The policy reported as `selected` is chosen on `--select-on` (validation data) or given with
+`--policy/--threshold`, and measured on `--data`; thresholds are never placed using `--data`.
+"""
 
 from __future__ import annotations
 
@@ -6,40 +10,80 @@ import argparse
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="evaluate every exit and sweep exit thresholds")
+    p = sub.add_parser("eval", help="evaluate every exit, sweep exit policies, measure one on the data")
     p.add_argument("--model", required=True, help="a model directory written by `rayexit train`")
-    p.add_argument("--data", required=True, help="evaluation data (file, `atis:test`, or hub dataset)")
+    p.add_argument("--data", required=True, help="the data to report on (file, `atis:test`, hub dataset)")
     p.add_argument("--json", required=True, help="where to write the report")
-    p.add_argument("--plot", help="PNG of accuracy against speed-up")
+    p.add_argument("--select-on", help="validation data: choose the policy here, report it on --data")
+    p.add_argument("--max-drop", type=float, default=0.01, help="score drop allowed on validation (default 0.01)")
+    p.add_argument("--min-speedup", type=float, help="instead: best score at this speed-up or more (validation)")
+    p.add_argument("--policy", help="evaluate this policy: entropy, maxprob, patience, tokee, sentee, none")
+    p.add_argument(
+        "--threshold", type=float, action="append",
+        help="the policy's threshold; repeat it for one per exit (exit 1 first)",
+    )
+    p.add_argument("--window", type=int, help="tokee: words in the uncertainty window (default 3)")
+    p.add_argument("--plot", help="PNG of the score against speed-up")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=3, help="timing runs per point; the median is kept")
+    p.add_argument("--repeats", type=int, default=5, help="interleaved timing rounds; the median is kept")
+    p.add_argument("--time-front", type=int, default=2, help="also time this many points of the curve's front")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from rayexit.models import read_exit_config
-
-    if read_exit_config(args.model).task == "token":
-        from rayexit.evaluate_token import run_token_eval
-
-        return run_token_eval(args.model, args.data, args.json, args.plot, args.batch_size)
-    from rayexit.data import encode_examples, load_text_classification
-    from rayexit.evaluate import evaluate_sequence_model, format_table
+    from rayexit.errors import RayexitError
     from rayexit.files import write_json
-    from rayexit.models import MultiExitForSequenceClassification, load_tokenizer
-    from rayexit.plots import plot_curve
+    from rayexit.model_dir import ModelDir
+    from rayexit.sweep import evaluate, format_report
+    from rayexit.tasks import task_named
 
-    model = MultiExitForSequenceClassification.from_pretrained(args.model)
-    tokenizer = load_tokenizer(args.model)
-    examples = load_text_classification(args.data)
-    data = encode_examples(tokenizer, examples, model.labels, model.exit_config.max_length)
-    report = evaluate_sequence_model(model, data, args.batch_size, repeats=args.repeats)
-    report["model"] = str(args.model)
-    report["data"] = args.data
+    if args.policy and args.select_on:
+        raise RayexitError("--policy and --select-on: give one (a policy to measure, or data to choose one on)")
+    if args.repeats < 1:
+        raise RayexitError(f"--repeats: got {args.repeats}, expected a whole number >= 1")
+    directory = ModelDir(args.model)
+    task = task_named(directory.task)
+    model, tokenizer = directory.load_model(), directory.load_tokenizer()
+    max_length = model.exit_config.max_length
+
+    def encoded(source: str):
+        return task.encode(tokenizer, task.load(source, known=model.labels), model.labels, max_length)
+
+    report = evaluate(
+        task,
+        model,
+        encoded(args.data),
+        select_on=encoded(args.select_on) if args.select_on else None,
+        policy=given_policy(args),
+        max_drop=args.max_drop,
+        min_speedup=args.min_speedup,
+        batch_size=args.batch_size,
+        repeats=args.repeats,
+        time_front=args.time_front,
+    )
+    report.update(model=str(args.model), data=args.data, select_on=args.select_on)
     write_json(args.json, report)
-    print(format_table(report))
+    print(format_report(report))
     if args.plot:
-        plot_curve(report, args.plot, title=f"{args.model} on {args.data}")
+        from rayexit.plots import plot_curve
+
+        plot_curve(report, args.plot, title=f"{args.model} on {args.data}", score=report["metric"])
         print(f"plot -> {args.plot}")
     print(f"report -> {args.json}")
     return 0
+
+
+def given_policy(args: argparse.Namespace):
+    from rayexit.errors import RayexitError
+    from rayexit.policy import ExitPolicy
+
+    if not args.policy:
+        if args.threshold or args.window:
+            raise RayexitError("--threshold/--window: give --policy too")
+        return None
+    if args.policy != "none" and not args.threshold:
+        raise RayexitError(f"--policy {args.policy}: give --threshold (repeat it for one per exit)")
+    thresholds = args.threshold or [0.0]
+    return ExitPolicy(
+        args.policy, thresholds[0] if len(thresholds) == 1 else thresholds, window=args.window or 3
+    )

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 
 from rayexit.config import METHODS, train_settings
-from rayexit.evaluate import format_exit_accuracies
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -35,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--head", choices=("pooler", "shared-pooler"))
     p.add_argument("--max-length", type=int)
     p.add_argument("--seed", type=int)
-    ray = p.add_argument_group("distributed (Ray Train; sequence task)")
+    ray = p.add_argument_group("distributed (Ray Train; both tasks)")
     ray.add_argument("--num-workers", type=int, help="train data-parallel with N Ray Train workers")
     ray.add_argument("--use-gpu", action="store_true", help="one GPU per worker, bf16 autocast where supported")
     ray.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a local one)")
@@ -49,19 +48,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rayexit.errors import RayexitError
+    from rayexit.tasks import task_named
     from rayexit.train.recipe import train_to_directory
 
-    if args.task == "token":
-        if args.num_workers is not None:
-            raise RayexitError("--num-workers: distributed training is for the sequence task only")
-        return run_token(args)
-    if args.method == "self-sampling" or args.init:
-        raise RayexitError("--method self-sampling and --init are for token tasks; add --task token")
-    if not args.model:
-        raise RayexitError("--model: required (an encoder folder, a hub name, or `minilm`)")
+    task = task_named(args.task)
+    method = check_method(args)
     overrides = {
-        "method": args.method,
+        "method": method,
         "epochs": args.epochs,
         "max_examples": args.max_examples,
         "batch_size": args.batch_size,
@@ -75,75 +68,62 @@ def run(args: argparse.Namespace) -> int:
         "seed": args.seed,
     }
     settings = train_settings(args.config, overrides)
+    where = {"task": task.name, "init": args.init}
     if args.num_workers is not None:
-        return run_distributed(args, settings)
-    _, result = train_to_directory(args.model, args.train, args.eval, settings, args.output)
-    print(f"trained {settings.method} in {result.seconds:.1f}s ({result.steps} steps) -> {args.output}")
-    last = result.history[-1]
-    if "exit_accuracy" in last:
-        print(format_exit_accuracies(last["exit_accuracy"]))
+        from rayexit.train.distributed import fit_distributed
+
+        result = fit_distributed(args.model, args.train, args.eval, settings, args.output, ray_options(args), **where)
+        print(
+            f"trained {task.name} {settings.method} on {args.num_workers} worker(s) in {result.seconds:.1f}s "
+            f"({result.steps} steps; {result.wall_seconds:.1f}s with Ray) -> {args.output}"
+        )
+        print(f"checkpoints and TensorBoard logs: {result.run_path}")
+    else:
+        _, result = train_to_directory(args.model, args.train, args.eval, settings, args.output, **where)
+        print(f"trained {task.name} {settings.method} in {result.seconds:.1f}s ({result.steps} steps) -> {args.output}")
+    if result.history and task.exit_key in result.history[-1]:
+        print(format_exit_scores(result.history[-1][task.exit_key], task.metric))
     return 0
 
 
-def run_distributed(args: argparse.Namespace, settings) -> int:
-    from rayexit.train.distributed import fit_distributed
-
-    result = fit_distributed(
-        args.model,
-        args.train,
-        args.eval,
-        settings,
-        args.output,
-        num_workers=args.num_workers,
-        use_gpu=args.use_gpu,
-        storage_path=args.storage_path,
-        name=args.name,
-        max_failures=args.max_failures,
-        checkpoint_every=args.checkpoint_every,
-        cpus_per_worker=args.cpus_per_worker,
-        resume_from=args.resume_from,
-        address=args.address,
-    )
-    print(
-        f"trained {settings.method} on {args.num_workers} worker(s) in {result.seconds:.1f}s "
-        f"({result.steps} steps; {result.wall_seconds:.1f}s with Ray) -> {args.output}"
-    )
-    print(f"checkpoints and TensorBoard logs: {result.run_path}")
-    if result.history and "exit_accuracy" in result.history[-1]:
-        print(format_exit_accuracies(result.history[-1]["exit_accuracy"]))
-    return 0
-
-
-def run_token(args: argparse.Namespace) -> int:
+def check_method(args: argparse.Namespace) -> str:
+    """The method for this task, refusing combinations that cannot run (before any work)."""
     from rayexit.errors import RayexitError
-    from rayexit.train.token_recipe import train_token_to_directory
 
+    if args.task == "sequence":
+        if args.method == "self-sampling" or args.init:
+            raise RayexitError("--method self-sampling and --init are for token tasks; add --task token")
+        return args.method or "romebert"
     method = args.method or ("self-sampling" if args.init else "joint")
-    if method == "self-sampling" and not args.init:
-        raise RayexitError("--method self-sampling: needs --init DIR, a stage-1 token model directory")
-    if method not in ("joint", "pabee", "self-sampling"):
+    if method not in ("joint", "self-sampling"):
         raise RayexitError(
             f"--method {method}: token tasks train stage 1 (joint, weighted sum_i i*CE_i / sum_i i) "
             "or stage 2 (self-sampling with --init)"
         )
+    if method == "self-sampling" and not args.init:
+        raise RayexitError("--method self-sampling: needs --init DIR, a stage-1 token model directory")
     if method != "self-sampling" and args.init:
         raise RayexitError("--init: only with --method self-sampling")
     if args.init and args.model:
         raise RayexitError("--model and --init: give one; stage 2 starts from the --init directory's model")
-    overrides = {
-        "method": "self-sampling" if method == "self-sampling" else "joint",
-        "epochs": args.epochs,
-        "max_examples": args.max_examples,
-        "batch_size": args.batch_size,
-        "lr": args.lr,
-        "head_lr": args.head_lr,
-        "max_length": args.max_length,
-        "seed": args.seed,
-    }
-    settings = train_settings(args.config, overrides)
-    _, result = train_token_to_directory(args.model, args.train, args.eval, settings, args.output, init=args.init)
-    print(f"trained token {settings.method} in {result.seconds:.1f}s ({result.steps} steps) -> {args.output}")
-    last = result.history[-1]
-    if "exit_f1" in last:
-        print("\n".join(["exit  F1"] + [f"{i + 1:>4}  {f:6.4f}" for i, f in enumerate(last["exit_f1"])]))
-    return 0
+    return method
+
+
+def ray_options(args: argparse.Namespace):
+    from rayexit.train.distributed import RayOptions
+
+    return RayOptions(
+        num_workers=args.num_workers,
+        use_gpu=args.use_gpu,
+        cpus_per_worker=args.cpus_per_worker,
+        storage_path=args.storage_path,
+        name=args.name,
+        max_failures=args.max_failures,
+        checkpoint_every=args.checkpoint_every,
+        resume_from=args.resume_from,
+        address=args.address,
+    )
+
+
+def format_exit_scores(scores: list[float], metric: str) -> str:
+    return "\n".join([f"exit  {metric}"] + [f"{i + 1:>4}  {score:8.4f}" for i, score in enumerate(scores)])

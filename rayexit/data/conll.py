@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from rayexit.data.encode import rank_slices
 from rayexit.data.packaged import read_atis
 from rayexit.errors import RayexitError
 
@@ -283,6 +284,13 @@ class TokenBatch:
     labels: torch.Tensor  # [B, W] tag ids, IGNORE where no word
     rows: list[int]  # indices into the EncodedTokens
 
+    def to(self, device) -> TokenBatch:
+        moved = {name: getattr(self, name).to(device) for name in TENSOR_FIELDS}
+        return TokenBatch(**moved, rows=self.rows)
+
+
+TENSOR_FIELDS = ("input_ids", "attention_mask", "word_starts", "word_mask", "piece_word", "labels")
+
 
 def make_batch(data: EncodedTokens, rows: list[int]) -> TokenBatch:
     width = max(len(data.input_ids[r]) for r in rows)
@@ -307,10 +315,9 @@ def make_batch(data: EncodedTokens, rows: list[int]) -> TokenBatch:
     return TokenBatch(ids, mask, starts, word_mask, piece_word, labels, list(rows))
 
 
-def token_batches(data: EncodedTokens, batch_size: int, shuffle_seed: int | None = None):
-    order = list(range(len(data)))
-    if shuffle_seed is not None:
-        generator = torch.Generator().manual_seed(shuffle_seed)
-        order = torch.randperm(len(data), generator=generator).tolist()
-    for start in range(0, len(order), batch_size):
-        yield make_batch(data, order[start : start + batch_size])
+def token_batches(
+    data: EncodedTokens, batch_size: int, shuffle_seed: int | None = None, *, rank: int = 0, world_size: int = 1
+):
+    """This worker's slice of each batch, cut the same way as the sentence task's (`rank_slices`)."""
+    for rows in rank_slices(len(data), batch_size, shuffle_seed=shuffle_seed, rank=rank, world_size=world_size):
+        yield make_batch(data, rows)

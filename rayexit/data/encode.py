@@ -38,6 +38,28 @@ def pad_batch(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, to
     return ids, mask
 
 
+def rank_slices(
+    size: int, batch_size: int, *, shuffle_seed: int | None = None, rank: int = 0, world_size: int = 1
+) -> Iterator[list[int]]:
+    """Example indices of each batch this worker takes, for both tasks.
+
+    With `world_size > 1` every worker walks the same permutation in global batches of
+    `batch_size * world_size` and takes its own contiguous slice, so N workers together see
+    exactly the batches one worker would, and their averaged gradients match it. The trailing
+    partial global batch is dropped then, so every worker takes the same number of steps.
+    """
+    order = list(range(size))
+    if shuffle_seed is not None:
+        generator = torch.Generator().manual_seed(shuffle_seed)
+        order = torch.randperm(size, generator=generator).tolist()
+    global_batch = batch_size * world_size
+    usable = len(order) if world_size == 1 else len(order) - len(order) % global_batch
+    for start in range(0, usable, global_batch):
+        chunk = order[start : start + global_batch][rank * batch_size : (rank + 1) * batch_size]
+        if chunk:
+            yield chunk
+
+
 def iterate_batches(
     data: EncodedSet,
     batch_size: int,
@@ -46,27 +68,14 @@ def iterate_batches(
     rank: int = 0,
     world_size: int = 1,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Yield (input_ids, attention_mask, labels).
-
-    With `world_size > 1` every worker walks the same permutation in global batches of
-    `batch_size * world_size` and takes its own contiguous slice, so N workers together see
-    exactly the batches one worker would, and their averaged gradients match it.
-    """
-    order = list(range(len(data)))
-    if shuffle_seed is not None:
-        generator = torch.Generator().manual_seed(shuffle_seed)
-        order = torch.randperm(len(data), generator=generator).tolist()
-    global_batch = batch_size * world_size
-    usable = len(order) if world_size == 1 else len(order) - len(order) % global_batch
-    for start in range(0, usable, global_batch):
-        chunk = order[start : start + global_batch][rank * batch_size : (rank + 1) * batch_size]
-        if not chunk:
-            continue
+    """Yield (input_ids, attention_mask, labels) for this worker's slice of each batch (`rank_slices`)."""
+    for chunk in rank_slices(len(data), batch_size, shuffle_seed=shuffle_seed, rank=rank, world_size=world_size):
         ids, mask = pad_batch([data.input_ids[i] for i in chunk], data.pad_id)
         yield ids, mask, torch.tensor([data.labels[i] for i in chunk], dtype=torch.long)
 
 
-def steps_per_epoch(data: EncodedSet, batch_size: int, world_size: int = 1) -> int:
+def steps_per_epoch(data, batch_size: int, world_size: int = 1) -> int:
+    """Batches per epoch for any encoded set (anything with a length), as `rank_slices` cuts them."""
     global_batch = batch_size * world_size
     if world_size == 1:
         return -(-len(data) // batch_size)

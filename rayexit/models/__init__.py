@@ -1,16 +1,20 @@
-"""Multi-exit encoders and their model directories."""
+"""Multi-exit encoders; their model directories are read and written by rayexit.model_dir."""
 
-from rayexit.models.encoder import ExitConfig, MultiExitEncoder, load_tokenizer, read_exit_config
+from rayexit.models.encoder import ExitConfig, MultiExitEncoder, load_tokenizer
 from rayexit.models.sequence import MultiExitForSequenceClassification, load_pretrained_backbone
 
 
 def load_model_dir(directory):
     """Any rayexit model directory, whatever its task."""
-    if read_exit_config(directory).task == "token":
-        from rayexit.models.token import MultiExitForTokenClassification
+    from rayexit.model_dir import ModelDir
 
-        return MultiExitForTokenClassification.from_pretrained(directory)
-    return MultiExitForSequenceClassification.from_pretrained(directory)
+    return ModelDir(directory).load_model()
+
+
+def read_exit_config(directory) -> ExitConfig:
+    from rayexit.model_dir import ModelDir
+
+    return ModelDir(directory).exit_config()
 
 
 __all__ = [

@@ -8,23 +8,15 @@ MiniLM, ELECTRA). The model directory is the hand-off between stages: the backbo
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from rayexit.config import ExitPolicy
 from rayexit.errors import RayexitError
-
-EXIT_CONFIG_FILE = "rayexit.json"
-WEIGHTS_FILE = "model.safetensors"
+from rayexit.policy import ExitPolicy
 
 
 @dataclass
@@ -43,7 +35,7 @@ class ExitConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "format_version": 1,
+            "format_version": 2,
             "task": self.task,
             "labels": self.labels,
             "head": self.head,
@@ -59,7 +51,15 @@ class ExitConfig:
     def from_dict(cls, data: dict[str, Any]) -> ExitConfig:
         data = dict(data)
         data.pop("format_version", None)
-        data["policy"] = ExitPolicy.from_dict(data.get("policy", {}))
+        extra = dict(data.get("extra") or {})
+        legacy = extra.pop("token_policy", None)  # token models kept their policy here before format 2
+        policy = data.get("policy", {})
+        if legacy and data.get("task") == "token" and policy.get("kind", "entropy") not in ("tokee", "sentee"):
+            policy = legacy
+        elif data.get("task") == "token" and not legacy and policy.get("kind", "entropy") not in ("tokee", "sentee"):
+            policy = {"kind": "tokee", "thresholds": 0.1, "window": 3}
+        data["extra"] = extra
+        data["policy"] = ExitPolicy.from_dict(policy)
         return cls(**data)
 
 
@@ -117,96 +117,20 @@ class MultiExitEncoder(nn.Module):
     def encoder_layer_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.backbone.encoder.layer.parameters() if p.requires_grad]
 
-    # -- model directories -------------------------------------------------------------------
+    # -- model directories (read and written by rayexit.model_dir) ----------------------------
 
     @classmethod
     def from_pretrained(cls, directory: str | Path):
-        """Load a model directory written by `save_pretrained`, refusing one of another task."""
-        exit_config = read_exit_config(directory)
-        if exit_config.task != cls.task:
-            raise RayexitError(f"{directory}: holds a {exit_config.task!r} model, expected {cls.task!r}")
-        model = cls(load_backbone_from_config(directory), exit_config)
-        load_weights(model, directory)
-        model.eval()
-        return model
+        """Load a model directory, refusing one of another task."""
+        from rayexit.model_dir import ModelDir
 
-    def save_pretrained(self, directory: str | Path, tokenizer=None) -> None:
-        """Write the model directory atomically: a temporary sibling, then a rename."""
-        directory = Path(directory)
-        if directory.is_dir() and any(directory.iterdir()) and not (directory / EXIT_CONFIG_FILE).exists():
-            raise RayexitError(f"{directory}: exists and is not a rayexit model directory; choose a new folder")
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-        try:
-            self.backbone.config.save_pretrained(staging)
-            state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-            save_file(_untie(state), staging / WEIGHTS_FILE, metadata={"format": "pt"})
-            (staging / EXIT_CONFIG_FILE).write_text(json.dumps(self.exit_config.to_dict(), indent=2))
-            if tokenizer is not None:
-                tokenizer.save_pretrained(staging)
-            _replace_dir(staging, directory)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+        return ModelDir(directory).load_model(expected_task=cls.task)
 
+    def save_pretrained(self, directory: str | Path, tokenizer=None, training: dict | None = None) -> None:
+        """Write the model directory atomically (see `rayexit.model_dir.ModelDir.write`)."""
+        from rayexit.model_dir import ModelDir
 
-def read_exit_config(directory: str | Path) -> ExitConfig:
-    path = Path(directory) / EXIT_CONFIG_FILE
-    if not path.is_file():
-        raise RayexitError(
-            f"{directory}: not a rayexit model directory (no {EXIT_CONFIG_FILE}); "
-            "train one with `rayexit train` or pass a folder it wrote"
-        )
-    try:
-        return ExitConfig.from_dict(json.loads(path.read_text()))
-    except (json.JSONDecodeError, TypeError) as exc:
-        raise RayexitError(f"{path}: unreadable exit config ({exc})") from None
-
-
-def load_backbone_from_config(directory: str | Path) -> nn.Module:
-    from transformers import AutoConfig, AutoModel
-
-    try:
-        config = AutoConfig.from_pretrained(str(directory))
-    except Exception as exc:
-        raise RayexitError(f"{directory}/config.json: unreadable backbone config ({exc})") from None
-    return AutoModel.from_config(config, attn_implementation="sdpa")
-
-
-def load_weights(model: nn.Module, directory: str | Path) -> None:
-    path = Path(directory) / WEIGHTS_FILE
-    if not path.is_file():
-        raise RayexitError(f"{directory}: missing {WEIGHTS_FILE}")
-    try:
-        state = load_file(str(path))
-    except Exception as exc:
-        raise RayexitError(f"{path}: unreadable weights ({exc})") from None
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state and not k.endswith("position_ids")]
-    if missing:
-        raise RayexitError(f"{path}: weights missing for {', '.join(missing[:5])}")
-    model.load_state_dict(state, strict=False)
-
-
-def _untie(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """safetensors refuses shared storage; give every tensor its own."""
-    seen: set[int] = set()
-    out = {}
-    for key, tensor in state.items():
-        ptr = tensor.data_ptr()
-        out[key] = tensor.clone() if ptr in seen else tensor
-        seen.add(ptr)
-    return out
-
-
-def _replace_dir(staging: Path, target: Path) -> None:
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        target.rename(old)
-        staging.rename(target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        staging.rename(target)
+        ModelDir.write(directory, self, tokenizer, training)
 
 
 def load_tokenizer(name_or_path: str | Path):

@@ -45,6 +45,27 @@ class MultiExitForTokenClassification(MultiExitEncoder):
         states = self.layer_states(input_ids, attention_mask)
         return [self.exit_logits(i, h) for i, h in enumerate(states)]
 
+    def halting_layer_states(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, piece_word: torch.Tensor, halt: torch.Tensor
+    ) -> list[torch.Tensor]:
+        """States after every layer with words frozen after their halting layer `halt` [B, W] (training form).
+
+        Every token runs through each layer and the result is kept only where the token is still
+        active, which gives active tokens the same inputs as the early-exit runner (keys/values of
+        halted tokens from their frozen states). Special tokens stay active while any word is.
+        """
+        hidden = self.embed(input_ids)
+        mask = self.additive_mask(attention_mask, hidden.dtype)
+        piece_halt = halt.gather(1, piece_word.clamp_min(0))
+        sentence_halt = halt.max(1).values[:, None]
+        piece_halt = torch.where(piece_word < 0, sentence_halt.expand_as(piece_halt), piece_halt)
+        states = []
+        for layer in range(self.num_layers):
+            updated = self.run_layer(layer, hidden, mask)
+            hidden = torch.where((piece_halt > layer)[:, :, None], updated, hidden)
+            states.append(hidden)
+        return states
+
     @classmethod
     def from_backbone(cls, name_or_path: str, exit_config: ExitConfig) -> MultiExitForTokenClassification:
         """A new multi-exit tagger on a pretrained encoder (hub name or local folder)."""

@@ -28,7 +28,7 @@ import signal
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -68,34 +68,47 @@ def allreduce_mean(grads: list[torch.Tensor]) -> list[torch.Tensor]:
     return out
 
 
+@dataclass
+class RayOptions:
+    """How a run uses Ray: the one bundle the CLI, jobs, Tune and the benchmarks pass along.
+
+    Checkpoints go to `storage_path/name` (Ray's default storage when `storage_path` is None);
+    a run started again with the same `name` and `storage_path` resumes from its latest
+    checkpoint, and `resume_from` names a checkpoint directory to start from explicitly.
+    `address` (or RAY_ADDRESS) is the cluster to join when Ray is not yet initialised.
+    """
+
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    storage_path: str | None = None
+    name: str | None = None
+    max_failures: int = 0
+    checkpoint_every: int | None = None
+    num_to_keep: int | None = 2
+    resume_from: str | None = None
+    report_to_tune: bool = False
+    address: str | None = None
+    show_progress: bool = True
+
+
 def fit_distributed(
-    model_name: str,
+    model_name: str | None,
     train_source: str,
     eval_source: str | None,
     settings: TrainSettings,
     output: str | Path,
+    options: RayOptions | None = None,
     *,
-    num_workers: int = 1,
-    use_gpu: bool = False,
-    storage_path: str | None = None,
-    name: str | None = None,
-    max_failures: int = 0,
-    show_progress: bool = True,
-    checkpoint_every: int | None = None,
-    num_to_keep: int | None = 2,
-    cpus_per_worker: float = 1.0,
-    resume_from: str | None = None,
-    report_to_tune: bool = False,
-    address: str | None = None,
+    task: str = "sequence",
+    init: str | None = None,
+    **option_fields: Any,
 ) -> DistributedResult:
-    """Train with `num_workers` Ray Train workers and write the model directory to `output`.
+    """Train with Ray Train workers and write the model directory to `output`.
 
     `output` gets the same files as `train_to_directory` writes (model directory plus
-    `training.json`). Checkpoints go to `storage_path/name` (Ray's default storage when
-    `storage_path` is None); a run started again with the same `name` and `storage_path`
-    resumes from its latest checkpoint, and `resume_from` names a checkpoint directory to start
-    from explicitly. Asking for more workers (or GPUs) than the cluster has raises RayexitError
-    at once. Connects to `address` (or RAY_ADDRESS) when Ray is not yet initialised.
+    `training.json`). `option_fields` are `RayOptions` fields, a shorthand for `options`.
+    Asking for more workers (or GPUs) than the cluster has raises RayexitError at once.
 
     Inside a Ray Tune trial (Ray 2.60, Train V2), checked with a Tuner: call it from the trial
     function as usual. Ray Train starts its own controller (0 CPU, on the trial's node) and
@@ -110,35 +123,24 @@ def fit_distributed(
     """
     from rayexit.train.recipe import prepare, save_run
 
+    options = replace(options or RayOptions(), **option_fields)
+    if options.name is None:
+        options = replace(options, name=_default_name(output))
     start = time.perf_counter()
-    _check_request(num_workers, cpus_per_worker, use_gpu)
-    run = prepare(model_name, train_source, eval_source, settings)
-    outcome = fit_prepared(
-        run,
-        settings,
-        num_workers=num_workers,
-        use_gpu=use_gpu,
-        storage_path=storage_path,
-        name=name or _default_name(output),
-        max_failures=max_failures,
-        show_progress=show_progress,
-        checkpoint_every=checkpoint_every,
-        num_to_keep=num_to_keep,
-        cpus_per_worker=cpus_per_worker,
-        resume_from=resume_from,
-        report_to_tune=report_to_tune,
-        address=address,
-    )
+    _check_request(options.num_workers, options.cpus_per_worker, options.use_gpu)
+    run = prepare(model_name, train_source, eval_source, settings, task=task, init=init)
+    outcome = fit_prepared(run, settings, options)
     save_run(
         run,
         output,
         settings,
         outcome,
         base_model=model_name,
+        init=init,
         train=train_source,
         eval=eval_source,
-        num_workers=num_workers,
-        use_gpu=use_gpu,
+        num_workers=options.num_workers,
+        use_gpu=options.use_gpu,
         run_path=outcome.run_path,
     )
     outcome.model_dir = Path(output)
@@ -147,28 +149,16 @@ def fit_distributed(
 
 
 def fit_prepared(
-    run,
-    settings: TrainSettings,
-    *,
-    num_workers: int = 1,
-    use_gpu: bool = False,
-    storage_path: str | None = None,
-    name: str | None = None,
-    max_failures: int = 0,
-    show_progress: bool = True,
-    checkpoint_every: int | None = None,
-    num_to_keep: int | None = 2,
-    cpus_per_worker: float = 1.0,
-    resume_from: str | None = None,
-    report_to_tune: bool = False,
-    address: str | None = None,
-    fault: dict | None = None,
+    run, settings: TrainSettings, options: RayOptions | None = None, *, fault: dict | None = None, **option_fields: Any
 ) -> DistributedResult:
     """Train a `PreparedRun` (from `recipe.prepare`) on Ray; its model ends with the final weights.
 
     `fault` is for tests: {"rank": r, "step": s, "marker": path} kills rank r's process with
     SIGKILL at its s-th step, once (the marker file records that it happened).
     """
+    options = replace(options or RayOptions(), **option_fields)
+    num_workers, use_gpu, cpus_per_worker = options.num_workers, options.use_gpu, options.cpus_per_worker
+    show_progress = options.show_progress
     import ray
     from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -181,11 +171,11 @@ def fit_prepared(
             f"more than the {len(run.train_data)} training examples; use a smaller batch or fewer workers"
         )
     if not ray.is_initialized():
-        ray.init(address=address, log_to_driver=show_progress)
+        ray.init(address=options.address, log_to_driver=show_progress)
     _check_request(num_workers, cpus_per_worker, use_gpu)
-    storage_path, name, in_tune = _storage(storage_path, name)
+    storage_path, name, in_tune = _storage(options.storage_path, options.name)
     callbacks = [TensorBoardCallback(str(Path(storage_path) / name / "tensorboard"))]
-    if report_to_tune:
+    if options.report_to_tune:
         if not in_tune:
             raise RayexitError("report_to_tune: only possible inside a Ray Tune trial")
         from ray.tune.integration.ray_train import TuneReportCallback
@@ -198,7 +188,7 @@ def fit_prepared(
         "eval_data": run.eval_data,
         "settings": settings.to_dict(),
         "use_gpu": use_gpu,
-        "checkpoint_every": checkpoint_every,
+        "checkpoint_every": options.checkpoint_every,
         "show_progress": show_progress,
         "fault": fault,
     }
@@ -211,11 +201,11 @@ def fit_prepared(
         run_config=RunConfig(
             name=name,
             storage_path=storage_path,
-            failure_config=FailureConfig(max_failures=max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=num_to_keep),
+            failure_config=FailureConfig(max_failures=options.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=options.num_to_keep),
             callbacks=callbacks,
         ),
-        resume_from_checkpoint=Checkpoint.from_directory(resume_from) if resume_from else None,
+        resume_from_checkpoint=Checkpoint.from_directory(options.resume_from) if options.resume_from else None,
     )
     try:
         result = trainer.fit()
@@ -331,9 +321,11 @@ def _flat_metrics(record: dict | None, state: LoopState) -> dict:
     """Scalars for Ray's results and TensorBoard; per-exit accuracy as exit{i}_accuracy."""
     metrics: dict[str, Any] = {"global_step": state.steps_before + state.step, "epoch_end": record is not None}
     if record is not None:
-        metrics.update({k: v for k, v in record.items() if k != "exit_accuracy"})
-        for i, accuracy in enumerate(record.get("exit_accuracy", []), start=1):
-            metrics[f"exit{i}_accuracy"] = accuracy
+        metrics.update({k: v for k, v in record.items() if not isinstance(v, list)})
+        for key, values in record.items():  # per-exit lists (exit_accuracy, exit_f1) as exit{i}_accuracy ...
+            if key.startswith("exit_") and isinstance(values, list):
+                for i, value in enumerate(values, start=1):
+                    metrics[f"exit{i}_{key[len('exit_'):]}"] = value
     return metrics
 
 

@@ -11,17 +11,18 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 from rayexit.config import TrainSettings
-from rayexit.data.encode import EncodedSet, iterate_batches, steps_per_epoch
-from rayexit.exits import ExitCache, collect_exit_logits
-from rayexit.gradreg import combine_with_projection
-from rayexit.losses import joint_loss, pabee_loss, romebert_losses
+from rayexit.data.encode import steps_per_epoch
 from rayexit.progress import progress
+from rayexit.tasks import task_named
+from rayexit.train.steps import Stage, build_stages
+
+__all__ = ["LoopState", "Stage", "TrainResult", "apply_gradients", "make_optimizer", "no_average", "train_model"]
 
 Average = Callable[[list[torch.Tensor]], list[torch.Tensor]]
 MAX_GRAD_NORM = 1.0
@@ -29,20 +30,6 @@ MAX_GRAD_NORM = 1.0
 
 def no_average(grads: list[torch.Tensor]) -> list[torch.Tensor]:
     return grads
-
-
-@dataclass
-class Stage:
-    """One optimisation stage: which parameters train, for how many epochs, on which loss."""
-
-    name: str
-    epochs: float
-    params: list[torch.nn.Parameter]
-    head_params: set[int]
-    # (model, ids, mask, labels, params, settings) -> (flat grads, loss value, combine);
-    # `combine` turns the averaged flat grads into one per parameter, plus a conflict flag.
-    step: Callable
-    frozen_backbone: bool = False
 
 
 @dataclass
@@ -77,10 +64,10 @@ class LoopState:
 
 def train_model(
     model,
-    train_data: EncodedSet,
+    train_data,
     settings: TrainSettings,
     *,
-    eval_data: EncodedSet | None = None,
+    eval_data=None,
     rank: int = 0,
     world_size: int = 1,
     average: Average = no_average,
@@ -92,14 +79,15 @@ def train_model(
     device: torch.device | None = None,
     autocast_dtype: torch.dtype | None = None,
 ) -> TrainResult:
-    """Train `model` in place.
+    """Train `model` in place, whatever its task (`model.task`: batches, steps and scores follow it).
 
     For Ray Train workers (all optional; without them the loop is the plain one-process loop):
     `resume` continues from a checkpointed `LoopState`; `on_checkpoint(state, record)` is called
     at every epoch end (with that epoch's record) and every `checkpoint_every` steps (record None);
     `device` is where batches go; `autocast_dtype` (e.g. bfloat16 on GPU) enables mixed precision.
     """
-    torch.manual_seed(settings.seed)
+    torch.manual_seed(settings.seed)  # dropout; heads were seeded where the model was built
+    task = task_named(model.task)
     result = TrainResult()
     start = time.perf_counter()
     state = resume or LoopState()
@@ -107,7 +95,7 @@ def train_model(
     conflicts: list[bool] = list(state.conflicts)
     result.history = list(state.history)
     result.steps = state.steps_before
-    for stage_index, stage in enumerate(build_stages(model, settings)):
+    for stage_index, stage in enumerate(build_stages(model, settings, train_data)):
         if stage_index < state.stage:
             continue
         per_epoch = steps_per_epoch(train_data, settings.batch_size, world_size)
@@ -129,20 +117,18 @@ def train_model(
             model.train()
             if stage.frozen_backbone:
                 model.backbone.eval()  # frozen: no dropout noise in the features the exits learn from
-            batches = iterate_batches(
+            batches = task.batches(
                 train_data, settings.batch_size, shuffle_seed=settings.seed + epoch, rank=rank, world_size=world_size
             )
             taken = 0
-            for ids, mask, labels in batches:
+            for batch in batches:
                 if step >= total:
                     break
                 taken += 1
                 if taken <= skip:  # already trained on before the checkpoint we resumed from
                     continue
-                if device is not None:
-                    ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
                 with _autocast(device, autocast_dtype):
-                    flat, loss_value, combine = stage.step(model, ids, mask, labels, stage.params, settings)
+                    flat, loss_value, combine = stage.step(model, _to(batch, device), stage.params, settings, epoch)
                 grads, conflict = combine(average(flat))
                 apply_gradients(stage.params, grads, optimizer, scheduler)
                 losses.append(loss_value)
@@ -159,7 +145,7 @@ def train_model(
             record = {"stage": stage.name, "epoch": epoch, "step": step, "loss": sum(losses) / max(len(losses), 1)}
             losses = []
             if eval_data is not None:
-                record["exit_accuracy"] = exit_accuracies(model, eval_data, settings.batch_size, device)
+                record[task.exit_key] = task.exit_scores(model, eval_data, settings.batch_size, device)
             record["seconds"] = offset + time.perf_counter() - start
             result.history.append(record)
             if on_epoch_end is not None:
@@ -208,35 +194,10 @@ def _autocast(device: torch.device | None, dtype: torch.dtype | None):
     return torch.autocast(device_type=(device or torch.device("cpu")).type, dtype=dtype)
 
 
-def _on_device(batches: Iterator, device: torch.device | None) -> Iterator:
-    for batch in batches:
-        yield tuple(t.to(device) for t in batch) if device is not None else batch
-
-
-def exit_accuracies(model, data: EncodedSet, batch_size: int, device: torch.device | None = None) -> list[float]:
-    model.eval()
-    with torch.no_grad():
-        logits, labels = collect_exit_logits(model, _on_device(iterate_batches(data, batch_size), device))
-    return ExitCache(logits.cpu()).exit_accuracies(labels.cpu())
-
-
-def build_stages(model, settings: TrainSettings) -> list[Stage]:
-    backbone = model.backbone_parameters()
-    heads = list(model.heads.parameters())
-    head_ids = {id(p) for p in heads}
-    if settings.method == "deebert":
-        final_head = list(model.heads.exits[-1].parameters())
-        if settings.head == "shared-pooler":
-            final_head += list(model.heads.shared_pooler.parameters())
-        final_ids = {id(p) for p in final_head}
-        inner = [p for p in heads if id(p) not in final_ids]
-        stage2_epochs = settings.deebert_stage2_epochs or settings.epochs
-        return [
-            Stage("deebert-1", settings.epochs, backbone + final_head, final_ids, _final_only_step),
-            Stage("deebert-2", stage2_epochs, inner, {id(p) for p in inner}, _frozen_exits_step, frozen_backbone=True),
-        ]
-    step = {"joint": _joint_step, "pabee": _pabee_step, "romebert": _romebert_step}[settings.method]
-    return [Stage(settings.method, settings.epochs, backbone + heads, head_ids, step)]
+def _to(batch, device: torch.device | None):
+    if device is None:
+        return batch
+    return tuple(t.to(device) for t in batch) if isinstance(batch, tuple) else batch.to(device)
 
 
 def make_optimizer(stage: Stage, settings: TrainSettings, total_steps: int):
@@ -263,67 +224,3 @@ def apply_gradients(params, grads, optimizer, scheduler) -> None:
     scheduler.step()
     for param in params:
         param.grad = None
-
-
-def _grads(loss: torch.Tensor, params, retain: bool = False) -> list[torch.Tensor]:
-    grads = torch.autograd.grad(loss, params, retain_graph=retain, allow_unused=True)
-    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
-
-
-def _as_is(grads: list[torch.Tensor]) -> tuple[list[torch.Tensor], bool | None]:
-    return grads, None
-
-
-def _joint_step(model, ids, mask, labels, params, settings):
-    loss = joint_loss(model(ids, mask), labels)
-    return _grads(loss, params), loss.item(), _as_is
-
-
-def _pabee_step(model, ids, mask, labels, params, settings):
-    loss = pabee_loss(model(ids, mask), labels)
-    return _grads(loss, params), loss.item(), _as_is
-
-
-def _final_only_step(model, ids, mask, labels, params, settings):
-    states = model.layer_states(ids, mask)
-    loss = torch.nn.functional.cross_entropy(model.exit_logits(model.num_layers - 1, states[-1], mask), labels)
-    return _grads(loss, params), loss.item(), _as_is
-
-
-def _frozen_exits_step(model, ids, mask, labels, params, settings):
-    with torch.no_grad():
-        states = model.layer_states(ids, mask)
-    logits = [model.exit_logits(i, h, mask) for i, h in enumerate(states[:-1])]
-    loss = joint_loss(logits, labels)
-    return _grads(loss, params), loss.item(), _as_is
-
-
-def _romebert_step(model, ids, mask, labels, params, settings):
-    """Both gradients go out in one flat list (one all-reduce); `combine` projects after averaging."""
-    final, exits = romebert_losses(model(ids, mask), labels, settings.gamma, settings.temperature)
-    total = (final + exits).item()
-    if settings.gr_direction == "none":
-        return _grads(final + exits, params), total, _as_is
-    flat = _grads(final, params, retain=True) + _grads(exits, params)
-    projected = _projected_mask(model, params, settings)
-
-    def combine(averaged: list[torch.Tensor]) -> tuple[list[torch.Tensor], bool]:
-        g_final, g_exits = averaged[: len(params)], averaged[len(params) :]
-        leader, other = (g_exits, g_final) if settings.gr_direction == "reverse" else (g_final, g_exits)
-        shared = [i for i, is_projected in enumerate(projected) if is_projected]
-        combined, conflict = combine_with_projection(
-            [leader[i] for i in shared], [other[i] for i in shared], per_tensor=settings.gr_scope == "per_tensor"
-        )
-        out = [lead + oth for lead, oth in zip(leader, other)]
-        for i, grad in zip(shared, combined):
-            out[i] = grad
-        return out, conflict
-
-    return flat, total, combine
-
-
-def _projected_mask(model, params, settings: TrainSettings) -> list[bool]:
-    """Which parameters take part in the projection: encoder layers (RomeBERT) or all shared."""
-    chosen = model.encoder_layer_parameters() if settings.gr_scope == "encoder" else model.backbone_parameters()
-    ids = {id(p) for p in chosen}
-    return [id(p) in ids for p in params]

@@ -1,4 +1,12 @@
-"""One training run from sources to a model directory: the recipe behind `rayexit train`."""
+"""One training run from sources to a model directory: the recipe behind `rayexit train`.
+
+Read top to bottom: `prepare` (data, tokenizer, model: the task decides how), `train_model`
+(the one loop), `save_run` (the model directory with its `training.json`). The Ray Train path
+(`rayexit.train.distributed`) calls the same `prepare` and `save_run` around its workers.
+
+Token stage 2 (`--method self-sampling`) starts from a stage-1 model directory (`init`) and
+keeps its tag set, tokenizer and length limit.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rayexit.config import TrainSettings
-from rayexit.data import TextExamples, encode_examples, load_text_classification
-from rayexit.files import write_json
-from rayexit.models import ExitConfig, MultiExitForSequenceClassification, load_tokenizer
+from rayexit.errors import RayexitError
+from rayexit.model_dir import ModelDir
+from rayexit.models import load_tokenizer
+from rayexit.tasks import Task, task_named
 from rayexit.train.loop import TrainResult, train_model
 
 log = logging.getLogger(__name__)
@@ -17,93 +26,79 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class PreparedRun:
-    model: MultiExitForSequenceClassification
+    task: Task
+    model: object
     tokenizer: object
     train_data: object
     eval_data: object | None
 
 
-def label_set(examples: TextExamples) -> list[str]:
-    """Sorted labels; numerically when every label is an integer, so '10' follows '9'."""
-    labels = set(examples.labels)
-    if all(label.lstrip("-").isdigit() for label in labels):
-        return sorted(labels, key=int)
-    return sorted(labels)
-
-
-def keep_known_labels(examples: TextExamples, labels: list[str]) -> TextExamples:
-    """For the packaged demo data only: ATIS's test split has intents its train split lacks."""
-    known = set(labels)
-    keep = [i for i, label in enumerate(examples.labels) if label in known]
-    dropped = len(examples) - len(keep)
-    if dropped:
-        log.warning("%s: left out %d example(s) whose label never occurs in training", examples.origin, dropped)
-    return TextExamples([examples.texts[i] for i in keep], [examples.labels[i] for i in keep], examples.origin)
-
-
-def prepare(model_name: str, train_source: str, eval_source: str | None, settings: TrainSettings) -> PreparedRun:
-    train_examples = load_text_classification(train_source, settings.max_examples)
-    labels = label_set(train_examples)
-    if len(labels) < 2:
-        raise_single_label(train_examples)
-    eval_examples = None
+def prepare(
+    model_name: str | None,
+    train_source: str,
+    eval_source: str | None,
+    settings: TrainSettings,
+    *,
+    task: str = "sequence",
+    init: str | None = None,
+) -> PreparedRun:
+    """Data, tokenizer and a new (or, with `init`, a stage-1) model, all seeded by `settings.seed`."""
+    chosen = task_named(task)
+    if init:
+        start = ModelDir(init)
+        model = start.load_model(expected_task=chosen.name)
+        tokenizer = start.load_tokenizer()
+        labels = model.labels
+        train = chosen.load(train_source, settings.max_examples, known=labels)
+        model.exit_config.method = settings.method
+        model.exit_config.extra["init"] = str(init)
+    else:
+        if not model_name:
+            raise RayexitError("--model: required (an encoder folder, a hub name, or `minilm`)")
+        train = chosen.load(train_source, settings.max_examples)
+        labels = chosen.label_set(train)
+        tokenizer = load_tokenizer(model_name)
+        model = chosen.new_model(model_name, labels, settings)
+    max_length = model.exit_config.max_length
+    train_data = chosen.encode(tokenizer, train, labels, max_length)
+    eval_data = None
     if eval_source:
-        eval_examples = load_text_classification(eval_source)
-        if eval_examples.origin.startswith("atis:"):
-            eval_examples = keep_known_labels(eval_examples, labels)
-    tokenizer = load_tokenizer(model_name)
-    exit_config = ExitConfig(
-        task="sequence",
-        labels=labels,
-        head=settings.head,
-        pooling=settings.pooling,
-        dropout=settings.dropout,
-        max_length=settings.max_length,
-        method=settings.method,
-        policy=settings.policy,
-    )
-    model = MultiExitForSequenceClassification.from_backbone(model_name, exit_config)
-    train_data = encode_examples(tokenizer, train_examples, labels, settings.max_length)
-    eval_data = encode_examples(tokenizer, eval_examples, labels, settings.max_length) if eval_examples else None
-    return PreparedRun(model, tokenizer, train_data, eval_data)
-
-
-def raise_single_label(examples: TextExamples) -> None:
-    from rayexit.errors import RayexitError
-
-    raise RayexitError(f"{examples.origin}: found only one label ({examples.labels[0]!r}); need at least two")
+        eval_data = chosen.encode(tokenizer, chosen.load(eval_source, known=labels), labels, max_length)
+    return PreparedRun(chosen, model, tokenizer, train_data, eval_data)
 
 
 def train_to_directory(
-    model_name: str,
+    model_name: str | None,
     train_source: str,
     eval_source: str | None,
     settings: TrainSettings,
     output: str | Path,
+    *,
+    task: str = "sequence",
+    init: str | None = None,
     show_progress: bool = True,
 ) -> tuple[PreparedRun, TrainResult]:
-    run = prepare(model_name, train_source, eval_source, settings)
+    run = prepare(model_name, train_source, eval_source, settings, task=task, init=init)
     result = train_model(run.model, run.train_data, settings, eval_data=run.eval_data, show_progress=show_progress)
-    save_run(run, output, settings, result, base_model=model_name, train=train_source, eval=eval_source)
+    save_run(run, output, settings, result, base_model=model_name, init=init, train=train_source, eval=eval_source)
     return run, result
 
 
-def save_run(run: PreparedRun, output: str | Path, settings: TrainSettings, result, **provenance) -> None:
+def save_run(run: PreparedRun, output: str | Path, settings: TrainSettings, result, **provenance) -> ModelDir:
     """The model directory plus `training.json`: settings, data, time and per-epoch metrics.
 
     `result` is anything with seconds/steps/conflict_rate/history (one process or Ray Train);
     `provenance` adds what made it (base model, data sources, workers, ...).
     """
-    run.model.save_pretrained(output, run.tokenizer)
-    write_json(
-        Path(output) / "training.json",
-        {
-            "settings": settings.to_dict(),
-            **provenance,
-            "train_examples": len(run.train_data),
-            "seconds": result.seconds,
-            "steps": result.steps,
-            "conflict_rate": result.conflict_rate,
-            "history": result.history,
-        },
-    )
+    training = {
+        "task": run.task.name,
+        "method": settings.method,
+        "settings": settings.to_dict(),
+        **provenance,
+        "train_examples": len(run.train_data),
+        "seconds": result.seconds,
+        "steps": result.steps,
+        "conflict_rate": result.conflict_rate,
+        "history": result.history,
+    }
+    return ModelDir.write(output, run.model, run.tokenizer, training)

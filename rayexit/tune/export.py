@@ -2,52 +2,24 @@
 
 from __future__ import annotations
 
-import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import yaml
 
 from rayexit.config import ExitPolicy
-from rayexit.errors import RayexitError
 from rayexit.files import write_atomic
-from rayexit.models.encoder import EXIT_CONFIG_FILE
+from rayexit.model_dir import ModelDir
 
 SERVE_IMPORT_PATH = "rayexit.serve.app:build_app"
-LEFT_BEHIND = ("trial_points.json", ".is_checkpoint", ".metadata.pkl")  # trial bookkeeping, not model files
 
 
 def export_model(source: str | Path, target: str | Path, policy: ExitPolicy, choice: dict) -> Path:
-    """Copy a trial's model directory to `target` with `policy` written into its rayexit.json.
+    """Copy a trial's model directory to `target` with `policy` as its saved policy.
 
-    `choice` (the tuned settings and the figures behind them) is kept under `extra.tune`, so the
-    directory says why it holds these thresholds. Written beside the target, then renamed in.
+    `choice` (the tuned settings and the figures behind them) is kept in rayexit.json under
+    `extra.policy_choice`, so the directory says why it holds these thresholds.
     """
-    source, target = Path(source), Path(target)
-    config_path = source / EXIT_CONFIG_FILE
-    if not config_path.is_file():
-        raise RayexitError(f"{source}: not a rayexit model directory (no {EXIT_CONFIG_FILE})")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        shutil.copytree(source, staging, dirs_exist_ok=True, ignore=shutil.ignore_patterns(*LEFT_BEHIND))
-        config = json.loads(config_path.read_text())
-        config["policy"] = policy.to_dict()
-        config.setdefault("extra", {})["tune"] = choice
-        (staging / EXIT_CONFIG_FILE).write_text(json.dumps(config, indent=2))
-        if target.exists():
-            old = target.with_name(f".{target.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            target.rename(old)
-            staging.rename(target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            staging.rename(target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return target
+    return ModelDir(source).with_policy(policy, target, choice).path
 
 
 def serve_config(model_dir: str | Path, name: str = "rayexit") -> dict:

@@ -24,6 +24,9 @@ from rayexit.tune.trial import read_points
 log = logging.getLogger(__name__)
 
 VALIDATION = lambda c: (c["validation"]["accuracy"], c["validation"]["layer_speedup"])  # noqa: E731
+# The selection rule of rayexit.sweep.select: the accuracy a point keeps at 95% confidence (its
+# model's full depth minus the drop's bound), so a small validation set chooses cautiously.
+BOUNDED = lambda c: (c["validation_full"] - c["validation"].get("drop_bound", 0.0), c["validation"]["layer_speedup"])  # noqa: E731
 
 
 def collect(result_grid) -> list[dict]:
@@ -55,6 +58,7 @@ def _candidate(record: dict, point: dict, index: int) -> dict:
         "layer_speedup": point["eval"]["layer_speedup"],
         "full_accuracy": record["eval_exit_accuracy"][-1],
         "validation": point["validation"],
+        "validation_full": record["validation_exit_accuracy"][-1],
     }
 
 
@@ -64,7 +68,9 @@ def choose(trials: list[dict], spec: TuneSpec, default_params: dict | None = Non
     candidates = [_candidate(r, p, i) for i, r in enumerate(trials) for p in r["front"]]
     reference = max(r["validation_exit_accuracy"][-1] for r in trials)
     front = pareto_front(candidates, key=VALIDATION)
-    chosen = fastest_within(front, VALIDATION, reference, spec.max_drop)
+    chosen = fastest_within(candidates, BOUNDED, reference, spec.max_drop)
+    if chosen is not None and chosen not in front:
+        front.append(chosen)
     summary = {
         "reference_validation_accuracy": reference,
         "max_drop": spec.max_drop,
@@ -87,7 +93,7 @@ def _default_choice(trials: list[dict], spec: TuneSpec, default_params: dict | N
         if all(abs(record["params"].get(k, float("nan")) - v) < 1e-12 for k, v in default_params.items()):
             sweep = [_candidate(record, p, index) for p in record["entropy_sweep"]]
             own = record["validation_exit_accuracy"][-1]
-            return fastest_within(sweep, VALIDATION, own, spec.max_drop)
+            return fastest_within(sweep, BOUNDED, own, spec.max_drop)
     return None
 
 
@@ -143,23 +149,21 @@ def write_results(output: str | Path, trials: list[dict], spec: TuneSpec, job_da
 @torch.no_grad()
 def runner_check(model_dir: Path, eval_source: str) -> dict:
     """The exported directory, loaded as anyone would, through the batched runner on --eval."""
-    from rayexit.data import encode_examples, iterate_batches, load_text_classification
-    from rayexit.evaluate import run_over
-    from rayexit.metrics import accuracy
-    from rayexit.models import MultiExitForSequenceClassification, load_tokenizer
-    from rayexit.train.recipe import keep_known_labels
+    from rayexit.model_dir import ModelDir
+    from rayexit.tasks import task_named
 
-    model = MultiExitForSequenceClassification.from_pretrained(model_dir)
-    examples = load_text_classification(eval_source)
-    if examples.origin.startswith("atis:"):
-        examples = keep_known_labels(examples, model.labels)
-    data = encode_examples(load_tokenizer(model_dir), examples, model.labels, model.exit_config.max_length)
-    batches = list(iterate_batches(data, 32))
+    directory = ModelDir(model_dir)
+    task = task_named(directory.task)
+    model = directory.load_model()
+    examples = task.load(eval_source, known=model.labels)
+    data = task.encode(directory.load_tokenizer(), examples, model.labels, model.exit_config.max_length)
+    batches = task.eval_batches(data, 32)
     start = time.perf_counter()
-    result = run_over(model, batches, model.exit_config.policy)
+    outcome = task.run_live(model, data, batches, model.exit_config.policy)
     return {
-        "accuracy": accuracy(result.predictions, torch.tensor(data.labels)),
-        "layer_speedup": result.layer_speedup(model.num_layers),
+        "accuracy": outcome.score,
+        "layer_speedup": outcome.layer_speedup,
+        "flops_speedup": outcome.flops_speedup,
         "seconds": time.perf_counter() - start,
         "batch_size": 32,
     }

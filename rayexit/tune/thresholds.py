@@ -22,6 +22,7 @@ import torch
 
 from rayexit.config import ExitPolicy
 from rayexit.exits import ExitCache
+from rayexit.policy import passes
 from rayexit.tune.pareto import pareto_front
 
 CUTS_PER_LAYER = 512  # distinct thresholds kept per layer; finer grids change decisions for a handful of samples
@@ -64,13 +65,9 @@ class SearchResult:
 
 def statistic(cache: ExitCache, kind: str) -> torch.Tensor:
     """The per-sample, per-layer number each policy compares with its threshold."""
-    if kind == "entropy":
-        return cache.entropy
-    if kind == "maxprob":
-        return cache.confidence
-    if kind == "patience":
-        return cache.agree.float()
-    raise ValueError(f"no threshold statistic for policy {kind!r}")
+    if kind not in ("entropy", "maxprob", "patience"):
+        raise ValueError(f"no threshold statistic for policy {kind!r}")
+    return cache.statistic(kind)
 
 
 def evaluate_many(
@@ -98,7 +95,7 @@ def _evaluate_many(cache: ExitCache, labels: torch.Tensor, kind: str, thresholds
         layer_sum = torch.zeros(chunk.shape[0], dtype=torch.float64)
         for layer in range(num_layers - 1):
             column = stat[None, :, layer]
-            wants = column < chunk[:, layer, None] if kind == "entropy" else column >= chunk[:, layer, None]
+            wants = passes(kind, column, chunk[:, layer, None])
             leaving = (wants & running).double()
             right += leaving @ correct[:, layer]
             layer_sum += leaving.sum(1) * (layer + 1)

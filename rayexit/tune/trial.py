@@ -19,6 +19,8 @@ import torch
 from rayexit.data import encode_examples, iterate_batches, load_text_classification
 from rayexit.exits import ExitCache, collect_exit_logits
 from rayexit.files import write_json
+from rayexit.sweep import drop_bounds
+from rayexit.tasks import Outcome, task_named
 from rayexit.tune.pareto import fastest_within, within_drop_score
 from rayexit.tune.space import TuneConfig
 from rayexit.tune.thresholds import Point, SearchResult, evaluate_points, search_thresholds
@@ -45,13 +47,9 @@ class TrialJob:
 
 def exit_cache(model, source: str, batch_size: int = CACHE_BATCH) -> tuple[ExitCache, torch.Tensor]:
     """Every exit's logits on a data source, computed once at full depth."""
-    from rayexit.train.recipe import keep_known_labels
-
-    examples = load_text_classification(source)
-    if examples.origin.startswith("atis:"):
-        examples = keep_known_labels(examples, model.labels)
-    tokenizer = model.tokenizer
-    data = encode_examples(tokenizer, examples, model.labels, model.exit_config.max_length)
+    task = task_named("sequence")
+    examples = task.load(source, known=model.labels)
+    data = task.encode(model.tokenizer, examples, model.labels, model.exit_config.max_length)
     model.eval()
     logits, labels = collect_exit_logits(model, iterate_batches(data, batch_size))
     return ExitCache(logits), labels
@@ -123,8 +121,8 @@ def run_trial(params: dict, job: TrialJob) -> None:
             "settings": settings.to_dict(),
             "validation_exit_accuracy": val_cache.exit_accuracies(val_labels),
             "eval_exit_accuracy": eval_cache.exit_accuracies(eval_labels),
-            "front": _paired(result.points, eval_cache, eval_labels),
-            "entropy_sweep": _paired(entropy_only.points, eval_cache, eval_labels),
+            "front": _paired(result.points, eval_cache, eval_labels, val_cache, val_labels),
+            "entropy_sweep": _paired(entropy_only.points, eval_cache, eval_labels, val_cache, val_labels),
             "threshold_settings": result.settings,
             "threshold_seconds": result.seconds,
             "train_seconds": training.get("seconds"),
@@ -144,17 +142,35 @@ def run_trial(params: dict, job: TrialJob) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _paired(points: list[Point], cache: ExitCache, labels: torch.Tensor) -> list[dict]:
+def _paired(
+    points: list[Point], cache: ExitCache, labels: torch.Tensor, val_cache: ExitCache, val_labels: torch.Tensor
+) -> list[dict]:
+    """Each point's figures on validation (with the drop's confidence bound: the selection rule
+    of `rayexit.sweep.select`) and on eval (measured only)."""
     measured = evaluate_points(cache, labels, points)
+    bounds = validation_drop_bounds(points, val_cache, val_labels)
     return [
         {
             "policy": p.policy,
             "thresholds": p.thresholds,
-            "validation": {"accuracy": p.accuracy, "layer_speedup": p.layer_speedup},
+            "validation": {"accuracy": p.accuracy, "layer_speedup": p.layer_speedup, "drop_bound": bound},
             "eval": {"accuracy": m.accuracy, "layer_speedup": m.layer_speedup},
         }
-        for p, m in zip(points, measured, strict=True)
+        for p, m, bound in zip(points, measured, bounds, strict=True)
     ]
+
+
+def validation_drop_bounds(points: list[Point], cache: ExitCache, labels: torch.Tensor) -> list[float]:
+    """Per point, the upper confidence bound of its accuracy drop below this model's full depth."""
+    task = task_named("sequence")
+
+    def outcome(policy) -> Outcome:
+        stats = (cache.simulate(policy).predictions == labels).double()[:, None]
+        return Outcome(policy, stats, float(task.score_of(stats)), 1.0, 1.0)
+
+    from rayexit.policy import FULL_DEPTH
+
+    return drop_bounds(task, outcome(FULL_DEPTH), [outcome(p.to_policy()) for p in points])
 
 
 def _epoch_reporter(config: TuneConfig, job: TrialJob):

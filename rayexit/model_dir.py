@@ -1,0 +1,172 @@
+"""The model directory: the hand-off between every stage, read and written here only.
+
+    config.json         the backbone's Hugging Face config
+    model.safetensors   backbone and exit heads (safetensors only; nothing is unpickled)
+    tokenizer files
+    rayexit.json        task, labels, head type, pooling, exit policy and thresholds
+    training.json       settings, data, seconds and per-epoch metrics of the run that made it
+
+Every write builds the whole directory beside its target and renames it in, so a reader sees
+the old directory or the new one, never a mix.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from rayexit.errors import RayexitError
+from rayexit.files import replace_dir, staging_dir, write_json
+from rayexit.models.encoder import ExitConfig, load_tokenizer
+from rayexit.policy import ExitPolicy
+
+EXIT_CONFIG_FILE = "rayexit.json"
+WEIGHTS_FILE = "model.safetensors"
+TRAINING_FILE = "training.json"
+LEFT_BEHIND = ("trial_points.json", ".is_checkpoint", ".metadata.pkl")  # Ray bookkeeping, not model files
+
+
+class ModelDir:
+    """One model directory on disk."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"ModelDir({str(self.path)!r})"
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    def exit_config(self) -> ExitConfig:
+        path = self.path / EXIT_CONFIG_FILE
+        if not path.is_file():
+            raise RayexitError(
+                f"{self.path}: not a rayexit model directory (no {EXIT_CONFIG_FILE}); "
+                "train one with `rayexit train` or pass a folder it wrote"
+            )
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise RayexitError(f"{path}: unreadable exit config ({exc})") from None
+        if not isinstance(data, dict):
+            raise RayexitError(f"{path}: expected a JSON object")
+        try:
+            return ExitConfig.from_dict(data)
+        except TypeError as exc:
+            raise RayexitError(f"{path}: unreadable exit config ({exc})") from None
+
+    @property
+    def task(self) -> str:
+        return self.exit_config().task
+
+    def training(self) -> dict[str, Any] | None:
+        path = self.path / TRAINING_FILE
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def load_model(self, expected_task: str | None = None):
+        """The multi-exit model this directory holds, in eval mode; refuses another task's."""
+        from rayexit.tasks import task_named
+
+        exit_config = self.exit_config()
+        if expected_task is not None and exit_config.task != expected_task:
+            raise RayexitError(f"{self.path}: holds a {exit_config.task!r} model, expected {expected_task!r}")
+        model_class = task_named(exit_config.task).model_class()
+        model = model_class(self._backbone(), exit_config)
+        self._load_weights(model)
+        return model.eval()
+
+    def load_tokenizer(self):
+        return load_tokenizer(self.path)
+
+    def _backbone(self) -> torch.nn.Module:
+        from transformers import AutoConfig, AutoModel
+
+        try:
+            config = AutoConfig.from_pretrained(str(self.path))
+        except Exception as exc:
+            raise RayexitError(f"{self.path}/config.json: unreadable backbone config ({exc})") from None
+        return AutoModel.from_config(config, attn_implementation="sdpa")
+
+    def _load_weights(self, model: torch.nn.Module) -> None:
+        load_weights(model, self.path)
+
+    # -- writing ---------------------------------------------------------------------------------
+
+    @classmethod
+    def write(
+        cls, path: str | Path, model, tokenizer=None, training: dict[str, Any] | None = None
+    ) -> ModelDir:
+        """Write `model` (and its tokenizer and training record) as a whole new directory."""
+        target = Path(path)
+        if target.is_dir() and any(target.iterdir()) and not (target / EXIT_CONFIG_FILE).exists():
+            raise RayexitError(f"{target}: exists and is not a rayexit model directory; choose a new folder")
+        with staging_dir(target) as staging:
+            model.backbone.config.save_pretrained(staging)
+            state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+            save_file(_untie(state), staging / WEIGHTS_FILE, metadata={"format": "pt"})
+            write_json(staging / EXIT_CONFIG_FILE, model.exit_config.to_dict())
+            if tokenizer is not None:
+                tokenizer.save_pretrained(staging)
+            if training is not None:
+                write_json(staging / TRAINING_FILE, training)
+            replace_dir(staging, target)
+        return cls(target)
+
+    def with_policy(self, policy: ExitPolicy, target: str | Path, record: dict[str, Any] | None = None) -> ModelDir:
+        """A copy of this directory at `target` whose saved policy is `policy` (an export).
+
+        `record` (what chose the policy and the figures behind it) is kept under
+        `extra.policy_choice`, so the directory says why it holds these thresholds.
+        """
+        exit_config = self.exit_config()
+        policy.check_task(exit_config.task)
+        exit_config.policy = policy
+        if record is not None:
+            exit_config.extra["policy_choice"] = record
+        target = Path(target)
+        if target.resolve() == self.path.resolve():
+            with staging_dir(target) as staging:
+                shutil.copytree(self.path, staging, dirs_exist_ok=True)
+                write_json(staging / EXIT_CONFIG_FILE, exit_config.to_dict())
+                replace_dir(staging, target)
+            return self
+        with staging_dir(target) as staging:
+            shutil.copytree(self.path, staging, dirs_exist_ok=True, ignore=shutil.ignore_patterns(*LEFT_BEHIND))
+            write_json(staging / EXIT_CONFIG_FILE, exit_config.to_dict())
+            replace_dir(staging, target)
+        return ModelDir(target)
+
+
+def read_exit_config(directory: str | Path) -> ExitConfig:
+    return ModelDir(directory).exit_config()
+
+
+def load_weights(model: torch.nn.Module, directory: str | Path) -> None:
+    path = Path(directory) / WEIGHTS_FILE
+    if not path.is_file():
+        raise RayexitError(f"{directory}: missing {WEIGHTS_FILE}")
+    try:
+        state = load_file(str(path))
+    except Exception as exc:
+        raise RayexitError(f"{path}: unreadable weights ({exc})") from None
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state and not k.endswith("position_ids")]
+    if missing:
+        raise RayexitError(f"{path}: weights missing for {', '.join(missing[:5])}")
+    model.load_state_dict(state, strict=False)
+
+
+def _untie(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses shared storage; give every tensor its own."""
+    seen: set[int] = set()
+    out = {}
+    for key, tensor in state.items():
+        ptr = tensor.data_ptr()
+        out[key] = tensor.clone() if ptr in seen else tensor
+        seen.add(ptr)
+    return out

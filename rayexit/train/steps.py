@@ -1,0 +1,182 @@
+"""What one optimisation step computes, per method and task: the `Stage.step` functions.
+
+A step takes (model, batch, params, settings, epoch) and returns (flat gradients, loss value,
+combine). The loop averages the flat gradients across workers (one all-reduce) and then calls
+`combine`, which turns them into one gradient per parameter (RomeBERT projects here, after
+averaging, so every worker applies the same update) plus a conflict flag.
+
+Sentence batches are (input_ids, attention_mask, labels); token batches are `TokenBatch`.
+
+Token stage 2, self-sampling: the stage-1 model's per-layer word uncertainties on the training
+set are cached once (`rayexit.token_exits.cache_token_exits`, the same full pass the sweeps
+replay); every training sentence then draws a window size and a threshold, TOKEE's halting is
+simulated on the cache, and the model trains with those halting masks. The draw depends only
+on (seed, epoch, sentence), so a resumed run and N workers draw what one worker would.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from rayexit.config import TrainSettings
+from rayexit.gradreg import combine_with_projection
+from rayexit.losses import joint_loss, pabee_loss, romebert_losses, weighted_token_loss
+from rayexit.policy import ExitPolicy
+
+
+@dataclass
+class Stage:
+    """One optimisation stage: which parameters train, for how many epochs, on which step."""
+
+    name: str
+    epochs: float
+    params: list[torch.nn.Parameter]
+    head_params: set[int]
+    step: Callable
+    frozen_backbone: bool = False
+
+
+def build_stages(model, settings: TrainSettings, train_data=None) -> list[Stage]:
+    backbone = model.backbone_parameters()
+    heads = list(model.heads.parameters())
+    head_ids = {id(p) for p in heads}
+    if model.task == "token":
+        if settings.method == "self-sampling":
+            step = SelfSamplingStep(model, train_data, settings)
+            return [Stage("self-sampling", settings.epochs, backbone + heads, head_ids, step)]
+        return [Stage("joint", settings.epochs, backbone + heads, head_ids, token_joint_step)]
+    if settings.method == "deebert":
+        final_head = list(model.heads.exits[-1].parameters())
+        if settings.head == "shared-pooler":
+            final_head += list(model.heads.shared_pooler.parameters())
+        final_ids = {id(p) for p in final_head}
+        inner = [p for p in heads if id(p) not in final_ids]
+        stage2_epochs = settings.deebert_stage2_epochs or settings.epochs
+        return [
+            Stage("deebert-1", settings.epochs, backbone + final_head, final_ids, final_only_step),
+            Stage("deebert-2", stage2_epochs, inner, {id(p) for p in inner}, frozen_exits_step, frozen_backbone=True),
+        ]
+    step = {"joint": joint_step, "pabee": pabee_step, "romebert": romebert_step}[settings.method]
+    return [Stage(settings.method, settings.epochs, backbone + heads, head_ids, step)]
+
+
+def grads_of(loss: torch.Tensor, params, retain: bool = False) -> list[torch.Tensor]:
+    grads = torch.autograd.grad(loss, params, retain_graph=retain, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+
+
+def as_is(grads: list[torch.Tensor]) -> tuple[list[torch.Tensor], bool | None]:
+    return grads, None
+
+
+# -- sentence classification -----------------------------------------------------------------
+
+
+def joint_step(model, batch, params, settings, epoch):
+    ids, mask, labels = batch
+    loss = joint_loss(model(ids, mask), labels)
+    return grads_of(loss, params), loss.item(), as_is
+
+
+def pabee_step(model, batch, params, settings, epoch):
+    ids, mask, labels = batch
+    loss = pabee_loss(model(ids, mask), labels)
+    return grads_of(loss, params), loss.item(), as_is
+
+
+def final_only_step(model, batch, params, settings, epoch):
+    ids, mask, labels = batch
+    states = model.layer_states(ids, mask)
+    loss = F.cross_entropy(model.exit_logits(model.num_layers - 1, states[-1], mask), labels)
+    return grads_of(loss, params), loss.item(), as_is
+
+
+def frozen_exits_step(model, batch, params, settings, epoch):
+    ids, mask, labels = batch
+    with torch.no_grad():
+        states = model.layer_states(ids, mask)
+    logits = [model.exit_logits(i, h, mask) for i, h in enumerate(states[:-1])]
+    loss = joint_loss(logits, labels)
+    return grads_of(loss, params), loss.item(), as_is
+
+
+def romebert_step(model, batch, params, settings, epoch):
+    """Both gradients go out in one flat list (one all-reduce); `combine` projects after averaging."""
+    ids, mask, labels = batch
+    final, exits = romebert_losses(model(ids, mask), labels, settings.gamma, settings.temperature)
+    total = (final + exits).item()
+    if settings.gr_direction == "none":
+        return grads_of(final + exits, params), total, as_is
+    flat = grads_of(final, params, retain=True) + grads_of(exits, params)
+    projected = projected_mask(model, params, settings)
+
+    def combine(averaged: list[torch.Tensor]) -> tuple[list[torch.Tensor], bool]:
+        g_final, g_exits = averaged[: len(params)], averaged[len(params) :]
+        leader, other = (g_exits, g_final) if settings.gr_direction == "reverse" else (g_final, g_exits)
+        shared = [i for i, is_projected in enumerate(projected) if is_projected]
+        combined, conflict = combine_with_projection(
+            [leader[i] for i in shared], [other[i] for i in shared], per_tensor=settings.gr_scope == "per_tensor"
+        )
+        out = [lead + oth for lead, oth in zip(leader, other)]
+        for i, grad in zip(shared, combined):
+            out[i] = grad
+        return out, conflict
+
+    return flat, total, combine
+
+
+def projected_mask(model, params, settings: TrainSettings) -> list[bool]:
+    """Which parameters take part in the projection: encoder layers (RomeBERT) or all shared."""
+    chosen = model.encoder_layer_parameters() if settings.gr_scope == "encoder" else model.backbone_parameters()
+    ids = {id(p) for p in chosen}
+    return [id(p) in ids for p in params]
+
+
+# -- token tagging ---------------------------------------------------------------------------
+
+
+def word_logits(logits: torch.Tensor, batch) -> torch.Tensor:
+    """[B, S, T] piece logits -> [B, W, T] at each word's first piece."""
+    return logits.gather(1, batch.word_starts[:, :, None].expand(-1, -1, logits.shape[-1]))
+
+
+def token_joint_step(model, batch, params, settings, epoch):
+    logits = model(batch.input_ids, batch.attention_mask)
+    loss = weighted_token_loss([word_logits(z, batch) for z in logits], batch.labels)
+    return grads_of(loss, params), loss.item(), as_is
+
+
+class SelfSamplingStep:
+    """Token stage 2: train under halting masks simulated from sampled TOKEE settings."""
+
+    def __init__(self, model, train_data, settings: TrainSettings) -> None:
+        from rayexit.token_exits import cache_token_exits
+
+        # Each worker computes the same cache from the same weights: no broadcast needed.
+        self.uncertainty = cache_token_exits(model, train_data, settings.batch_size * 2).uncertainty  # [R, W, L]
+        self.windows = list(settings.sampling_windows)
+        self.max_threshold = settings.sampling_max_threshold
+        self.seed = settings.seed
+
+    def __call__(self, model, batch, params, settings, epoch):
+        halt = self.halting(batch, epoch).to(batch.word_mask.device)
+        states = model.halting_layer_states(batch.input_ids, batch.attention_mask, batch.piece_word, halt)
+        logits = [word_logits(model.exit_logits(i, h), batch) for i, h in enumerate(states)]
+        loss = weighted_token_loss(logits, batch.labels, halt)
+        return grads_of(loss, params), loss.item(), as_is
+
+    def halting(self, batch, epoch: int) -> torch.Tensor:
+        from rayexit.token_exits import simulate_halting
+
+        words = batch.word_mask.shape[1]
+        u = self.uncertainty[batch.rows][:, :words]
+        draws = [random.Random(f"{self.seed}:{epoch}:{row}") for row in batch.rows]
+        windows = torch.tensor([draw.choice(self.windows) for draw in draws])
+        thresholds = torch.tensor([draw.uniform(0.0, self.max_threshold) for draw in draws])
+        policy = ExitPolicy("tokee", 0.0)
+        return simulate_halting(u, batch.word_mask.cpu(), policy, thresholds=thresholds, windows=windows)
