@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from rayexit.errors import RayexitError
 from rayexit.files import write_atomic, write_json
-from rayexit.models.encoder import WEIGHTS_FILE, load_weights
+from rayexit.model_dir import WEIGHTS_FILE, load_weights
 from rayexit.train.loop import LoopState
 
 STATE_FILE = "train_state.json"

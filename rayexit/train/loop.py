@@ -127,6 +127,9 @@ def train_model(
                 taken += 1
                 if taken <= skip:  # already trained on before the checkpoint we resumed from
                     continue
+                # Dropout masks depend on where the step is, not on what ran before: a resumed
+                # run draws exactly what the uninterrupted one drew.
+                torch.manual_seed(step_seed(settings.seed, stage_index, step, rank))
                 with _autocast(device, autocast_dtype):
                     flat, loss_value, combine = stage.step(model, _to(batch, device), stage.params, settings, epoch)
                 grads, conflict = combine(average(flat))
@@ -192,6 +195,10 @@ def _autocast(device: torch.device | None, dtype: torch.dtype | None):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=(device or torch.device("cpu")).type, dtype=dtype)
+
+
+def step_seed(seed: int, stage: int, step: int, rank: int) -> int:
+    return (seed * 1_000_003 + stage * 100_003 + step * 1_009 + rank) % (2**63)
 
 
 def _to(batch, device: torch.device | None):

@@ -20,6 +20,7 @@ from rayexit.model_dir import ModelDir
 from rayexit.models import load_tokenizer
 from rayexit.tasks import Task, task_named
 from rayexit.train.loop import TrainResult, train_model
+from rayexit.train.steps import sampling_cache
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,8 @@ def prepare(
         model = chosen.new_model(model_name, labels, settings)
     max_length = model.exit_config.max_length
     train_data = chosen.encode(tokenizer, train, labels, max_length)
+    if settings.method == "self-sampling":
+        sampling_cache(model, train_data, settings.batch_size * 2)
     eval_data = None
     if eval_source:
         eval_data = chosen.encode(tokenizer, chosen.load(eval_source, known=labels), labels, max_length)

@@ -155,10 +155,7 @@ class SelfSamplingStep:
     """Token stage 2: train under halting masks simulated from sampled TOKEE settings."""
 
     def __init__(self, model, train_data, settings: TrainSettings) -> None:
-        from rayexit.token_exits import cache_token_exits
-
-        # Each worker computes the same cache from the same weights: no broadcast needed.
-        self.uncertainty = cache_token_exits(model, train_data, settings.batch_size * 2).uncertainty  # [R, W, L]
+        self.uncertainty = sampling_cache(model, train_data, settings.batch_size * 2)  # [R, W, L]
         self.windows = list(settings.sampling_windows)
         self.max_threshold = settings.sampling_max_threshold
         self.seed = settings.seed
@@ -180,3 +177,17 @@ class SelfSamplingStep:
         thresholds = torch.tensor([draw.uniform(0.0, self.max_threshold) for draw in draws])
         policy = ExitPolicy("tokee", 0.0)
         return simulate_halting(u, batch.word_mask.cpu(), policy, thresholds=thresholds, windows=windows)
+
+
+def sampling_cache(model, train_data, batch_size: int) -> torch.Tensor:
+    """The stage-1 model's per-layer word uncertainties on the training set, computed once.
+
+    Kept on the encoded data (`recipe.prepare` fills it from the --init model before any
+    training), so a resumed run and every Ray Train worker sample from the stage-1 model's
+    uncertainties, not from weights that have trained since.
+    """
+    from rayexit.token_exits import cache_token_exits
+
+    if getattr(train_data, "sampling_cache", None) is None:
+        train_data.sampling_cache = cache_token_exits(model, train_data, batch_size).uncertainty
+    return train_data.sampling_cache
