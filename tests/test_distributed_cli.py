@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import pytest
+
 from rayexit.cli import build_parser, main
 
 JOB = Path(__file__).resolve().parents[1] / "jobs" / "train.py"
@@ -36,7 +38,18 @@ def test_train_flags_parse_and_default_to_in_process():
     assert chosen == (2, True, "auto", 2, 50)
 
 
-def test_token_task_refuses_num_workers(capsys):
-    code = main(["train", "--task", "token", "--model", "m", "--train", "t", "--output", "o", "--num-workers", "2"])
-    assert code == 2
-    assert "--num-workers" in capsys.readouterr().err
+def test_token_task_goes_to_ray_train_with_its_task(monkeypatch, tmp_path):
+    """`--task token --num-workers N` runs the one distributed path, told which task and init."""
+    import rayexit.train.distributed as distributed
+
+    seen = {}
+
+    def fake_fit(model, train, evaluation, settings, output, options, **where):
+        seen.update(where, workers=options.num_workers, method=settings.method)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(distributed, "fit_distributed", fake_fit)
+    with pytest.raises(SystemExit):
+        main(["train", "--task", "token", "--method", "self-sampling", "--init", str(tmp_path), "--train", "t",
+              "--output", "o", "--num-workers", "2"])
+    assert seen == {"task": "token", "init": str(tmp_path), "workers": 2, "method": "self-sampling"}

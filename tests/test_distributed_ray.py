@@ -13,6 +13,7 @@ import torch
 from test_distributed import PER_WORKER, settings_for, toy_data, toy_model
 
 from rayexit.errors import RayexitError
+from rayexit.tasks import task_named
 from rayexit.train.checkpoints import read_checkpoint
 from rayexit.train.distributed import fit_prepared
 from rayexit.train.loop import train_model
@@ -21,7 +22,7 @@ from rayexit.train.recipe import PreparedRun
 
 def prepared(n: int = 16) -> PreparedRun:
     data = toy_data(n=n)
-    return PreparedRun(toy_model(), None, data, data)
+    return PreparedRun(task_named("sequence"), toy_model(), None, data, data)
 
 
 def reference_weights(method: str, n: int, epochs: float) -> dict[str, torch.Tensor]:

@@ -81,8 +81,9 @@ def measure_step_times(model_name: str, train_source: str, base: TrainSettings, 
     on a shared machine hits them alike and the ratios stay comparable.
     """
     from rayexit.data.encode import iterate_batches
-    from rayexit.train.loop import apply_gradients, build_stages, make_optimizer
+    from rayexit.train.loop import apply_gradients, make_optimizer
     from rayexit.train.recipe import prepare
+    from rayexit.train.steps import build_stages
 
     variants = {
         "joint": {"method": "joint"},
@@ -105,7 +106,7 @@ def measure_step_times(model_name: str, train_source: str, base: TrainSettings, 
     for index in range(steps + 3):
         for label, (settings, stage, step, (optimizer, scheduler)) in plans.items():
             start = time.perf_counter()
-            flat, _, combine = step(run.model, ids, mask, labels, stage.params, settings)
+            flat, _, combine = step(run.model, (ids, mask, labels), stage.params, settings, 0)
             grads, conflict = combine(flat)
             apply_gradients(stage.params, grads, optimizer, scheduler)
             if index >= 3:
