@@ -25,7 +25,7 @@ AWKWARD = (
     "\n"
     "\n"
     "-DOCSTART- O\n"
-    "Peter NNP B-NP B-PER\r\n"
+    "Peter\tB-PER\r\n"
     "Blackburn I-PER\n"
     "-DOCSTART- O\n"
     "BRUSSELS B-LOC \n"
