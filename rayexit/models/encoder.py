@@ -20,8 +20,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from rayexit import integrity
 from rayexit.config import ExitPolicy
 from rayexit.errors import RayexitError
+from rayexit.reading import one_line
 
 EXIT_CONFIG_FILE = "rayexit.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -141,9 +143,11 @@ class MultiExitEncoder(nn.Module):
             self.backbone.config.save_pretrained(staging)
             state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
             save_file(_untie(state), staging / WEIGHTS_FILE, metadata={"format": "pt"})
-            (staging / EXIT_CONFIG_FILE).write_text(json.dumps(self.exit_config.to_dict(), indent=2))
             if tokenizer is not None:
                 tokenizer.save_pretrained(staging)
+            # Last, so that it records the digest of every file written before it.
+            record = integrity.with_digests(self.exit_config.to_dict(), staging)
+            (staging / EXIT_CONFIG_FILE).write_text(json.dumps(record, indent=2))
             _replace_dir(staging, directory)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
@@ -157,15 +161,19 @@ def read_exit_config(directory: str | Path) -> ExitConfig:
             f"{directory}: not a rayexit model directory (no {EXIT_CONFIG_FILE}); "
             "train one with `rayexit train` or pass a folder it wrote"
         )
+    data = integrity.read_record(path)
     try:
-        return ExitConfig.from_dict(json.loads(path.read_text()))
-    except (json.JSONDecodeError, TypeError) as exc:
+        config = ExitConfig.from_dict(data)
+    except (TypeError, ValueError, RayexitError) as exc:
         raise RayexitError(f"{path}: unreadable exit config ({exc})") from None
+    integrity.check_exit_config(config, path)
+    return config
 
 
 def load_backbone_from_config(directory: str | Path) -> nn.Module:
     from transformers import AutoConfig, AutoModel
 
+    integrity.check_files(directory, [integrity.BACKBONE_CONFIG], EXIT_CONFIG_FILE)
     try:
         config = AutoConfig.from_pretrained(str(directory))
     except Exception as exc:
@@ -180,12 +188,11 @@ def load_weights(model: nn.Module, directory: str | Path) -> None:
     try:
         state = load_file(str(path))
     except Exception as exc:
-        raise RayexitError(f"{path}: unreadable weights ({exc})") from None
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state and not k.endswith("position_ids")]
-    if missing:
-        raise RayexitError(f"{path}: weights missing for {', '.join(missing[:5])}")
-    model.load_state_dict(state, strict=False)
+        raise RayexitError(f"{path}: unreadable weights ({one_line(exc)})") from None
+    integrity.check_files(directory, [WEIGHTS_FILE], EXIT_CONFIG_FILE)
+    state = integrity.check_state(state, model, path)  # strict: every key, every shape, finite
+    integrity.check_max_length(model.exit_config.max_length, model.backbone, Path(directory) / EXIT_CONFIG_FILE)
+    model.load_state_dict(state, strict=False)  # strict already; derived buffers may be absent
 
 
 def _untie(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -214,7 +221,11 @@ def load_tokenizer(name_or_path: str | Path):
 
     from rayexit.data.packaged import resolve_model_name
 
+    resolved = resolve_model_name(str(name_or_path))
+    integrity.check_tokenizer_source(resolved, EXIT_CONFIG_FILE)
     try:
-        return AutoTokenizer.from_pretrained(resolve_model_name(str(name_or_path)))
+        tokenizer = AutoTokenizer.from_pretrained(resolved)
     except OSError as exc:
-        raise RayexitError(f"{name_or_path}: could not load a tokenizer ({exc})") from None
+        raise RayexitError(f"{name_or_path}: could not load a tokenizer ({one_line(exc)})") from None
+    integrity.check_tokenizer_fits(tokenizer, resolved)
+    return tokenizer
