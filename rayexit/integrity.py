@@ -165,9 +165,10 @@ def check_exit_config(config: Any, path: str | Path) -> None:
     if len(set(labels)) != len(labels):
         twice = sorted({x for x in labels if labels.count(x) > 1})
         raise RayexitError(f"{path}: labels must be distinct; repeated: {', '.join(twice[:5])}")
-    if config.head not in HEADS:
+    # Token models always have linear heads on every word-piece; head and pooling shape only sentence models.
+    if config.task == "sequence" and config.head not in HEADS:
         raise RayexitError(f"{path}: head {config.head!r}, expected one of {', '.join(HEADS)}")
-    if config.pooling not in POOLINGS:
+    if config.task == "sequence" and config.pooling not in POOLINGS:
         raise RayexitError(f"{path}: pooling {config.pooling!r}, expected one of {', '.join(POOLINGS)}")
     dropout = config.dropout
     if not _real(dropout) or not 0.0 <= dropout < 1.0:
