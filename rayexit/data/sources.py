@@ -153,23 +153,40 @@ def _starts_with_bracket(path: Path) -> bool:
 
 
 def _read_parquet(path: Path) -> list[dict]:
+    """Rows of a Parquet file, refused as soon as they would take more memory than the file limit.
+
+    Two checks, because the file's size says little: its footer gives the size of the columns
+    once decompressed (a compression bomb is refused unread), and batches are counted as they
+    are decoded (dictionary-encoded repeats are small on disk and large in memory).
+    """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     check_size(path)
+    limit = file_limit()
     try:
         table_file = pq.ParquetFile(path)
-        # The footer says how large the columns are once decompressed; refuse before inflating them.
         meta = table_file.metadata
-        inflated = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
-        if inflated > file_limit():
-            raise RayexitError(
-                f"{path}: {inflated} bytes once decompressed, more than the {file_limit()}-byte limit "
-                f"(raise it with {FILE_LIMIT_ENV} if the file is right)"
-            )
-        return table_file.read().to_pylist()
+        stored = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+        if stored > limit:
+            raise RayexitError(_parquet_too_large(path, stored, "decompressed", limit))
+        rows: list[dict] = []
+        held = 0
+        for batch in table_file.iter_batches(batch_size=1024):
+            held += batch.nbytes
+            if held > limit:
+                raise RayexitError(_parquet_too_large(path, f"over {held}", "decoded", limit))
+            rows.extend(batch.to_pylist())
+        return rows
     except (pa.ArrowException, OSError) as exc:
         raise RayexitError(f"{path}: not a readable Parquet file ({one_line(exc)})") from None
+
+
+def _parquet_too_large(path: Path, size: int | str, how: str, limit: int) -> str:
+    return (
+        f"{path}: {size} bytes once {how}, more than the {limit}-byte limit "
+        f"(raise it with {FILE_LIMIT_ENV} if the file is right)"
+    )
 
 
 def _rows_to_examples(rows: list, origin: str, lines: list[int] | None) -> TextExamples:
