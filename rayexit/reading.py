@@ -120,7 +120,7 @@ def parse_json(text: str, where: str) -> Any:
     except json.JSONDecodeError as exc:
         raise RayexitError(f"{where}: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
     except RecursionError:
-        raise RayexitError(f"{where}: JSON nested too deeply to read; expected a flat record") from None
+        raise RayexitError(f"{where}: JSON nested too deeply to read; expected a few levels of nesting") from None
     except ValueError as exc:  # e.g. an integer of more digits than Python converts
         raise RayexitError(f"{where}: unreadable JSON ({one_line(exc)})") from None
 

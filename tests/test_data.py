@@ -233,3 +233,14 @@ def test_file_size_limit_is_checked_before_and_while_reading(tmp_path, monkeypat
     rows.write_text('{"text": "a", "label": 1}\n' * 100)
     monkeypatch.setenv(FILE_LIMIT_ENV, "1000")
     assert "more than the 1000-byte limit" in one_line_error(str(rows))
+
+
+def test_cli_train_on_a_binary_file_is_one_line_exit_2(tmp_path, capsys):
+    from rayexit.cli import main
+
+    path = tmp_path / "random.tsv"
+    path.write_bytes(RANDOM)
+    assert main(["train", "--model", "minilm", "--train", str(path), "--output", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {path}:1: ") and "\n" not in err and "UTF-8" in err
+    assert not (tmp_path / "o").exists()
