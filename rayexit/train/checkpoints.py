@@ -50,7 +50,7 @@ def write_checkpoint(directory: str | Path, model, state: LoopState, tokenizer=N
         "conflicts": state.conflicts,
         "epoch_losses": state.epoch_losses,
         "extra": extra or {},
-        "sha256": {name: _digest(directory / name) for name in [WEIGHTS_FILE] + ([OPTIMIZER_FILE] if tensors else [])},
+        "sha256": {name: file_digest(directory / name) for name in [WEIGHTS_FILE] + ([OPTIMIZER_FILE] * bool(tensors))},
     }
     write_json(directory / STATE_FILE, record)
     return directory
@@ -65,7 +65,7 @@ def read_checkpoint(directory: str | Path, model) -> tuple[LoopState, dict]:
     record = read_json(path)
     _check_record(record, path)
     for name, digest in record["sha256"].items():
-        if not (directory / name).is_file() or _digest(directory / name) != digest:
+        if not (directory / name).is_file() or file_digest(directory / name) != digest:
             raise RayexitError(f"{directory / name}: missing or does not match {STATE_FILE}; the checkpoint is damaged")
     load_weights(model, directory)
     optimizer = None
@@ -178,7 +178,3 @@ def _join_optimizer(tensors: dict[str, torch.Tensor], meta: dict, path: Path) ->
         raise RayexitError(
             f"{path}: optimizer state does not fit {OPTIMIZER_FILE} ({type(exc).__name__}: {one_line(exc)})"
         ) from None
-
-
-def _digest(path: Path) -> str:
-    return file_digest(path)
