@@ -36,6 +36,7 @@ def write_checkpoint(directory: str | Path, model, state: LoopState, tokenizer=N
     tensors, optimizer_meta = _split_optimizer(state.optimizer)
     if tensors:
         write_atomic(directory / OPTIMIZER_FILE, lambda tmp: save_file(tensors, str(tmp)))
+    digested = [WEIGHTS_FILE] + ([OPTIMIZER_FILE] if tensors else [])
     record = {
         "format_version": FORMAT_VERSION,
         "stage": state.stage,
@@ -50,7 +51,7 @@ def write_checkpoint(directory: str | Path, model, state: LoopState, tokenizer=N
         "conflicts": state.conflicts,
         "epoch_losses": state.epoch_losses,
         "extra": extra or {},
-        "sha256": {name: file_digest(directory / name) for name in [WEIGHTS_FILE] + ([OPTIMIZER_FILE] * bool(tensors))},
+        "sha256": {name: file_digest(directory / name) for name in digested},
     }
     write_json(directory / STATE_FILE, record)
     return directory
