@@ -144,3 +144,12 @@ def test_damaged_optimizer_file_is_refused(checkpoint):
     (checkpoint / OPTIMIZER_FILE).write_bytes(bytes(raw))
     with pytest.raises(RayexitError, match=f"{OPTIMIZER_FILE}: missing or does not match"):
         read_checkpoint(checkpoint, toy_model())
+
+
+def test_fresh_optimizer_without_tensors_needs_no_optimizer_file(tmp_path):
+    model = toy_model()
+    fresh = torch.optim.AdamW(model.parameters()).state_dict()  # no step yet: no tensors to save
+    directory = write_checkpoint(tmp_path / "ckpt", model, LoopState(optimizer=fresh))
+    assert not (directory / OPTIMIZER_FILE).exists()
+    state, _ = read_checkpoint(directory, toy_model())
+    assert state.optimizer["state"] == {} and len(state.optimizer["param_groups"]) == 1

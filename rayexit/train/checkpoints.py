@@ -124,7 +124,7 @@ def _check_record(record: Any, path: Path) -> None:
             expected = " or ".join("null" if t is type(None) else t.__name__ for t in types)
             raise RayexitError(f"{path}: `{name}` is {type(value).__name__}, expected {expected}")
     digests = record["sha256"]
-    needed = [WEIGHTS_FILE] + ([OPTIMIZER_FILE] if record["optimizer"] is not None else [])
+    needed = [WEIGHTS_FILE] + ([OPTIMIZER_FILE] if _has_tensors(record["optimizer"]) else [])
     for name in needed:
         if name not in digests:
             raise RayexitError(f"{path}: `sha256` has no digest for {name}; the checkpoint cannot be checked")
@@ -133,6 +133,19 @@ def _check_record(record: Any, path: Path) -> None:
             raise RayexitError(
                 f"{path}: `sha256` entry {name!r}: expected {WEIGHTS_FILE} or {OPTIMIZER_FILE} with 64 hex digits"
             )
+
+
+def _has_tensors(meta: dict | None) -> bool:
+    """Whether the optimizer record points into optimizer.safetensors (a fresh optimizer has no tensors)."""
+    slots = (meta or {}).get("state")
+    if not isinstance(slots, dict):
+        return False
+    return any(
+        isinstance(value, dict) and "tensor" in value
+        for slot in slots.values()
+        if isinstance(slot, dict)
+        for value in slot.values()
+    )
 
 
 def _read_optimizer(path: Path) -> dict[str, torch.Tensor]:
