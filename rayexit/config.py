@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -11,6 +13,9 @@ import yaml
 
 from rayexit.errors import RayexitError
 from rayexit.policy import POLICIES, ExitPolicy  # noqa: F401  (re-exported: settings carry a policy)
+from rayexit.reading import one_line, read_text
+
+CONFIG_LIMIT = 1 << 20  # a settings file is a few hundred bytes; anything near this is not one
 
 # self-sampling is stage 2 of token-level early exit (sequence labeling only).
 METHODS = ("romebert", "deebert", "pabee", "joint", "self-sampling")
@@ -88,15 +93,32 @@ class TrainSettings:
         return _build(cls, data, "train")
 
 
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads `1e-4` as a number.
+
+    PyYAML follows YAML 1.1, where a float needs a dot and a signed exponent, so `lr: 1e-4` or
+    `lr: 2e5` arrive as strings; YAML 1.2 (and every user) reads them as numbers.
+    """
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping, with errors that name the file."""
     path = Path(path)
     if not path.is_file():
         raise RayexitError(f"{path}: config file not found")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.load(read_text(path, max_file=CONFIG_LIMIT), Loader=_Loader) or {}
     except yaml.YAMLError as exc:
-        raise RayexitError(f"{path}: not valid YAML ({exc})") from None
+        raise RayexitError(f"{path}: not valid YAML ({one_line(exc)})") from None
+    except RecursionError:
+        raise RayexitError(f"{path}: YAML nested too deeply; expected a mapping of settings") from None
     if not isinstance(data, dict):
         raise RayexitError(f"{path}: expected a mapping of settings at the top level")
     return data
@@ -106,23 +128,64 @@ def train_settings(config_path: str | Path | None, overrides: dict[str, Any]) ->
     """Settings from the YAML file's `train:` section (or top level), then flags on top."""
     data: dict[str, Any] = {}
     if config_path:
-        raw = load_yaml(config_path)
-        data = dict(raw.get("train", raw))
+        data = _train_section(config_path, load_yaml(config_path))
     data.update({k: v for k, v in overrides.items() if v is not None})
     return TrainSettings.from_dict(data)
+
+
+def _train_section(path: str | Path, raw: dict[str, Any]) -> dict[str, Any]:
+    """The `train:` section, refusing a `tune:` section rather than dropping it unread."""
+    if "tune" in raw:
+        # Training with only the fixed settings of a search config would look like the search
+        # ran; say which command reads the file instead of silently ignoring half of it.
+        raise RayexitError(
+            f"{path}: has a `tune:` section, which only `rayexit tune --config {path}` reads; "
+            "to train once with its `train:` settings, put them in a file without `tune:`"
+        )
+    if "train" not in raw:
+        return dict(raw)  # settings at the top level
+    others = sorted(set(raw) - {"train"})
+    if others:
+        raise RayexitError(f"{path}: unknown section(s) {', '.join(map(str, others))}; expected `train:`")
+    section = raw["train"]
+    if section is None:
+        return {}
+    if not isinstance(section, dict):
+        raise RayexitError(f"{path}: train: expected a mapping of settings, got {type(section).__name__}")
+    return dict(section)
 
 
 def _build(cls: type, data: dict[str, Any], section: str) -> Any:
     if not isinstance(data, dict):
         raise RayexitError(f"{section}: expected a mapping, got {type(data).__name__}")
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - known)
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(data) - set(known), key=str)
     if unknown:
-        raise RayexitError(f"{section}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        raise RayexitError(
+            f"{section}: unknown setting(s) {', '.join(map(str, unknown))}; known: {', '.join(sorted(known))}"
+        )
+    data = {name: _coerce_number(known[name], value) for name, value in data.items()}
     try:
         return cls(**data)
     except TypeError as exc:
         raise RayexitError(f"{section}: {exc}") from None
+
+
+def _coerce_number(spec: dataclasses.Field, value: Any) -> Any:
+    """A numeric string for a float setting ("1e-4", from a quoted YAML value or a JSON file) as a float.
+
+    Only float settings: a quoted whole number for an integer setting is left to be refused,
+    and a string that is not a finite number stays a string, so the setting's check names it.
+    """
+    if spec.type not in ("float", "float | None") or not isinstance(value, str):
+        return value
+    if not _NUMBER.fullmatch(value.strip()):
+        return value
+    number = float(value.strip().replace("_", ""))
+    return number if math.isfinite(number) else value
+
+
+_NUMBER = re.compile(r"[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)(?:[eE][-+]?[0-9]+)?")
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:

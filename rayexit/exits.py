@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rayexit.flops import sentence_batch_flops
+from rayexit.flops import full_sentence_flops, sentence_batch_flops
 from rayexit.policy import ExitPolicy, entropy, passes, sentence_statistic
 
 __all__ = ["ExitCache", "ExitResult", "collect_exit_logits", "entropy", "first_true", "run_early_exit"]
@@ -23,8 +23,8 @@ class ExitResult:
     predictions: torch.Tensor  # [N] label index
     confidences: torch.Tensor  # [N] softmax probability of the prediction
     exit_layers: torch.Tensor  # [N] 1-based layer each sample left at
-    flops: int = 0  # what the runner computed (0 for a replay)
-    full_flops: int = 0  # what full depth computes for the same batches
+    flops: int = 0  # what the runner computed, every exit it ran included (0 for a replay)
+    full_flops: int = 0  # a plain forward of the same batches: every layer, the final exit only
 
     def layer_speedup(self, num_layers: int) -> float:
         return num_layers / self.exit_layers.double().mean().item()
@@ -47,7 +47,7 @@ def run_early_exit(
     predictions = torch.zeros(size, dtype=torch.long, device=device)
     confidences = torch.zeros(size, device=device)
     exit_layers = torch.full((size,), last, dtype=torch.long, device=device)
-    full_flops = num_layers * sentence_batch_flops(model, input_ids.shape[1], size)
+    full_flops = full_sentence_flops(model, input_ids.shape[1], size)
     flops = 0
 
     active = torch.arange(size, device=device)

@@ -46,6 +46,17 @@ def sentence_batch_flops(model, width: int, rows: int) -> int:
     return layer_flops(hidden, intermediate, columns, columns) + sentence_head_flops(model, rows)
 
 
+def full_sentence_flops(model, width: int, rows: int) -> int:
+    """What a plain forward computes for a padded batch: every layer, and the final exit only."""
+    hidden, intermediate = sizes(model)
+    columns = torch.full((rows,), width)
+    return model.num_layers * layer_flops(hidden, intermediate, columns, columns) + sentence_head_flops(model, rows)
+
+
+def replay_full_sentence_flops(model, lengths: torch.Tensor, batches: list[list[int]]) -> int:
+    return sum(full_sentence_flops(model, int(lengths[torch.tensor(rows)].max()), len(rows)) for rows in batches)
+
+
 def replay_sentence_flops(model, exit_layers: torch.Tensor, lengths: torch.Tensor, batches: list[list[int]]) -> int:
     """FLOPs the batched runner computes when examples leave at `exit_layers` (1-based).
 

@@ -20,10 +20,12 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from rayexit import integrity
 from rayexit.errors import RayexitError
 from rayexit.files import replace_dir, staging_dir, write_json
 from rayexit.models.encoder import ExitConfig, load_tokenizer
 from rayexit.policy import ExitPolicy
+from rayexit.reading import one_line
 
 EXIT_CONFIG_FILE = "rayexit.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -49,16 +51,13 @@ class ModelDir:
                 f"{self.path}: not a rayexit model directory (no {EXIT_CONFIG_FILE}); "
                 "train one with `rayexit train` or pass a folder it wrote"
             )
+        data = integrity.read_record(path)  # bounded; binary, deep or damaged-digest files refused
         try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise RayexitError(f"{path}: unreadable exit config ({exc})") from None
-        if not isinstance(data, dict):
-            raise RayexitError(f"{path}: expected a JSON object")
-        try:
-            return ExitConfig.from_dict(data)
-        except TypeError as exc:
-            raise RayexitError(f"{path}: unreadable exit config ({exc})") from None
+            config = ExitConfig.from_dict(data)
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise RayexitError(f"{path}: unreadable exit config ({one_line(exc)})") from None
+        integrity.check_exit_config(config, path)
+        return config
 
     @property
     def task(self) -> str:
@@ -86,6 +85,7 @@ class ModelDir:
     def _backbone(self) -> torch.nn.Module:
         from transformers import AutoConfig, AutoModel
 
+        integrity.check_files(self.path, [integrity.BACKBONE_CONFIG], EXIT_CONFIG_FILE)
         try:
             config = AutoConfig.from_pretrained(str(self.path))
         except Exception as exc:
@@ -109,11 +109,11 @@ class ModelDir:
             model.backbone.config.save_pretrained(staging)
             state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
             save_file(_untie(state), staging / WEIGHTS_FILE, metadata={"format": "pt"})
-            write_json(staging / EXIT_CONFIG_FILE, model.exit_config.to_dict())
             if tokenizer is not None:
                 tokenizer.save_pretrained(staging)
             if training is not None:
                 write_json(staging / TRAINING_FILE, training)
+            _write_record(staging, model.exit_config)
             replace_dir(staging, target)
         return cls(target)
 
@@ -132,12 +132,12 @@ class ModelDir:
         if target.resolve() == self.path.resolve():
             with staging_dir(target) as staging:
                 shutil.copytree(self.path, staging, dirs_exist_ok=True)
-                write_json(staging / EXIT_CONFIG_FILE, exit_config.to_dict())
+                _write_record(staging, exit_config)
                 replace_dir(staging, target)
             return self
         with staging_dir(target) as staging:
             shutil.copytree(self.path, staging, dirs_exist_ok=True, ignore=shutil.ignore_patterns(*LEFT_BEHIND))
-            write_json(staging / EXIT_CONFIG_FILE, exit_config.to_dict())
+            _write_record(staging, exit_config)
             replace_dir(staging, target)
         return ModelDir(target)
 
@@ -153,12 +153,17 @@ def load_weights(model: torch.nn.Module, directory: str | Path) -> None:
     try:
         state = load_file(str(path))
     except Exception as exc:
-        raise RayexitError(f"{path}: unreadable weights ({exc})") from None
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state and not k.endswith("position_ids")]
-    if missing:
-        raise RayexitError(f"{path}: weights missing for {', '.join(missing[:5])}")
-    model.load_state_dict(state, strict=False)
+        raise RayexitError(f"{path}: unreadable weights ({one_line(exc)})") from None
+    integrity.check_files(directory, [WEIGHTS_FILE], EXIT_CONFIG_FILE)
+    state = integrity.check_state(state, model, path)  # strict: every key, every shape, finite
+    integrity.check_max_length(model.exit_config.max_length, model.backbone, Path(directory) / EXIT_CONFIG_FILE)
+    model.load_state_dict(state, strict=False)  # strict already; derived buffers may be absent
+
+
+def _write_record(staging: Path, exit_config: ExitConfig) -> None:
+    """rayexit.json, written last so that it records the digest of every file beside it."""
+    (staging / EXIT_CONFIG_FILE).unlink(missing_ok=True)
+    write_json(staging / EXIT_CONFIG_FILE, integrity.with_digests(exit_config.to_dict(), staging))
 
 
 def _untie(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

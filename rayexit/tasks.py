@@ -233,14 +233,14 @@ class SentenceReplay:
     """A sentence set's full pass: every exit's logits, replayed exactly for any policy."""
 
     def __init__(self, task: SentenceTask, model, cache, labels: torch.Tensor, data, batch_size: int) -> None:
-        from rayexit.flops import replay_sentence_flops
+        from rayexit.flops import replay_full_sentence_flops, replay_sentence_flops
 
         self.task, self.cache, self.labels = task, cache, labels
         self.num_layers = cache.num_layers
         lengths = torch.tensor([len(ids) for ids in data.input_ids])
         batches = [list(range(s, min(s + batch_size, len(data)))) for s in range(0, len(data), batch_size)]
         self._flops = lambda layers: replay_sentence_flops(model, layers, lengths, batches)
-        self._full_flops = self._flops(torch.full((len(data),), self.num_layers))
+        self._full_flops = replay_full_sentence_flops(model, lengths, batches)
 
     def exit_scores(self) -> list[float]:
         return self.cache.exit_accuracies(self.labels)

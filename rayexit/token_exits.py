@@ -345,7 +345,10 @@ class TokenCache:
         return total
 
     def _full_flops(self) -> int:
-        return self._flops(torch.where(self.word_mask, self.num_layers, 0))
+        """As `full_depth_flops`: every layer on every token and the final exit on every word."""
+        hidden, intermediate, num_tags = self.dims
+        per_layer = layer_flops(hidden, intermediate, self.lengths, self.lengths)
+        return self.num_layers * per_layer + 2 * int(self.word_mask.sum()) * hidden * num_tags
 
 
 @torch.no_grad()

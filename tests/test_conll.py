@@ -25,7 +25,7 @@ AWKWARD = (
     "\n"
     "\n"
     "-DOCSTART- O\n"
-    "Peter NNP B-NP B-PER\r\n"
+    "Peter\tB-PER\r\n"
     "Blackburn I-PER\n"
     "-DOCSTART- O\n"
     "BRUSSELS B-LOC \n"
@@ -149,3 +149,73 @@ def test_hub_dataset_with_class_label_tags(monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", lambda name, split: datasets.Dataset.from_dict({"text": ["x"]}))
     with pytest.raises(RayexitError, match="expected a tokens column"):
         load_tagged("someone/other")
+
+
+# -- column layout and damaged files ---------------------------------------------------------
+
+
+def test_line_with_another_column_count_is_refused_with_file_and_line(tmp_path):
+    path = write(tmp_path, "EU B-ORG\nrejects O\n\nPeter NNP B-NP\nBlackburn I-PER\n")
+    with pytest.raises(RayexitError, match=r"data\.txt:4: 3 columns, but line 1 has 2; expected the same columns"):
+        read_conll(path)
+
+
+def test_extra_last_column_is_refused_naming_the_tag_column(tmp_path):
+    path = write(tmp_path, "EU NNP B-ORG extra-col\nrejects VBZ O extra-col\n")
+    with pytest.raises(RayexitError) as info:
+        read_conll(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}:1: 'extra-col' in the tag column (column 4, the last) is not a tag")
+    assert "column 3 looks like a tag" in message
+
+
+def test_pos_tags_in_the_last_column_are_refused(tmp_path):
+    path = write(tmp_path, "EU B-ORG NNP\nrejects O VBZ\n")
+    with pytest.raises(RayexitError, match=r"data\.txt:1: 'NNP' in the tag column .* column 2 looks like a tag"):
+        read_conll(path)
+
+
+def test_conll2003_four_column_layout_reads_the_entity_tags(tmp_path):
+    text = "-DOCSTART- -X- -X- O\n\nEU NNP B-NP B-ORG\nrejects VBZ B-VP O\nGerman JJ B-NP B-MISC\n"
+    sentences = read_conll(write(tmp_path, text))
+    assert sentences.tags == [["B-ORG", "O", "B-MISC"]]
+
+
+def test_binary_and_undecodable_conll_files_are_one_line(tmp_path):
+    path = tmp_path / "random.txt"
+    path.write_bytes(bytes(range(256)) * 8)
+    with pytest.raises(RayexitError, match=r"random\.txt:1: (binary data|not UTF-8 text)"):
+        load_tagged(str(path))
+    path.write_bytes(b"EU B-ORG\nK\xf6ln B-LOC\n")
+    with pytest.raises(RayexitError, match=r"random\.txt:2: not UTF-8 text"):
+        load_tagged(str(path))
+
+
+def test_one_gigabyte_conll_line_is_refused_with_bounded_memory(tmp_path):
+    import tracemalloc
+
+    path = tmp_path / "long.txt"
+    with open(path, "wb") as handle:
+        handle.write(b"EU B-ORG\n" + b"x" * 1000)
+        handle.seek(1_000_000_000)  # a hole: the line is 1 GB long but takes no disk
+        handle.write(b" O\n")
+    tracemalloc.start()
+    try:
+        with pytest.raises(RayexitError, match=r"long\.txt:2: line longer than 1048576 bytes"):
+            load_tagged(str(path))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 * 2**20
+
+
+def test_cli_train_on_a_wrong_layout_is_one_line_exit_2(tmp_path, capsys):
+    from rayexit.cli import main
+
+    path = write(tmp_path, "EU B-ORG\nrejects O\nGerman NNP B-MISC\n")
+    output = tmp_path / "o"
+    assert main(["train", "--task", "token", "--model", "minilm", "--train", str(path), "--output", str(output)]) == 2
+    err = capsys.readouterr().err.strip()
+    expected = "3 columns, but line 1 has 2; expected the same columns on every line (token first, tag last)"
+    assert err == f"error: {path}:3: {expected}"
+    assert not (tmp_path / "o").exists()

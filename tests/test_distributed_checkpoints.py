@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import re
+
 import pytest
 import torch
 from test_distributed import SEED, toy_data, toy_model
@@ -9,7 +12,7 @@ from test_distributed import SEED, toy_data, toy_model
 from rayexit.config import TrainSettings
 from rayexit.errors import RayexitError
 from rayexit.train.checkpoints import OPTIMIZER_FILE, STATE_FILE, read_checkpoint, write_checkpoint
-from rayexit.train.loop import train_model
+from rayexit.train.loop import LoopState, train_model
 
 
 def train(settings, **kwargs):
@@ -77,3 +80,76 @@ def test_damaged_or_cut_off_checkpoints_are_refused(tmp_path):
     (directory / STATE_FILE).unlink()
     with pytest.raises(RayexitError, match="not a training checkpoint"):
         read_checkpoint(directory, toy_model())
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    """A checkpoint with real optimizer tensors, written without a training run."""
+    model = toy_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ids = torch.tensor([[101, 2000, 102]])
+    sum(logits.sum() for logits in model(ids, torch.ones_like(ids))).backward()
+    optimizer.step()
+    state = LoopState(step=1, batch=1, optimizer=optimizer.state_dict(), scheduler={"last_epoch": 1})
+    return write_checkpoint(tmp_path / "ckpt", model, state)
+
+
+def edit_state(directory, change):
+    path = directory / STATE_FILE
+    record = json.loads(path.read_text())
+    change(record)
+    path.write_text(json.dumps(record))
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda r: r.pop("sha256"), "no `sha256`; the checkpoint is damaged or cut off"),
+        (lambda r: r.update(sha256={}), "`sha256` has no digest for model.safetensors"),
+        (lambda r: r["sha256"].pop(OPTIMIZER_FILE), f"`sha256` has no digest for {OPTIMIZER_FILE}"),
+        (lambda r: r["sha256"].update({"model.safetensors": "0" * 63}), "expected model.safetensors or"),
+        (lambda r: r["sha256"].update({"../elsewhere": "0" * 64}), "entry '../elsewhere'"),
+        (lambda r: r.pop("step"), "no `step`"),
+        (lambda r: r.update(history="all of it"), "`history` is str, expected list"),
+        (lambda r: r.update(format_version=9), "format_version 9, expected 1"),
+        (lambda r: r["optimizer"]["state"]["0"]["exp_avg"].update(tensor="nope"), "optimizer state does not fit"),
+    ],
+)
+def test_damaged_train_state_is_one_line(checkpoint, change, message):
+    read_checkpoint(checkpoint, toy_model())  # intact: loads
+    edit_state(checkpoint, change)
+    with pytest.raises(RayexitError, match=re.escape(message)) as info:
+        read_checkpoint(checkpoint, toy_model())
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"\x80\x04\x95binary\x00state", "binary data"),
+        (b'{"format_version": 1, "note": "caf\xe9"}', "not UTF-8 text"),
+        (b"[" * 100_000, "JSON nested too deeply"),
+        (b'"just a string"', "expected a JSON object"),
+    ],
+)
+def test_binary_or_unreadable_train_state_is_one_line(checkpoint, content, message):
+    (checkpoint / STATE_FILE).write_bytes(content)
+    with pytest.raises(RayexitError, match=f"{STATE_FILE}: {message}"):
+        read_checkpoint(checkpoint, toy_model())
+
+
+def test_damaged_optimizer_file_is_refused(checkpoint):
+    raw = bytearray((checkpoint / OPTIMIZER_FILE).read_bytes())
+    raw[-1] ^= 0x01
+    (checkpoint / OPTIMIZER_FILE).write_bytes(bytes(raw))
+    with pytest.raises(RayexitError, match=f"{OPTIMIZER_FILE}: missing or does not match"):
+        read_checkpoint(checkpoint, toy_model())
+
+
+def test_fresh_optimizer_without_tensors_needs_no_optimizer_file(tmp_path):
+    model = toy_model()
+    fresh = torch.optim.AdamW(model.parameters()).state_dict()  # no step yet: no tensors to save
+    directory = write_checkpoint(tmp_path / "ckpt", model, LoopState(optimizer=fresh))
+    assert not (directory / OPTIMIZER_FILE).exists()
+    state, _ = read_checkpoint(directory, toy_model())
+    assert state.optimizer["state"] == {} and len(state.optimizer["param_groups"]) == 1

@@ -1,9 +1,10 @@
 """Tagged sentences for sequence labeling: CoNLL files, hub datasets, the packaged ATIS slots.
 
 A source is a string: a CoNLL-style file (`token ... TAG` a line, any whitespace, blank lines
-between sentences, `-DOCSTART-` lines skipped; the tag is the last column), `atis` or
-`atis:test` for the packaged slot tags, or a hub dataset `owner/name[:split]` with a tokens
-column and a tags column. Tags are IOB2 strings; the tag set is read from the training data.
+between sentences, `-DOCSTART-` lines skipped; the tag is the last column and every word line
+has the same number of columns), `atis` or `atis:test` for the packaged slot tags, or a hub
+dataset `owner/name[:split]` with a tokens column and a tags column. Tags are IOB2 strings;
+the tag set is read from the training data.
 
 Encoding puts each word's label on its first word-piece. A sentence longer than the model's
 limit is split into consecutive windows of whole words (with a warning naming the line), and
@@ -13,6 +14,7 @@ predictions are stitched back, so no word ever loses its label.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,12 +23,15 @@ import torch
 from rayexit.data.encode import rank_slices
 from rayexit.data.packaged import read_atis
 from rayexit.errors import RayexitError
+from rayexit.reading import iter_lines
 
 log = logging.getLogger(__name__)
 
 DOCSTART = "-DOCSTART-"
 TOKEN_COLUMNS = ("tokens", "words")
 TAG_COLUMNS = ("ner_tags", "tags", "labels", "slot_tags")
+# A tag as IOB1/IOB2/IOBES files write them: O, or a prefix, a dash and a type (B-PER, I-fromloc.city_name).
+TAG_PATTERN = re.compile(r"O|[BIESLU]-\S+")
 IGNORE = -100  # label of positions that carry no tag: specials and non-first word-pieces
 
 
@@ -106,19 +111,22 @@ def load_tagged(source: str, max_examples: int | None = None) -> TaggedSentences
 
 
 def read_conll(path: str | Path) -> TaggedSentences:
+    """Sentences of a CoNLL-style file whose layout is checked line by line.
+
+    Every word line must have the column count of the file's first word line, and its last
+    column must hold a tag (`O` or `PREFIX-TYPE`): a file whose tags sit in another column, or
+    with a stray extra column, would otherwise train on chunk tags or junk and exit 0.
+    """
     path = Path(path)
     if path.is_dir():
         raise RayexitError(f"{path}: is a folder, expected a CoNLL-style file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise RayexitError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     words: list[list[str]] = []
     tags: list[list[str]] = []
     lines: list[int] = []
     cur_words: list[str] = []
     cur_tags: list[str] = []
     start = 0
+    layout: tuple[int, int] | None = None  # (columns, line that set them)
 
     def close() -> None:
         if cur_words:
@@ -128,7 +136,7 @@ def read_conll(path: str | Path) -> TaggedSentences:
             cur_words.clear()
             cur_tags.clear()
 
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in iter_lines(path):
         fields = line.split()
         if not fields:
             close()
@@ -138,12 +146,33 @@ def read_conll(path: str | Path) -> TaggedSentences:
             continue
         if len(fields) < 2:
             raise RayexitError(f"{path}:{number}: {fields[0]!r} has no tag; expected `token TAG` (tag last)")
+        if layout is None:
+            layout = (len(fields), number)
+        check_columns(path, number, fields, layout)
         if not cur_words:
             start = number
         cur_words.append(fields[0])
         cur_tags.append(fields[-1])
     close()
     return TaggedSentences(words, tags, str(path), lines)
+
+
+def check_columns(path: Path, number: int, fields: list[str], layout: tuple[int, int]) -> None:
+    """Refuse a word line whose column count or tag column does not fit the file's layout."""
+    columns, first = layout
+    if len(fields) != columns:
+        raise RayexitError(
+            f"{path}:{number}: {len(fields)} columns, but line {first} has {columns}; expected the same "
+            "columns on every line (token first, tag last)"
+        )
+    if TAG_PATTERN.fullmatch(fields[-1]):
+        return
+    others = [i + 1 for i, value in enumerate(fields[1:-1], start=1) if TAG_PATTERN.fullmatch(value)]
+    hint = f"; column {others[-1]} looks like a tag, but the tag must be the last column" if others else ""
+    raise RayexitError(
+        f"{path}:{number}: {fields[-1]!r} in the tag column (column {columns}, the last) is not a tag; "
+        f"expected O or PREFIX-TYPE such as B-PER{hint}"
+    )
 
 
 def _read_hub(name: str) -> TaggedSentences:

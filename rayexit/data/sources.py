@@ -7,12 +7,21 @@ for the packaged demo data, or a hub dataset such as `glue/sst2` or `glue/sst2:v
 from __future__ import annotations
 
 import csv
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from rayexit.data.packaged import read_atis
 from rayexit.errors import RayexitError
+from rayexit.reading import (
+    FILE_LIMIT_ENV,
+    check_size,
+    file_limit,
+    iter_lines,
+    one_line,
+    open_binary,
+    parse_json,
+    read_text,
+)
 
 TEXT_COLUMNS = ("sentence", "text")
 LABEL_COLUMN = "label"
@@ -71,51 +80,116 @@ def _read_file(path: Path) -> TextExamples:
         raise RayexitError(f"{path}: is a folder, expected a data file")
     suffix = path.suffix.lower()
     if suffix in (".tsv", ".csv"):
-        rows, first_line = _read_delimited(path, "\t" if suffix == ".tsv" else ",")
+        rows, lines = _read_delimited(path, "\t" if suffix == ".tsv" else ",")
     elif suffix in (".jsonl", ".json"):
-        rows, first_line = _read_json(path), 1
+        rows, lines = _read_json(path)
     elif suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        rows, first_line = pq.read_table(path).to_pylist(), 1
+        rows, lines = _read_parquet(path), None
     else:
         raise RayexitError(f"{path}: unknown file type {suffix!r}; expected .tsv, .csv, .jsonl, .json or .parquet")
-    return _rows_to_examples(rows, str(path), first_line)
+    return _rows_to_examples(rows, str(path), lines)
 
 
-def _read_delimited(path: Path, delimiter: str) -> tuple[list[dict], int]:
-    with path.open(newline="", encoding="utf-8") as handle:
-        # SST-2's TSV has quotes inside sentences; they are text, not CSV quoting.
-        quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
-        reader = csv.DictReader(handle, delimiter=delimiter, quoting=quoting)
-        if reader.fieldnames is None:
-            raise RayexitError(f"{path}: empty file; expected a header line naming the columns")
-        reader.fieldnames = [name.strip() for name in reader.fieldnames]
-        return list(reader), 2
+def _read_delimited(path: Path, delimiter: str) -> tuple[list[dict], list[int]]:
+    """Rows as dicts keyed by the header, and the line each row ends on."""
+    # SST-2's TSV has quotes inside sentences; they are text, not CSV quoting.
+    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+    reader = csv.reader((text for _, text in iter_lines(path, keepends=True)), delimiter=delimiter, quoting=quoting)
+    kind = "TSV" if delimiter == "\t" else "CSV"
+    rows, lines = [], []
+    header: list[str] | None = None
+    try:
+        for record in reader:
+            if header is None:
+                header = [name.strip() for name in record]
+                continue
+            if not record:
+                continue
+            if len(record) > len(header):
+                raise RayexitError(
+                    f"{path}:{reader.line_num}: {len(record)} fields, but the header names {len(header)} "
+                    f"({', '.join(header)}); expected one {kind} field per column"
+                )
+            rows.append(dict(zip(header, record)))
+            lines.append(reader.line_num)
+    except csv.Error as exc:
+        raise RayexitError(f"{path}:{reader.line_num}: unreadable {kind} ({one_line(exc)})") from None
+    if header is None:
+        raise RayexitError(f"{path}: empty file; expected a header line naming the columns")
+    return rows, lines
 
 
-def _read_json(path: Path) -> list[dict]:
-    text = path.read_text(encoding="utf-8")
-    if not text.strip():
+def _read_json(path: Path) -> tuple[list, list[int] | None]:
+    """A JSON array of objects (read whole, within the file-size limit) or JSON Lines (line by line)."""
+    if _starts_with_bracket(path):
+        rows = parse_json(read_text(path), str(path))
+        if not isinstance(rows, list):
+            raise RayexitError(f"{path}: expected a JSON array of objects or one JSON object a line")
+        return rows, None
+    rows, lines = [], []
+    for number, line in iter_lines(path):
+        if line.strip():
+            rows.append(parse_json(line, f"{path}:{number}"))
+            lines.append(number)
+    if not rows:
         raise RayexitError(f"{path}: empty file")
-    if text.lstrip().startswith("["):
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise RayexitError(f"{path}: not valid JSON ({exc})") from None
+    return rows, lines
+
+
+def _starts_with_bracket(path: Path) -> bool:
+    """Whether the first character that is not white space is `[` (a JSON array, not JSON Lines).
+
+    Read in blocks rather than lines: a JSON array is often one long line, which the line limit
+    would refuse although the whole-file limit allows it.
+    """
+    with open_binary(path) as handle:
+        block = handle.read(1 << 16).removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark
+        while block:
+            stripped = block.lstrip()
+            if stripped:
+                return stripped.startswith(b"[")
+            block = handle.read(1 << 16)
+    return False
+
+
+def _read_parquet(path: Path) -> list[dict]:
+    """Rows of a Parquet file, refused as soon as they would take more memory than the file limit.
+
+    Two checks, because the file's size says little: its footer gives the size of the columns
+    once decompressed (a compression bomb is refused unread), and batches are counted as they
+    are decoded (dictionary-encoded repeats are small on disk and large in memory).
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    check_size(path)
+    limit = file_limit()
+    try:
+        table_file = pq.ParquetFile(path)
+        meta = table_file.metadata
+        stored = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+        if stored > limit:
+            raise RayexitError(_parquet_too_large(path, stored, "decompressed", limit))
+        rows: list[dict] = []
+        held = 0
+        for batch in table_file.iter_batches(batch_size=1024):
+            held += batch.nbytes
+            if held > limit:
+                raise RayexitError(_parquet_too_large(path, f"over {held}", "decoded", limit))
+            rows.extend(batch.to_pylist())
         return rows
-    rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as exc:
-            raise RayexitError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
-    return rows
+    except (pa.ArrowException, OSError) as exc:
+        raise RayexitError(f"{path}: not a readable Parquet file ({one_line(exc)})") from None
 
 
-def _rows_to_examples(rows: list[dict], origin: str, first_line: int) -> TextExamples:
+def _parquet_too_large(path: Path, size: int | str, how: str, limit: int) -> str:
+    return (
+        f"{path}: {size} bytes once {how}, more than the {limit}-byte limit "
+        f"(raise it with {FILE_LIMIT_ENV} if the file is right)"
+    )
+
+
+def _rows_to_examples(rows: list, origin: str, lines: list[int] | None) -> TextExamples:
     if not rows:
         raise RayexitError(f"{origin}: no examples found (empty file?)")
     columns = list(rows[0].keys()) if isinstance(rows[0], dict) else []
@@ -123,20 +197,25 @@ def _rows_to_examples(rows: list[dict], origin: str, first_line: int) -> TextExa
     if text_column is None or LABEL_COLUMN not in columns:
         missing = "a text column (`sentence` or `text`)" if text_column is None else "a `label` column"
         raise RayexitError(f"{origin}: missing {missing}; found columns: {', '.join(map(str, columns)) or 'none'}")
-    texts, labels, lines = [], [], []
-    for offset, row in enumerate(rows):
-        line = first_line + offset
+    texts, labels = [], []
+    for index, row in enumerate(rows):
+        where = f"line {lines[index]}" if lines else f"example {index + 1}"
         if not isinstance(row, dict):
-            raise RayexitError(f"{origin}: line {line}: expected an object with `{text_column}` and `label`")
+            raise RayexitError(f"{origin}: {where}: expected an object with `{text_column}` and `label`")
         text, label = row.get(text_column), row.get(LABEL_COLUMN)
-        if text is None or not str(text).strip():
-            raise RayexitError(f"{origin}: line {line}: empty `{text_column}`")
+        if text is not None and not isinstance(text, str):
+            raise RayexitError(f"{origin}: {where}: `{text_column}` is {type(text).__name__}, expected a string")
+        if label is not None and not isinstance(label, (str, int)):
+            raise RayexitError(
+                f"{origin}: {where}: `label` is {type(label).__name__}, expected a string or a whole number"
+            )
+        if text is None or not text.strip():
+            raise RayexitError(f"{origin}: {where}: empty `{text_column}`")
         if label is None or str(label).strip() == "":
-            raise RayexitError(f"{origin}: line {line}: empty `label`")
-        texts.append(str(text).strip())
+            raise RayexitError(f"{origin}: {where}: empty `label`")
+        texts.append(text.strip())
         labels.append(str(label).strip())
-        lines.append(line)
-    return TextExamples(texts, labels, origin, lines)
+    return TextExamples(texts, labels, origin, list(lines) if lines else None)
 
 
 def _read_hub(name: str) -> TextExamples:
@@ -153,6 +232,4 @@ def _read_hub(name: str) -> TextExamples:
     except Exception as exc:  # the hub raises many types; the user needs the name and the reason
         raise RayexitError(f"{name}: could not load the hub dataset ({exc})") from None
     # Integer label ids are kept as labels, the same as GLUE's TSV files give them.
-    examples = _rows_to_examples(table.to_list(), name, 1)
-    examples.lines = None
-    return examples
+    return _rows_to_examples(table.to_list(), name, None)

@@ -15,8 +15,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from rayexit import integrity
 from rayexit.errors import RayexitError
 from rayexit.policy import ExitPolicy
+from rayexit.reading import one_line
 
 
 @dataclass
@@ -138,7 +140,11 @@ def load_tokenizer(name_or_path: str | Path):
 
     from rayexit.data.packaged import resolve_model_name
 
+    resolved = resolve_model_name(str(name_or_path))
+    integrity.check_tokenizer_source(resolved, "rayexit.json")
     try:
-        return AutoTokenizer.from_pretrained(resolve_model_name(str(name_or_path)))
+        tokenizer = AutoTokenizer.from_pretrained(resolved)
     except OSError as exc:
-        raise RayexitError(f"{name_or_path}: could not load a tokenizer ({exc})") from None
+        raise RayexitError(f"{name_or_path}: could not load a tokenizer ({one_line(exc)})") from None
+    integrity.check_tokenizer_fits(tokenizer, resolved)
+    return tokenizer

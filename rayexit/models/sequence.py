@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from rayexit.errors import RayexitError
+from rayexit.integrity import check_encoder_source
 from rayexit.models.encoder import (
     ExitConfig,
     MultiExitEncoder,
@@ -52,8 +53,10 @@ def load_pretrained_backbone(name_or_path: str) -> torch.nn.Module:
     from rayexit.data.packaged import resolve_model_name
 
     resolved = resolve_model_name(name_or_path)
+    check_encoder_source(resolved)  # a local folder of pickled weights only is refused, unread
     try:
-        return AutoModel.from_pretrained(resolved, attn_implementation="sdpa")
+        # safetensors only, from a hub too: transformers would otherwise unpickle pytorch_model.bin.
+        return AutoModel.from_pretrained(resolved, attn_implementation="sdpa", use_safetensors=True)
     except OSError as exc:
         raise RayexitError(
             f"{name_or_path}: could not load an encoder ({exc}). Give a model folder, a hub name "
