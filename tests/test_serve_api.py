@@ -120,13 +120,16 @@ def test_deep_nesting_and_huge_numbers_are_400_not_500(service):
         assert digits.status_code == 400 and "digits" in digits.json()["error"]["message"]
 
 
-@pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded", "multipart/form-data"])
+@pytest.mark.parametrize(
+    "content_type", [None, "text/plain", "application/x-www-form-urlencoded", "multipart/form-data"]
+)
 def test_only_json_bodies_are_accepted(client, service, content_type):
     headers = {"Content-Type": content_type} if content_type else {}
     response = client.post("/v1/classify", content=b'{"texts": ["ok"]}', headers=headers)
     assert response.status_code == 415 and response.json()["error"]["reason"] == "unsupported_media_type"
     assert service.calls == []
-    ok = client.post("/v1/classify", content=b'{"texts": ["ok"]}', headers={"Content-Type": "application/json; charset=utf-8"})
+    utf8 = {"Content-Type": "application/json; charset=utf-8"}
+    ok = client.post("/v1/classify", content=b'{"texts": ["ok"]}', headers=utf8)
     assert ok.status_code == 200
 
 
