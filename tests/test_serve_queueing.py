@@ -124,3 +124,29 @@ def test_a_big_request_in_waves_lets_a_small_one_through_first():
         return finished
 
     assert asyncio.run(scenario()) == ["small", "big"]
+
+
+class FakeMetric:
+    def __init__(self, name, description="", boundaries=None, tag_keys=()):
+        self.name, self.tag_keys = name, tuple(tag_keys)
+
+
+class FakeMetrics:
+    Counter = Gauge = Histogram = FakeMetric
+
+
+def test_metric_names_units_and_labels_are_fixed():
+    from rayexit.serve.metrics import ServeMetrics
+    from rayexit.serve.validation import REASONS
+
+    metrics = ServeMetrics(num_layers=4, metrics=FakeMetrics)
+    declared = {name: m for name, m in vars(metrics).items() if isinstance(m, FakeMetric)}
+    assert all(m.name.startswith("rayexit_") for m in declared.values())  # Prometheus: ray_rayexit_*
+    assert all(m.name.endswith("_ms") for m in (metrics.latency, metrics.queue_wait, metrics.batch_wait))
+    labels = {m.name: m.tag_keys for m in declared.values() if m.tag_keys}
+    assert labels == {
+        "rayexit_request_latency_ms": ("route",),
+        "rayexit_rejected_requests": ("status", "reason"),
+        "rayexit_failed_requests": ("reason",),
+    }
+    assert "model_error" in REASONS and "internal" in REASONS and len(REASONS) < 20  # a small closed set

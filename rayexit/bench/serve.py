@@ -31,6 +31,9 @@ from rayexit.config import ExitPolicy
 from rayexit.errors import RayexitError
 
 RUNS = ("sweep", "fault", "overload", "poison")
+# The sweep compares configurations by throughput under closed-loop load, where p99 is clients / rate
+# whatever the batching: shedding (on by default in serving) would turn that comparison into 503 counts.
+SWEEP_NO_SHEDDING = {"max_queue_wait_ms": 600_000.0, "max_queued_texts": 1_000_000}
 
 CONFIGS: dict[str, dict[str, Any]] = {
     "early-exit adaptive": {"adaptive": True},
@@ -102,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         if "sweep" in runs:
             for name in names:
-                settings = ServeSettings.from_args({**base, **CONFIGS[name]})
+                settings = ServeSettings.from_args({**base, **CONFIGS[name], **SWEEP_NO_SHEDDING})
                 if running is None:
                     running = start_serving(settings, include_dashboard="fault" in runs)
                 else:

@@ -30,6 +30,8 @@ REASONS = (
     "not_found",
     "method_not_allowed",
     "overloaded",
+    "model_error",  # 500: the model failed on one text of the request (after isolation)
+    "internal",  # 500: anything else unexpected inside the replica
 )
 MAX_FIELD_CHARS = 80  # an unknown key is echoed back, cut to this length
 
