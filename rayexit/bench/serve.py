@@ -120,15 +120,21 @@ def run(args: argparse.Namespace) -> int:
                 report.setdefault("controller", {})[name] = controller_history()
         if running is None:
             running = start_serving(adaptive, include_dashboard="fault" in runs)
+        unshed = ServeSettings.from_args({**base, **CONFIGS["early-exit adaptive"], **SWEEP_NO_SHEDDING})
         if "poison" in runs and args.poison_requests > 0:
-            redeploy(adaptive)
+            # Shedding off: this run measures isolation, and a 503 from load would blur the count it reports.
+            redeploy(unshed)
             report["poison"] = asyncio.run(poison_run(running.url, payloads, args.poison_requests))
             print(format_poison(report["poison"]), flush=True)
             write_json(args.json, report)
         if "overload" in runs and args.overload_seconds > 0:
+            # The sustainable rate is what the replica computes with nothing refused: measured with shedding off
+            # (a closed loop whose refused clients retry at once would only measure how fast 503s are made).
+            redeploy(unshed)
+            calibration = asyncio.run(load(running.url, payloads, 16, count=10**9, timeout_s=args.calibrate_seconds))
             redeploy(adaptive)
             report["overload"] = asyncio.run(overload_run(
-                running.url, payloads, args.calibrate_seconds, args.overload_seconds, args.overload_factor, args.seed
+                running.url, payloads, calibration, args.overload_seconds, args.overload_factor, args.seed
             ))
             report["overload"]["target_p99_ms"] = args.target_p99_ms
             print(format_overload(report["overload"]), flush=True)
@@ -331,24 +337,26 @@ async def poison_run(url: str, payloads: list[dict], count: int, concurrency: in
     }
 
 
-async def overload_run(url: str, payloads: list[dict], calibrate_s: float, seconds: float, factor: float,
+async def overload_run(url: str, payloads: list[dict], calibration: dict, seconds: float, factor: float,
                        seed: int) -> dict:
-    """Measure the sustainable rate with a closed loop, then offer `factor` times it open-loop (Poisson arrivals)."""
+    """Offer `factor` times the sustainable rate (a closed loop's answers/s) open-loop, as Poisson arrivals."""
     import aiohttp
 
-    calibration = await load(url, payloads, 16, count=10**9, timeout_s=calibrate_s)
     sustainable = calibration["requests_per_s"]
     rate = factor * max(sustainable, 1.0)
     rng = random.Random(seed)
     events: list[tuple[float, float, str, str | None]] = []  # (sent, answered, status, retry-after)
+    shed_where = {"admission": 0, "deadline": 0}
 
     async def one(session, payload) -> None:
         sent = time.perf_counter()
         retry = None
         try:
             async with session.post(url + "/v1/classify", json=payload) as response:
-                await response.read()
+                body = await response.read()
                 status, retry = str(response.status), response.headers.get("Retry-After")
+            if status == "503":
+                shed_where["deadline" if b"deadline" in body else "admission"] += 1
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             status = type(exc).__name__
         events.append((sent, time.perf_counter(), status, retry))
@@ -384,6 +392,7 @@ async def overload_run(url: str, payloads: list[dict], calibrate_s: float, secon
         "shed": len(shed),
         "shed_fraction": round(len(shed) / max(len(events), 1), 4),
         "shed_with_retry_after": sum(1 for e in shed if e[3]),
+        "shed_at": shed_where,
         "server_errors_5xx_not_shed": sum(1 for e in events if e[2].startswith("5") and e[2] != "503"),
         "client_errors": sum(1 for e in events if not e[2].isdigit()),
         "statuses": statuses,
