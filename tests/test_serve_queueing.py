@@ -28,15 +28,25 @@ def test_an_empty_queue_admits_and_a_full_one_sheds_with_retry_after():
     assert (admission.queued_texts, admission.queued_tokens) == (1, 10)
 
 
-def test_the_estimated_wait_sheds_past_the_limit_and_sets_retry_after():
+def test_a_long_wait_at_the_head_sheds_until_a_batch_sees_a_short_one():
     admission = Admission(max_wait_s=0.1, max_queued_texts=10_000)
-    admission.record_batch(tokens=1000, seconds=1.0)  # drains 1,000 tokens/s
-    admission.admit(1, 50)  # 50 ms queued
-    admission.admit(1, 40)  # 90 ms
+    admission.admit(4, 40)
+    admission.record_wait(0.25)  # a (cold, slow) batch found its oldest text 250 ms old
     with pytest.raises(Overloaded) as info:
-        admission.admit(1, 20)  # would be 110 ms
-    assert "110 ms" in str(info.value) and info.value.retry_after_s == 1
-    admission.admit(1, 10)  # 100 ms exactly is still within
+        admission.admit(1, 10)
+    assert "250 ms" in str(info.value) and "100 ms" in str(info.value)
+    admission.record_wait(0.02)  # the next batch: the queue drained while new work was refused
+    admission.admit(1, 10)
+    admission.record_wait(0.5)
+    admission.release(5, 50)  # the queue emptied: nothing waits, so the next request is admitted
+    admission.admit(2, 20)
+    assert (admission.queued_texts, admission.queued_tokens) == (2, 20)
+
+
+def test_retry_after_follows_the_drain_rate():
+    admission = Admission(max_wait_s=0.1, max_queued_texts=10)
+    assert admission.retry_after_s() == 1  # no rate learnt yet
+    admission.record_batch(tokens=1000, seconds=1.0)
     admission.record_batch(tokens=100, seconds=1.0)  # slower now: the estimate follows (moving average)
     assert admission.tokens_per_s == pytest.approx(820.0)
     admission.queued_tokens = 4100

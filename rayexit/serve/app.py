@@ -163,7 +163,8 @@ class ExitClassifier:
                 "queued_tokens": self.admission.queued_tokens,
                 "max_queued_texts": self.admission.max_queued_texts,
                 "max_queue_wait_ms": round(self.admission.max_wait_s * 1000, 3),
-                "estimated_wait_ms": round(self.admission.estimated_wait_s() * 1000, 1),
+                "head_wait_ms": round(self.admission.head_wait_s * 1000, 1),
+                "estimated_drain_ms": round(self.admission.estimated_wait_s() * 1000, 1),
             },
             "device": str(self.engine.device) if self.engine is not None else None,
         }
@@ -317,7 +318,8 @@ class ExitClassifier:
         fresh = [item for item in items if not item.taken]
         for item in fresh:
             item.taken = True
-        self.admission.release(len(fresh), sum(item.tokens for item in fresh))
+        self.admission.record_wait(max((started - item.enqueued for item in items), default=0.0))
+        self.admission.release(len(fresh), sum(item.tokens for item in fresh))  # an emptied queue resets the wait
         self.metrics.queued_texts.set(self.admission.queued_texts)
         for k, item in enumerate(items):
             self.metrics.queue_wait.observe((started - item.enqueued) * 1000)

@@ -1,9 +1,9 @@
 """What happens to work between admission and the model, as plain Python a test can drive.
 
 - `Admission` keeps the replica's backlog (texts and tokens admitted but not yet taken by a
-  batch) and sheds load: a request whose texts would wait longer than `max_wait_s` at the
-  measured drain rate, or overflow the queue, is refused (503 with Retry-After) before it
-  queues; a text that still waited past the deadline when a batch reaches it is dropped then.
+  batch) and sheds load: while queued texts wait longer than `max_wait_s`, or the queue is
+  full, a new request is refused (503 with Retry-After) before it queues; a text that still
+  waited past the deadline when a batch reaches it is dropped then.
 - `waves` cuts a request into bounded chunks; a request enters the batch queue one chunk at a
   time, so a small request sent meanwhile joins the next batch instead of waiting for all of a
   big one (the batch queue is first come, first served).
@@ -48,6 +48,16 @@ class Skipped:
 
 
 class Admission:
+    """The backlog, and whether one more request may join it.
+
+    A request is shed when the queue holds work and the text at its head last waited longer
+    than `max_wait_s` (the wait a batch actually saw, not a prediction: a shed request adds
+    nothing, so the queue drains, the next batch sees a short wait and admission resumes; an
+    estimate learnt from slow batches could instead keep refusing long after they passed), or
+    when the queue would hold more than `max_queued_texts` texts. The drain rate learnt from
+    batches only sizes Retry-After.
+    """
+
     def __init__(
         self, max_wait_s: float, max_queued_texts: int, clock: Callable[[], float] = time.monotonic,
         deadline_factor: float = 2.0,
@@ -58,12 +68,13 @@ class Admission:
         self.clock = clock
         self.queued_texts = 0
         self.queued_tokens = 0
+        self.head_wait_s = 0.0  # how long the oldest text of the last batch had waited
         self.tokens_per_s: float | None = None  # drain rate, learnt from batches
 
-    def estimated_wait_s(self, extra_tokens: int = 0) -> float:
+    def estimated_wait_s(self) -> float:
         if not self.tokens_per_s:
             return 0.0
-        return (self.queued_tokens + extra_tokens) / self.tokens_per_s
+        return self.queued_tokens / self.tokens_per_s
 
     def retry_after_s(self) -> int:
         """Whole seconds until the present backlog should have drained (at least 1)."""
@@ -76,11 +87,10 @@ class Admission:
                 f"{self.queued_texts} texts already queued (limit {self.max_queued_texts}); try again shortly",
                 self.retry_after_s(),
             )
-        wait = self.estimated_wait_s(tokens)
-        if self.queued_texts and wait > self.max_wait_s:
+        if self.queued_texts and self.head_wait_s > self.max_wait_s:
             raise Overloaded(
-                f"estimated queue wait {wait * 1000:.0f} ms is over the limit of {self.max_wait_s * 1000:.0f} ms; "
-                "try again shortly",
+                f"queued texts are waiting {self.head_wait_s * 1000:.0f} ms, over the limit of "
+                f"{self.max_wait_s * 1000:.0f} ms; try again shortly",
                 self.retry_after_s(),
             )
         self.queued_texts += texts
@@ -90,6 +100,11 @@ class Admission:
         """Texts leave the backlog: taken by a batch, or abandoned (request cancelled, failed or shed)."""
         self.queued_texts = max(0, self.queued_texts - texts)
         self.queued_tokens = max(0, self.queued_tokens - tokens)
+        if not self.queued_texts:
+            self.head_wait_s = 0.0  # nothing waits now
+
+    def record_wait(self, head_wait_s: float) -> None:
+        self.head_wait_s = head_wait_s
 
     def record_batch(self, tokens: int, seconds: float) -> None:
         if tokens <= 0 or seconds <= 0:
