@@ -44,7 +44,6 @@ class _Call:
 
 @dataclass
 class _Item:
-    index: int  # position in its request
     payload: Any  # token ids (classification) or words (tagging)
     layer_cap: int | None
     tokens: int
@@ -231,7 +230,7 @@ class ExitClassifier:
                 reason="too_many_tokens",
             )
         call = _Call()
-        return [_Item(i, p, max_layers, c, call) for i, (p, c) in enumerate(zip(payloads, costs, strict=True))]
+        return [_Item(p, max_layers, c, call) for p, c in zip(payloads, costs, strict=True)]
 
     async def _submit(self, batch_method, items: list[_Item]) -> list:
         """Admit the request, then queue its items one wave at a time; answers in item order."""
@@ -271,7 +270,7 @@ class ExitClassifier:
             if isinstance(answer, ItemFailed):
                 raise RequestError(500, f"texts[{index}]", "the model failed on this text; the other requests "
                                    "in its batch were answered", reason="model_error")
-        if any(isinstance(answer, Skipped) for answer in answers):  # only after a failure above; never reached
+        if any(isinstance(answer, Skipped) for answer in answers):  # defensive: a failure above comes with it
             raise RequestError(500, "server", "the request failed", reason="model_error")
 
     def _record_latency(self, started: float, route: str) -> None:
