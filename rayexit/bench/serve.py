@@ -1,16 +1,23 @@
-"""`rayexit bench serve`: bounded HTTP load on loopback against the Serve app, then a replica kill.
+"""`rayexit bench serve`: bounded HTTP load on loopback against the Serve app, then faults and overload.
 
-For every serving configuration (early exit with adaptive batching; early exit with fixed
-batch sizes; full depth with adaptive batching) and every concurrency level, a closed loop of
-clients sends a fixed number of requests (or stops at a time limit) and the benchmark records
-requests/s, p50/p99 latency and the error count. The fault run then kills the replica's
-process mid-load and measures the errors and the time until answers flow again.
+Runs (`--runs`, all by default):
+- sweep: for every serving configuration (early exit with adaptive batching; early exit with
+  fixed batch sizes; full depth with adaptive batching) and every concurrency level, a closed
+  loop of clients sends a fixed number of requests (or stops at a time limit): requests/s,
+  p50/p99 latency and the error count.
+- fault: kills the replica's process mid-load; the errors and the time until answers flow again.
+- overload: measures the sustainable rate (closed loop), then offers `--overload-factor` times
+  that rate open-loop (Poisson arrivals, seeded) for `--overload-seconds`: admitted p50/p99,
+  the shed fraction (503 with Retry-After) and any other 5xx (target 0).
+- poison: a closed loop in which 1 request in 8 carries a text the tokenizer cannot encode
+  (a lone surrogate): how many valid requests failed (target 0).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import math
 import os
 import random
@@ -22,6 +29,11 @@ from typing import Any
 from rayexit.bench.common import machine_info
 from rayexit.config import ExitPolicy
 from rayexit.errors import RayexitError
+
+RUNS = ("sweep", "fault", "overload", "poison")
+# The sweep compares configurations by throughput under closed-loop load, where p99 is clients / rate
+# whatever the batching: shedding (on by default in serving) would turn that comparison into 503 counts.
+SWEEP_NO_SHEDDING = {"max_queue_wait_ms": 600_000.0, "max_queued_texts": 1_000_000}
 
 CONFIGS: dict[str, dict[str, Any]] = {
     "early-exit adaptive": {"adaptive": True},
@@ -44,6 +56,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--target-p99-ms", type=float, default=250.0)
     p.add_argument("--fault-seconds", type=float, default=25.0, help="length of the fault run (0 skips it)")
     p.add_argument("--configs", help="comma-separated subset of: " + ", ".join(CONFIGS))
+    p.add_argument("--runs", default=",".join(RUNS), help="comma-separated subset of: " + ", ".join(RUNS))
+    p.add_argument("--overload-seconds", type=float, default=60.0, help="length of the open-loop overload run")
+    p.add_argument("--overload-factor", type=float, default=2.0, help="offered rate as a multiple of the sustainable")
+    p.add_argument("--calibrate-seconds", type=float, default=15.0, help="closed loop measuring the sustainable rate")
+    p.add_argument("--poison-requests", type=int, default=160, help="requests in the poisoned-batch run (1 in 8 bad)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run)
 
@@ -54,6 +71,10 @@ def run(args: argparse.Namespace) -> int:
     from rayexit.serve.run import start_serving
     from rayexit.serve.settings import ServeSettings
 
+    runs = [r.strip() for r in args.runs.split(",") if r.strip()]
+    bad_runs = [r for r in runs if r not in RUNS]
+    if bad_runs:
+        raise RayexitError(f"--runs: unknown {', '.join(bad_runs)}; known: {', '.join(RUNS)}")
     model_dir = Path(args.model) if args.model else train_quick_model(Path(args.work))
     levels = [int(x) for x in args.concurrency.split(",")]
     names = [n.strip() for n in args.configs.split(",")] if args.configs else list(CONFIGS)
@@ -71,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
         "policy": exit_config.policy.to_dict(),
         "policy_choice": exit_config.extra.get("serve_bench_choice"),
         "machine": machine_info(),
+        "runs_done": runs,
         "requests_per_level": args.requests,
         "texts_per_request": args.texts_per_request,
         "target_p99_ms": args.target_p99_ms,
@@ -78,25 +100,47 @@ def run(args: argparse.Namespace) -> int:
         "runs": [],
     }
     base = {"model_dir": str(model_dir), "target_p99_ms": args.target_p99_ms, "max_texts": args.texts_per_request}
+    adaptive = ServeSettings.from_args({**base, **CONFIGS["early-exit adaptive"]})
     running = None
     try:
-        for name in names:
-            settings = ServeSettings.from_args({**base, **CONFIGS[name]})
-            if running is None:
-                running = start_serving(settings, include_dashboard=args.fault_seconds > 0)
-            else:
-                redeploy(settings)
-            for level in levels:
-                asyncio.run(load(running.url, payloads[:20], concurrency=2, count=20, timeout_s=30))  # warm
-                result = asyncio.run(load(running.url, payloads, level, args.requests, args.level_timeout))
-                result.update(config=name, concurrency=level)
-                report["runs"].append(result)
-                print(format_row(result), flush=True)
-                write_json(args.json, report)  # partial figures survive a later failure
-            report.setdefault("controller", {})[name] = controller_history()
-        if args.fault_seconds > 0:
-            settings = ServeSettings.from_args({**base, **CONFIGS["early-exit adaptive"]})
-            redeploy(settings)
+        if "sweep" in runs:
+            for name in names:
+                settings = ServeSettings.from_args({**base, **CONFIGS[name], **SWEEP_NO_SHEDDING})
+                if running is None:
+                    running = start_serving(settings, include_dashboard="fault" in runs)
+                else:
+                    redeploy(settings)
+                for level in levels:
+                    asyncio.run(load(running.url, payloads[:20], concurrency=2, count=20, timeout_s=30))  # warm
+                    result = asyncio.run(load(running.url, payloads, level, args.requests, args.level_timeout))
+                    result.update(config=name, concurrency=level)
+                    report["runs"].append(result)
+                    print(format_row(result), flush=True)
+                    write_json(args.json, report)  # partial figures survive a later failure
+                report.setdefault("controller", {})[name] = controller_history()
+        if running is None:
+            running = start_serving(adaptive, include_dashboard="fault" in runs)
+        unshed = ServeSettings.from_args({**base, **CONFIGS["early-exit adaptive"], **SWEEP_NO_SHEDDING})
+        if "poison" in runs and args.poison_requests > 0:
+            # Shedding off: this run measures isolation, and a 503 from load would blur the count it reports.
+            redeploy(unshed)
+            report["poison"] = asyncio.run(poison_run(running.url, payloads, args.poison_requests))
+            print(format_poison(report["poison"]), flush=True)
+            write_json(args.json, report)
+        if "overload" in runs and args.overload_seconds > 0:
+            # The sustainable rate is what the replica computes with nothing refused: measured with shedding off
+            # (a closed loop whose refused clients retry at once would only measure how fast 503s are made).
+            redeploy(unshed)
+            calibration = asyncio.run(load(running.url, payloads, 16, count=10**9, timeout_s=args.calibrate_seconds))
+            redeploy(adaptive)
+            report["overload"] = asyncio.run(overload_run(
+                running.url, payloads, calibration, args.overload_seconds, args.overload_factor, args.seed
+            ))
+            report["overload"]["target_p99_ms"] = args.target_p99_ms
+            print(format_overload(report["overload"]), flush=True)
+            write_json(args.json, report)
+        if "fault" in runs and args.fault_seconds > 0:
+            redeploy(adaptive)
             try:
                 report["fault"] = asyncio.run(fault_run(running.url, payloads, 16, args.fault_seconds))
                 print(format_fault(report["fault"]), flush=True)
@@ -106,9 +150,10 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if running is not None:
             running.stop()
-    report["summary"] = summarize(report["runs"], levels)
+    if report["runs"]:
+        report["summary"] = summarize(report["runs"], levels)
+        print(format_summary(report["summary"]))
     write_json(args.json, report)
-    print(format_summary(report["summary"]))
     print(f"report -> {args.json}")
     return 0
 
@@ -246,6 +291,123 @@ def stats(latencies: list[float], statuses: dict[str, int], elapsed: float) -> d
     }
 
 
+POISON = "bad \ud800 text"  # a lone surrogate: valid JSON once escaped, but no tokenizer can encode it
+
+
+async def poison_run(url: str, payloads: list[dict], count: int, concurrency: int = 8) -> dict:
+    """Closed loop of `concurrency` clients; request i is poisoned when i % 8 == 7 (one bad text among good ones)."""
+    import aiohttp
+
+    outcomes: list[tuple[bool, str]] = []  # (poisoned, status)
+    next_index = 0
+
+    async def client(session) -> None:
+        nonlocal next_index
+        while next_index < count:
+            i = next_index
+            next_index += 1
+            poisoned = i % 8 == 7
+            payload = payloads[i % len(payloads)]
+            if poisoned:
+                payload = {"texts": payload["texts"][:-1] + [POISON]}
+            body = json.dumps(payload)  # ensure_ascii: the surrogate travels as the escape \ud800
+            try:
+                async with session.post(url + "/v1/classify", data=body,
+                                        headers={"Content-Type": "application/json"}) as response:
+                    await response.read()
+                    status = str(response.status)
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                status = type(exc).__name__
+            outcomes.append((poisoned, status))
+
+    timeout = aiohttp.ClientTimeout(total=60)
+    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=concurrency)) as session:
+        await asyncio.gather(*(client(session) for _ in range(concurrency)))
+    valid = [s for p, s in outcomes if not p]
+    bad = [s for p, s in outcomes if p]
+    return {
+        "requests": len(outcomes),
+        "concurrency": concurrency,
+        "valid_requests": len(valid),
+        "valid_failed": sum(s != "200" for s in valid),
+        "poisoned_requests": len(bad),
+        "poisoned_4xx": sum(s.startswith("4") for s in bad),
+        "server_errors_5xx": sum(s.startswith("5") for _, s in outcomes),
+        "statuses": _count(s for _, s in outcomes),
+    }
+
+
+async def overload_run(url: str, payloads: list[dict], calibration: dict, seconds: float, factor: float,
+                       seed: int) -> dict:
+    """Offer `factor` times the sustainable rate (a closed loop's answers/s) open-loop, as Poisson arrivals."""
+    import aiohttp
+
+    sustainable = calibration["requests_per_s"]
+    rate = factor * max(sustainable, 1.0)
+    rng = random.Random(seed)
+    events: list[tuple[float, float, str, str | None]] = []  # (sent, answered, status, retry-after)
+    shed_where = {"admission": 0, "deadline": 0}
+
+    async def one(session, payload) -> None:
+        sent = time.perf_counter()
+        retry = None
+        try:
+            async with session.post(url + "/v1/classify", json=payload) as response:
+                body = await response.read()
+                status, retry = str(response.status), response.headers.get("Retry-After")
+            if status == "503":
+                shed_where["deadline" if b"deadline" in body else "admission"] += 1
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            status = type(exc).__name__
+        events.append((sent, time.perf_counter(), status, retry))
+
+    timeout = aiohttp.ClientTimeout(total=60)
+    tasks = []
+    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=1024)) as session:
+        start = time.perf_counter()
+        at, i = 0.0, 0
+        while at < seconds:
+            delay = start + at - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(session, payloads[i % len(payloads)])))
+            i += 1
+            at += rng.expovariate(rate)
+        await asyncio.gather(*tasks)
+        elapsed = time.perf_counter() - start
+    from rayexit.serve.controller import quantile
+
+    admitted = [done - sent for sent, done, status, _ in events if status == "200"]
+    shed = [e for e in events if e[2] == "503"]
+    statuses = _count(e[2] for e in events)
+    return {
+        "calibration": {k: calibration[k] for k in ("requests", "requests_per_s", "p50_ms", "p99_ms", "statuses")},
+        "sustainable_requests_per_s": sustainable,
+        "offered_requests_per_s": round(rate, 2),
+        "seconds": seconds,
+        "elapsed_s": round(elapsed, 2),
+        "requests": len(events),
+        "admitted": len(admitted),
+        "admitted_per_s": round(len(admitted) / seconds, 2),
+        "shed": len(shed),
+        "shed_fraction": round(len(shed) / max(len(events), 1), 4),
+        "shed_with_retry_after": sum(1 for e in shed if e[3]),
+        "shed_at": shed_where,
+        "server_errors_5xx_not_shed": sum(1 for e in events if e[2].startswith("5") and e[2] != "503"),
+        "client_errors": sum(1 for e in events if not e[2].isdigit()),
+        "statuses": statuses,
+        "admitted_p50_ms": round(quantile(admitted, 0.5) * 1000, 1),
+        "admitted_p99_ms": round(quantile(admitted, 0.99) * 1000, 1),
+    }
+
+
+def _count(values) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for value in values:
+        out[value] = out.get(value, 0) + 1
+    return out
+
+
 def replica_pid() -> int:
     """The live replica actor's process, found through Ray's state API."""
     from ray.util.state import list_actors
@@ -350,6 +512,23 @@ def format_fault(f: dict) -> str:
     return (
         f"fault: killed replica pid {f['killed_pid']} under load (c={f['concurrency']}); "
         f"{f['errors_after_kill']} failed requests; answers flowing again after {f['recovery_s']} s"
+    )
+
+
+def format_poison(p: dict) -> str:
+    return (
+        f"poison: {p['requests']} requests (c={p['concurrency']}), 1 in 8 with a lone surrogate: "
+        f"{p['valid_failed']} of {p['valid_requests']} valid requests failed; {p['poisoned_4xx']} of "
+        f"{p['poisoned_requests']} poisoned answered 4xx; 5xx {p['server_errors_5xx']}"
+    )
+
+
+def format_overload(o: dict) -> str:
+    return (
+        f"overload: sustainable {o['sustainable_requests_per_s']} req/s, offered {o['offered_requests_per_s']} req/s "
+        f"for {o['seconds']:g} s: {o['requests']} requests, admitted {o['admitted']} (p50 {o['admitted_p50_ms']} ms, "
+        f"p99 {o['admitted_p99_ms']} ms), shed {o['shed']} ({o['shed_fraction']:.1%}), "
+        f"other 5xx {o['server_errors_5xx_not_shed']}, client errors {o['client_errors']}"
     )
 
 

@@ -1,79 +1,59 @@
-"""The Serve application: a FastAPI ingress in front of the batched early-exit runner.
+"""The Serve deployment: one replica's model, its batch queue, admission and load shedding.
 
-Each text of a request is queued on its own through `@serve.batch`, so texts from many
-requests share a forward pass; the model runs in one worker thread so the event loop keeps
-accepting (and rejecting) requests while a batch computes. After every batch the adaptive
-controller may move the batch size, the batch wait and the relaxation level.
+A request is checked (schema, then every text through the tokenizer, then its token cost)
+before anything of it is queued; admitted, its texts go through `@serve.batch` in bounded
+waves so texts from many requests share a forward pass and a big request cannot hold the
+queue. The model runs in one worker thread so the event loop keeps accepting (and refusing)
+requests while a batch computes. A batch that fails is split until the failure is pinned on
+the texts that cause it, so one bad text fails only its own request. After every batch the
+adaptive controller may move the batch size, the batch wait and the relaxation level.
+
+The HTTP routes live in http.py; Serve builds them after the constructor
+(`__serve_build_asgi_app__`), when the limits and the model's depth are known.
 
 Serve YAML: `import_path: rayexit.serve.app:build_app` with the `args:` of ServeSettings.
-No `from __future__ import annotations` here: FastAPI must see real types on the route methods
-that Serve re-wraps, or it takes `request: Request` for a query parameter.
 """
 
+from __future__ import annotations
 
 import asyncio
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
 from ray import serve
 
 from rayexit.errors import RayexitError
+from rayexit.serve.queueing import Admission, ItemFailed, Overloaded, Shed, Skipped, run_isolated, waves
 from rayexit.serve.settings import ServeSettings
-from rayexit.serve.validation import Limits, RequestError, check_declared_size, parse_texts_request, too_large
+from rayexit.serve.validation import RequestError
 
 log = logging.getLogger(__name__)
 
 DEPLOYMENT_NAME = "ExitClassifier"
 
-TEXTS_BODY = {
-    "required": True,
-    "content": {
-        "application/json": {
-            "schema": {
-                "type": "object",
-                "required": ["texts"],
-                "properties": {
-                    "texts": {"type": "array", "items": {"type": "string"}, "minItems": 1},
-                    "max_layers": {"type": "integer", "minimum": 1, "description": "per-request layer cap"},
-                },
-            },
-            "example": {"texts": ["show me flights from boston to denver"]},
-        }
-    },
-}
 
-api = FastAPI(
-    title="rayexit",
-    description="Early-exit BERT classification: each text leaves the network at the first confident exit.",
-    version="1",
-)
+@dataclass
+class _Call:
+    """What the texts of one request share: once one fails or is shed, the rest are skipped."""
+
+    failed: bool = False
 
 
 @dataclass
 class _Item:
-    text: str
+    payload: Any  # token ids (classification) or words (tagging)
     layer_cap: int | None
-    enqueued: float
+    tokens: int
+    call: _Call = field(default_factory=_Call)
+    enqueued: float = 0.0
+    taken: bool = False  # out of the backlog: taken by a batch, or abandoned by its request
 
 
 # Helpers sit above the deployment class: Serve captures the ingress class when it is decorated,
 # and a module-level name defined after it was missing in the replica (NameError at request time).
-async def _read_body(request: Request, limits: Limits) -> bytes:
-    check_declared_size(request.headers.get("content-length"), limits)
-    size, chunks = 0, []
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limits.max_body_bytes:
-            raise too_large(limits)
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 def _load_tagger(settings: ServeSettings):
     try:
         from rayexit.serve.tagging import ServedTagger
@@ -82,8 +62,24 @@ def _load_tagger(settings: ServeSettings):
     return ServedTagger.from_model_dir(settings.model_dir, settings.device, settings.dtype)
 
 
+def _encode_checked(encode, texts: list[str]) -> list:
+    """`encode(texts)`; when the tokenizer refuses the list, find the text(s) it refuses and answer 422 naming one."""
+    try:
+        return encode(texts)
+    except Exception:  # noqa: BLE001 - the tokenizer raises TypeError, ValueError or its own errors
+        for i, text in enumerate(texts):
+            try:
+                encode([text])
+            except Exception as exc:  # noqa: BLE001
+                raise RequestError(
+                    422, f"texts[{i}]", f"the tokenizer cannot encode this text ({type(exc).__name__})",
+                    reason="text_not_encodable",
+                ) from None
+        raise
+
+
 @serve.deployment(name=DEPLOYMENT_NAME, max_ongoing_requests=256, ray_actor_options={"num_cpus": 1})
-@serve.ingress(api)
+@serve.ingress()
 class ExitClassifier:
     def __init__(self, settings: dict[str, Any]) -> None:
         import torch
@@ -98,8 +94,8 @@ class ExitClassifier:
         if self.settings.torch_threads:
             torch.set_num_threads(self.settings.torch_threads)
         self.exit_config = read_exit_config(self.settings.model_dir)
-        self.limits = Limits(self.settings.max_texts, self.settings.max_text_chars, self.settings.max_body_bytes)
-        self.tagger = None
+        self.limits = self.settings.limits()
+        self.engine = self.tagger = None
         if self.exit_config.task == "sequence":
             policy = None
             if self.settings.policy_kind is not None or self.settings.thresholds is not None:
@@ -119,27 +115,26 @@ class ExitClassifier:
             self.engine.warm_up()
             self.num_layers = self.engine.num_layers
         else:
-            self.engine = None
             self.tagger = _load_tagger(self.settings)
             self.num_layers = self.tagger.num_layers
         self.controller = AdaptiveBatchController(self.settings.controller_config())
-        self._classify_batch.set_max_batch_size(self.controller.max_batch_size)
-        self._classify_batch.set_batch_wait_timeout_s(self.controller.batch_wait_timeout_s)
+        self.admission = Admission(self.settings.queue_wait_s(), self.settings.max_queued_texts,
+                                   clock=time.perf_counter)
         self.metrics = ServeMetrics(self.num_layers)
-        self._publish_controller_state()
+        self._publish_controller_state()  # every gauge has a value from the start, not from the first change
         # One worker thread: batches run one at a time, and torch's own threads do the parallel work.
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rayexit-model")
-        self._pending = 0
 
-    # -- routes ------------------------------------------------------------------------------
+    def __serve_build_asgi_app__(self):
+        from rayexit.serve.http import build_api
 
-    @api.get("/healthz")
-    def healthz(self) -> dict[str, str]:
-        return {"status": "ok"}
+        return build_api(self, lambda: self.metrics.failed.inc(tags={"reason": "internal"}))
 
-    @api.get("/v1/model")
+    # -- what the routes call --------------------------------------------------------------------
+
     def model_info(self) -> dict[str, Any]:
         policy = self.engine.policy if self.engine is not None else self.exit_config.policy
+        limits = self.limits
         return {
             "task": self.exit_config.task,
             "labels": self.exit_config.labels,
@@ -148,9 +143,11 @@ class ExitClassifier:
             "policy": {"kind": policy.kind, "thresholds": policy.per_layer(self.num_layers)},
             "max_length": self.exit_config.max_length,
             "limits": {
-                "max_texts": self.limits.max_texts,
-                "max_text_chars": self.limits.max_text_chars,
-                "max_body_bytes": self.limits.max_body_bytes,
+                "max_texts": limits.max_texts,
+                "max_text_chars": limits.max_text_chars,
+                "max_body_bytes": limits.max_body_bytes,
+                "max_text_tokens": limits.max_text_tokens,
+                "max_request_tokens": limits.max_request_tokens,
             },
             "batching": {
                 "adaptive": self.settings.adaptive,
@@ -158,96 +155,201 @@ class ExitClassifier:
                 "batch_wait_ms": round(self.controller.batch_wait_timeout_s * 1000, 3),
                 "target_p99_ms": self.settings.target_p99_ms,
                 "relax_level": self.controller.relax_level,
+                "wave_tokens": self.settings.wave_tokens,
+            },
+            "queue": {
+                "queued_texts": self.admission.queued_texts,
+                "queued_tokens": self.admission.queued_tokens,
+                "max_queued_texts": self.admission.max_queued_texts,
+                "max_queue_wait_ms": round(self.admission.max_wait_s * 1000, 3),
+                "head_wait_ms": round(self.admission.head_wait_s * 1000, 1),
+                "estimated_drain_ms": round(self.admission.estimated_wait_s() * 1000, 1),
             },
             "device": str(self.engine.device) if self.engine is not None else None,
         }
 
-    @api.post("/v1/classify", openapi_extra={"requestBody": TEXTS_BODY})
-    async def classify(self, request: Request) -> JSONResponse:
+    async def classify(self, texts: list[str], max_layers: int | None) -> dict[str, Any]:
         started = time.perf_counter()
-        try:
-            if self.engine is None:
-                raise RequestError(
-                    400, "route", f"this server holds a {self.exit_config.task} model; use /v1/tag for it"
-                )
-            body = await _read_body(request, self.limits)
-            parsed = parse_texts_request(body, self.limits, self.num_layers)
-        except RequestError as exc:
-            return self._reject(exc)
-        self._pending += len(parsed.texts)
-        try:
-            answers = await asyncio.gather(
-                *(self._classify_batch(_Item(text, parsed.max_layers, time.perf_counter())) for text in parsed.texts)
+        if self.engine is None:
+            raise RequestError(
+                400, "route", f"this server holds a {self.exit_config.task} model; use /v1/tag for it",
+                reason="wrong_route",
             )
-        except Exception:
-            log.exception("classification failed")
-            return JSONResponse({"error": {"field": "server", "message": "the model failed on this batch"}}, 500)
+        self._check_depth(max_layers)
+        sequences = _encode_checked(self.engine.encode, texts)
+        items = self._items(sequences, [len(s) for s in sequences], max_layers)
+        answers = await self._submit(self._classify_batch, items)
+        self._record_latency(started, "classify")
+        return {"results": [a.to_json() for a in answers], "layers": self.num_layers}
+
+    async def tag(self, texts: list[str], max_layers: int | None) -> dict[str, Any]:
+        started = time.perf_counter()
+        if self.tagger is None:
+            raise RequestError(
+                400, "route", f"this server holds a {self.exit_config.task} classification model; "
+                "/v1/tag needs a token (tagging) model, use /v1/classify", reason="wrong_route",
+            )
+        self._check_depth(max_layers)
+        sentences = [text.split() for text in texts]
+        costs = _encode_checked(self.tagger.count_tokens, sentences)
+        items = self._items(sentences, costs, max_layers)
+        results = await self._submit(self._tag_batch, items)
+        self._record_latency(started, "tag")
+        return {"results": results, "layers": self.num_layers}
+
+    def refuse(self, error: RequestError):
+        from rayexit.serve.http import error_response
+
+        if error.status >= 500 and error.status != 503:
+            self.metrics.failed.inc(tags={"reason": error.reason})
+        else:
+            self.metrics.rejected.inc(tags={"status": str(error.status), "reason": error.reason})
+        return error_response(error)
+
+    # -- admission and waves -----------------------------------------------------------------------
+
+    def _check_depth(self, max_layers: int | None) -> None:
+        # The schema says the same (maximum = layers); kept for callers that bypass FastAPI (handles).
+        if max_layers is not None and not 1 <= max_layers <= self.num_layers:
+            raise RequestError(422, "max_layers", f"got {max_layers}, expected a whole number from 1 to "
+                               f"{self.num_layers}", self.num_layers)
+
+    def _items(self, payloads: list, costs: list[int], max_layers: int | None) -> list[_Item]:
+        limits = self.limits
+        for i, cost in enumerate(costs):
+            if cost > limits.max_text_tokens:
+                raise RequestError(
+                    422, f"texts[{i}]", f"{cost} tokens, more than the limit of {limits.max_text_tokens} per text",
+                    limits.max_text_tokens, reason="too_many_tokens",
+                )
+        total = sum(costs)
+        if total > limits.max_request_tokens:
+            raise RequestError(
+                413, "texts", f"{total} tokens in all, more than the limit of {limits.max_request_tokens} per "
+                "request; send fewer or shorter texts per request", limits.max_request_tokens,
+                reason="too_many_tokens",
+            )
+        call = _Call()
+        return [_Item(p, max_layers, c, call) for p, c in zip(payloads, costs, strict=True)]
+
+    async def _submit(self, batch_method, items: list[_Item]) -> list:
+        """Admit the request, then queue its items one wave at a time; answers in item order."""
+        try:
+            self.admission.admit(len(items), sum(item.tokens for item in items))
+        except Overloaded as exc:
+            raise RequestError(503, "server", str(exc), reason="overloaded",
+                               headers={"Retry-After": str(exc.retry_after_s)}) from None
+        self.metrics.queued_texts.set(self.admission.queued_texts)
+        answers: list = []
+        try:
+            for wave in waves([item.tokens for item in items], self.settings.wave_tokens):
+                now = time.perf_counter()
+                batch = [items[k] for k in wave]
+                for item in batch:
+                    item.enqueued = now
+                answers += await asyncio.gather(*(batch_method(item) for item in batch))
+                self._raise_for_failures(answers)
+        finally:
+            # Texts never taken by a batch (the request was cancelled, failed or shed) leave the backlog here:
+            # Serve drops cancelled items from its queue without telling the batch handler.
+            abandoned = [item for item in items if not item.taken]
+            for item in abandoned:
+                item.taken = True
+            self.admission.release(len(abandoned), sum(item.tokens for item in abandoned))
+            self.metrics.queued_texts.set(self.admission.queued_texts)
+        return answers
+
+    def _raise_for_failures(self, answers: list) -> None:
+        for index, answer in enumerate(answers):
+            if isinstance(answer, Shed):
+                raise RequestError(
+                    503, "server", f"queued {answer.waited_s * 1000:.0f} ms, past the deadline of "
+                    f"{self.admission.deadline_s * 1000:.0f} ms; try again shortly", reason="overloaded",
+                    headers={"Retry-After": str(self.admission.retry_after_s())},
+                )
+            if isinstance(answer, ItemFailed):
+                raise RequestError(500, f"texts[{index}]", "the model failed on this text; the other requests "
+                                   "in its batch were answered", reason="model_error")
+        if any(isinstance(answer, Skipped) for answer in answers):  # defensive: a failure above comes with it
+            raise RequestError(500, "server", "the request failed", reason="model_error")
+
+    def _record_latency(self, started: float, route: str) -> None:
         latency = time.perf_counter() - started
         self.controller.record_request(latency)
-        self.metrics.latency.observe(latency * 1000, tags={"route": "classify"})
-        return JSONResponse({"results": [a.to_json() for a in answers], "layers": self.num_layers})
-
-    @api.post("/v1/tag", openapi_extra={"requestBody": TEXTS_BODY})
-    async def tag(self, request: Request) -> JSONResponse:
-        started = time.perf_counter()
-        try:
-            if self.tagger is None:
-                raise RequestError(
-                    400, "route", f"this server holds a {self.exit_config.task} classification model; "
-                    "/v1/tag needs a token (tagging) model, use /v1/classify"
-                )
-            body = await _read_body(request, self.limits)
-            parsed = parse_texts_request(body, self.limits, self.num_layers)
-        except RequestError as exc:
-            return self._reject(exc)
-        loop = asyncio.get_running_loop()
-        try:
-            results = await loop.run_in_executor(self._pool, self.tagger.tag, parsed.texts, parsed.max_layers)
-        except Exception:
-            log.exception("tagging failed")
-            return JSONResponse({"error": {"field": "server", "message": "the model failed on this request"}}, 500)
-        self.metrics.latency.observe((time.perf_counter() - started) * 1000, tags={"route": "tag"})
-        return JSONResponse({"results": results, "layers": self.num_layers})
+        self.metrics.latency.observe(latency * 1000, tags={"route": route})
 
     # -- batching ----------------------------------------------------------------------------
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
     async def _classify_batch(self, items: list[_Item]) -> list:
-        started = time.perf_counter()
-        for item in items:
-            self.metrics.queue_wait.observe((started - item.enqueued) * 1000)
+        return await self._run_batch(items, self._classify_run)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
+    async def _tag_batch(self, items: list[_Item]) -> list:
+        return await self._run_batch(items, self._tag_run)
+
+    async def _classify_run(self, items: list[_Item]) -> list:
         loop = asyncio.get_running_loop()
-        try:
-            answers, stats = await loop.run_in_executor(
-                self._pool,
-                self.engine.classify,
-                [item.text for item in items],
-                [item.layer_cap for item in items],
-                self.controller.relax_level,
-            )
-        finally:
-            self._pending -= len(items)
-        compute = time.perf_counter() - started
-        self.controller.record_batch(len(items), compute, backlog=self._pending)
-        self.metrics.batch_size.observe(len(items))
+        answers, stats = await loop.run_in_executor(
+            self._pool,
+            self.engine.classify_encoded,
+            [item.payload for item in items],
+            [item.layer_cap for item in items],
+            self.controller.relax_level,
+        )
         if stats.padded_tokens:
             self.metrics.padding.observe(1 - stats.real_tokens / stats.padded_tokens)
         for answer in answers:
             self.metrics.exit_layer.observe(answer.exit_layer)
+        return answers
+
+    async def _tag_run(self, items: list[_Item]) -> list:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._pool, self.tagger.tag_words, [item.payload for item in items], [item.layer_cap for item in items]
+        )
+
+    async def _run_batch(self, items: list[_Item], run) -> list:
+        """One batch from Serve's queue: skip what is dead or too old, run the rest with failures isolated."""
+        started = time.perf_counter()
+        answers: list = [None] * len(items)
+        live: list[int] = []
+        fresh = [item for item in items if not item.taken]
+        for item in fresh:
+            item.taken = True
+        self.admission.record_wait(max((started - item.enqueued for item in items), default=0.0))
+        self.admission.release(len(fresh), sum(item.tokens for item in fresh))  # an emptied queue resets the wait
+        self.metrics.queued_texts.set(self.admission.queued_texts)
+        for k, item in enumerate(items):
+            self.metrics.queue_wait.observe((started - item.enqueued) * 1000)
+            if item.call.failed:
+                answers[k] = Skipped()
+            elif self.admission.expired(item.enqueued, started):
+                answers[k] = Shed(started - item.enqueued)
+                item.call.failed = True
+            else:
+                live.append(k)
+        results = await run_isolated(run, [items[k] for k in live])
+        for k, result in zip(live, results, strict=True):
+            answers[k] = result
+            if isinstance(result, ItemFailed):
+                items[k].call.failed = True
+        compute = time.perf_counter() - started
+        self.admission.record_batch(sum(items[k].tokens for k in live), compute)
+        self.controller.record_batch(len(items), compute, backlog=self.admission.queued_texts)
+        self.metrics.batch_size.observe(len(items))
         if self.controller.maybe_update() is not None:
             self._publish_controller_state()
         return answers
 
     def _publish_controller_state(self) -> None:
-        self._classify_batch.set_max_batch_size(self.controller.max_batch_size)
-        self._classify_batch.set_batch_wait_timeout_s(self.controller.batch_wait_timeout_s)
+        for batcher in (self._classify_batch, self._tag_batch):
+            batcher.set_max_batch_size(self.controller.max_batch_size)
+            batcher.set_batch_wait_timeout_s(self.controller.batch_wait_timeout_s)
         self.metrics.max_batch_size.set(self.controller.max_batch_size)
         self.metrics.batch_wait.set(self.controller.batch_wait_timeout_s * 1000)
         self.metrics.relax_level.set(self.controller.relax_level)
-
-    def _reject(self, exc: RequestError) -> JSONResponse:
-        self.metrics.rejected.inc(tags={"status": str(exc.status), "field": exc.field.split("[")[0]})
-        return JSONResponse(exc.to_json(), status_code=exc.status)
+        self.metrics.queued_texts.set(self.admission.queued_texts)
 
     def controller_history(self) -> list[dict[str, Any]]:
         """The controller's decisions so far (for the benchmark and for debugging via a handle)."""

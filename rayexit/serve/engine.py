@@ -105,12 +105,17 @@ class ServedClassifier:
         self, texts: list[str], layer_caps: list[int | None] | None = None, relax_level: int = 0
     ) -> tuple[list[Answer], PassStats]:
         """Answers in the order of `texts`; `layer_caps[i]` bounds text i's depth."""
-        sequences = self.encode(texts)
-        caps = layer_caps or [None] * len(texts)
+        return self.classify_encoded(self.encode(texts), layer_caps, relax_level)
+
+    def classify_encoded(
+        self, sequences: list[list[int]], layer_caps: list[int | None] | None = None, relax_level: int = 0
+    ) -> tuple[list[Answer], PassStats]:
+        """As classify, on token ids already made by `encode` (the replica encodes once, to check texts early)."""
+        caps = layer_caps or [None] * len(sequences)
         policy = relax_policy(self.policy, relax_level, len(self.labels))
         if relax_level > 0 and self.overload_layer_cap is not None:
             caps = [min(c or self.num_layers, self.overload_layer_cap) for c in caps]
-        answers: list[Answer | None] = [None] * len(texts)
+        answers: list[Answer | None] = [None] * len(sequences)
         stats = PassStats()
         by_cap: dict[int | None, list[int]] = {}
         for i, cap in enumerate(caps):

@@ -8,6 +8,7 @@ from typing import Any
 
 from rayexit.errors import RayexitError
 from rayexit.serve.controller import ControllerConfig
+from rayexit.serve.validation import Limits
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -20,6 +21,18 @@ class ServeSettings:
     max_texts: int = 64
     max_text_chars: int = 2000
     max_body_bytes: int = 256 * 1024
+    # Cost limits, in tokens (a classifier truncates each text at the model's max_length first; a tagger
+    # tags every word, so a long sentence costs all its word-pieces): 422 past the first, 413 past the second.
+    max_text_tokens: int = 512
+    max_request_tokens: int = 8192
+    # Fairness: a request enters the batch queue at most this many tokens at a time, so a small request
+    # sent meanwhile joins the next batch instead of waiting for all of a big one.
+    wave_tokens: int = 512
+    # Load shedding: a request whose texts would wait longer than max_queue_wait_ms (at the measured drain
+    # rate; default half of target_p99_ms), or would overflow max_queued_texts, is answered 503 with
+    # Retry-After; a text still queued after twice max_queue_wait_ms is dropped with 503 when a batch reaches it.
+    max_queue_wait_ms: float | None = None
+    max_queued_texts: int = 1024
     # Batching. `adaptive: false` keeps max_batch_size and batch_wait_ms fixed (the benchmark's baselines).
     adaptive: bool = True
     max_batch_size: int = 16
@@ -43,7 +56,8 @@ class ServeSettings:
 
     def __post_init__(self) -> None:
         for name in ("max_texts", "max_text_chars", "max_body_bytes", "max_batch_size", "min_batch_size",
-                     "max_batch_size_limit", "token_budget", "max_relax_level"):
+                     "max_batch_size_limit", "token_budget", "max_relax_level", "max_text_tokens",
+                     "max_request_tokens", "wave_tokens", "max_queued_texts"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "max_relax_level" else 1):
                 raise RayexitError(f"serve args.{name}: got {value!r}, expected a whole number >= 1")
@@ -51,6 +65,11 @@ class ServeSettings:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
                 raise RayexitError(f"serve args.{name}: got {value!r}, expected a number >= 0")
+        if self.max_queue_wait_ms is not None and (
+            not isinstance(self.max_queue_wait_ms, (int, float)) or isinstance(self.max_queue_wait_ms, bool)
+            or self.max_queue_wait_ms <= 0
+        ):
+            raise RayexitError(f"serve args.max_queue_wait_ms: got {self.max_queue_wait_ms!r}, expected a number > 0")
         if self.device not in DEVICES:
             raise RayexitError(f"serve args.device: got {self.device!r}, expected one of {', '.join(DEVICES)}")
         if self.dtype not in DTYPES:
@@ -113,6 +132,14 @@ class ServeSettings:
             relax=self.relax_under_load,
             max_relax_level=self.max_relax_level,
         )
+
+    def limits(self) -> Limits:
+        return Limits(self.max_texts, self.max_text_chars, self.max_body_bytes, self.max_text_tokens,
+                      self.max_request_tokens)
+
+    def queue_wait_s(self) -> float:
+        wait_ms = self.target_p99_ms / 2 if self.max_queue_wait_ms is None else self.max_queue_wait_ms
+        return wait_ms / 1000
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -1,8 +1,8 @@
 """The served token model: whitespace-split words in, one tag and exit layer per word out.
 
-Thin on purpose: the per-token early exit lives in rayexit.token_exits.predict_tags. A request
-is tagged as one call (no cross-request batching): tagging requests carry whole sentences and
-the token runner already batches within them.
+Thin on purpose: the per-token early exit lives in rayexit.token_exits.predict_tags. The replica
+queues each sentence through `@serve.batch` like the classifier's texts, so sentences of
+different requests share passes, and a batch is tagged per layer cap (the runner takes one).
 """
 
 from __future__ import annotations
@@ -27,12 +27,30 @@ class ServedTagger:
     def num_layers(self) -> int:
         return self.model.num_layers
 
+    def count_tokens(self, sentences: list[list[str]]) -> list[int]:
+        """Word-pieces per sentence before any window split, with the special tokens: the cost of tagging it.
+
+        Raises whatever the tokenizer raises on a sentence it cannot encode."""
+        pieces = self.tokenizer(sentences, is_split_into_words=True, add_special_tokens=False)["input_ids"]
+        return [len(p) + 2 for p in pieces]
+
     def tag(self, texts: list[str], max_layers: int | None = None) -> list[dict]:
+        return self.tag_words([text.split() for text in texts], [max_layers] * len(texts))
+
+    def tag_words(self, sentences: list[list[str]], layer_caps: list[int | None]) -> list[dict]:
+        """One result per sentence, in order; sentences with the same layer cap are tagged in one call."""
         from rayexit.token_exits import predict_tags
 
-        sentences = [text.split() for text in texts]
-        tagged = predict_tags(self.model, self.tokenizer, sentences, layer_cap=max_layers)
-        return [
-            {"words": words, "tags": result["tags"], "exit_layers": [int(x) for x in result["exit_layers"]]}
-            for words, result in zip(sentences, tagged, strict=True)
-        ]
+        out: list[dict | None] = [None] * len(sentences)
+        by_cap: dict[int | None, list[int]] = {}
+        for i, cap in enumerate(layer_caps):
+            by_cap.setdefault(cap, []).append(i)
+        for cap, rows in by_cap.items():
+            tagged = predict_tags(self.model, self.tokenizer, [sentences[i] for i in rows], layer_cap=cap)
+            for i, result in zip(rows, tagged, strict=True):
+                out[i] = {
+                    "words": sentences[i],
+                    "tags": result["tags"],
+                    "exit_layers": [int(x) for x in result["exit_layers"]],
+                }
+        return out  # type: ignore[return-value]
