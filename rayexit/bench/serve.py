@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     report: dict[str, Any] = {
         "model": str(model_dir),
         "policy": exit_config.policy.to_dict(),
-        "policy_choice": exit_config.extra.get("serve_bench_choice"),
+        "policy_choice": exit_config.extra.get("policy_choice"),
         "machine": machine_info(),
         "runs_done": runs,
         "requests_per_level": args.requests,
@@ -159,9 +159,16 @@ def run(args: argparse.Namespace) -> int:
 
 
 def train_quick_model(work: Path) -> Path:
-    """A demo-like model (RomeBERT on packaged MiniLM + ATIS, one epoch), reused when already there."""
+    """A demo-like model (RomeBERT on packaged MiniLM + ATIS, one epoch), reused when already there.
+
+    It trains on ATIS train less a validation split, and its entropy threshold is chosen on that
+    split (`rayexit.sweep.select`): the benchmark serves a policy someone would choose, not the
+    training default, and the ATIS test set that the requests come from chose nothing.
+    """
     from rayexit.config import TrainSettings
+    from rayexit.tasks import task_named
     from rayexit.train.recipe import train_to_directory
+    from rayexit.tune.split import write_tsv
 
     model_dir = work / "model"
     if (model_dir / "rayexit.json").is_file():
@@ -170,8 +177,11 @@ def train_quick_model(work: Path) -> Path:
     settings = TrainSettings(
         method="romebert", epochs=1, pooling="mean", lr=5e-5, head_lr=1e-3, policy=ExitPolicy("entropy", 0.3)
     )
-    train_to_directory("minilm", "atis", "atis:test", settings, model_dir, show_progress=False)
-    choose_threshold(model_dir)
+    task = task_named("sequence")
+    fit, valid = task.split(task.load("atis:train"), 0.1, settings.seed)
+    run, _ = train_to_directory("minilm", str(write_tsv(fit, work / "fit.tsv")), None, settings, model_dir,
+                                show_progress=False)
+    choose_threshold(model_dir, task.encode(run.tokenizer, valid, run.model.labels, settings.max_length))
     return model_dir
 
 
@@ -179,39 +189,21 @@ def train_quick_model(work: Path) -> Path:
 ENTROPY_FRACTIONS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5)
 
 
-def choose_threshold(model_dir: Path, max_drop: float = 0.01) -> dict:
-    """Write into the model directory the loosest entropy threshold (of the eval sweep) that stays within
-    `max_drop` of full-depth accuracy on ATIS test: the serving benchmark should serve a model
-    whose policy someone would choose, not the training default."""
-    import json
+def choose_threshold(model_dir: Path, valid_data, max_drop: float = 0.01) -> dict:
+    """Save into the model directory the entropy threshold `rayexit.sweep.select` picks on validation."""
+    from rayexit.model_dir import ModelDir
+    from rayexit.policy import FULL_DEPTH
+    from rayexit.sweep import outcomes, select
+    from rayexit.tasks import task_named
 
-    from rayexit.data import encode_examples, iterate_batches, load_text_classification
-    from rayexit.exits import ExitCache, collect_exit_logits
-    from rayexit.files import write_json
-    from rayexit.models import MultiExitForSequenceClassification, load_tokenizer
-    from rayexit.models.encoder import EXIT_CONFIG_FILE
-    from rayexit.train.recipe import keep_known_labels
-
-    model = MultiExitForSequenceClassification.from_pretrained(model_dir)
-    examples_ = keep_known_labels(load_text_classification("atis:test"), model.labels)
-    data = encode_examples(load_tokenizer(model_dir), examples_, model.labels, model.exit_config.max_length)
-    logits, labels = collect_exit_logits(model, iterate_batches(data, 64))
-    cache = ExitCache(logits)
-    full = cache.exit_accuracies(labels)[-1]
+    directory = ModelDir(model_dir)
+    task, model = task_named("sequence"), directory.load_model()
+    replay = task.replay(model, valid_data, 64)
     top = math.log(len(model.labels))
-    chosen = {"threshold": 0.0, "accuracy": full, "mean_exit_layer": float(cache.num_layers)}
-    for fraction in ENTROPY_FRACTIONS:
-        policy = ExitPolicy("entropy", round(fraction * top, 6))
-        result = cache.simulate(policy)
-        acc = (result.predictions == labels).double().mean().item()
-        if acc < full - max_drop:
-            break  # looser thresholds only lose more
-        chosen = {"threshold": policy.thresholds, "accuracy": acc,
-                  "mean_exit_layer": result.exit_layers.double().mean().item()}
-    config = json.loads((model_dir / EXIT_CONFIG_FILE).read_text())
-    config["policy"] = {"kind": "entropy", "thresholds": chosen["threshold"]}
-    config.setdefault("extra", {})["serve_bench_choice"] = {**chosen, "full_accuracy": full, "data": "atis:test"}
-    write_json(model_dir / EXIT_CONFIG_FILE, config)
+    grid = [ExitPolicy("entropy", round(fraction * top, 6)) for fraction in ENTROPY_FRACTIONS]
+    choice = select(task, replay.outcome(FULL_DEPTH), outcomes(replay, grid), max_drop)
+    chosen = choice.record(task)
+    directory.with_policy(choice.outcome.policy, model_dir, {**chosen, "data": "atis:train validation split"})
     return chosen
 
 

@@ -20,10 +20,11 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from rayexit.config import ExitPolicy
 from rayexit.errors import RayexitError
+from rayexit.policy import relax
 
 
 @dataclass
@@ -186,16 +187,4 @@ def quantile(values: list[float], q: float) -> float:
 
 def relax_policy(policy: ExitPolicy, level: int, num_labels: int) -> ExitPolicy:
     """The policy loosened `level` steps: each step halves the distance to always-exit."""
-    if level <= 0 or policy.kind == "none":
-        return policy
-    values = policy.thresholds if isinstance(policy.thresholds, list) else [policy.thresholds]
-    if policy.kind == "entropy":
-        ceiling = math.log(max(num_labels, 2))  # the largest entropy a softmax can have
-        relaxed = [ceiling - (ceiling - min(t, ceiling)) / 2**level for t in values]
-    elif policy.kind == "maxprob":
-        floor = 1.0 / max(num_labels, 2)
-        relaxed = [floor + (max(t, floor) - floor) / 2**level for t in values]
-    else:  # patience: fewer agreeing layers needed, never fewer than one
-        relaxed = [float(max(1, int(t) - level)) for t in values]
-    thresholds = relaxed if isinstance(policy.thresholds, list) else relaxed[0]
-    return replace(policy, thresholds=thresholds)
+    return relax(policy, level, num_labels)
