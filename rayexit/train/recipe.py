@@ -6,6 +6,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from rayexit.config import TrainSettings
 from rayexit.data import TextExamples, encode_examples, load_text_classification
 from rayexit.files import write_json
@@ -62,6 +64,7 @@ def prepare(model_name: str, train_source: str, eval_source: str | None, setting
         method=settings.method,
         policy=settings.policy,
     )
+    torch.manual_seed(settings.seed)  # the new exit heads draw their weights here: same seed, same heads
     model = MultiExitForSequenceClassification.from_backbone(model_name, exit_config)
     train_data = encode_examples(tokenizer, train_examples, labels, settings.max_length)
     eval_data = encode_examples(tokenizer, eval_examples, labels, settings.max_length) if eval_examples else None

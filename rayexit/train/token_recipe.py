@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from rayexit.config import TrainSettings
 from rayexit.data.conll import EncodedTokens, TaggedSentences, encode_tagged, load_tagged, tag_set
 from rayexit.errors import RayexitError
@@ -62,6 +64,7 @@ def prepare_tagging(
             task="token", labels=tags, head="linear", pooling="token", dropout=settings.dropout,
             max_length=settings.max_length, method=STAGE1_METHOD,
         )
+        torch.manual_seed(settings.seed)  # the new exit heads draw their weights here: same seed, same heads
         model = MultiExitForTokenClassification.from_backbone(model_name, exit_config)
     max_length = model.exit_config.max_length
     train_data = encode_tagged(tokenizer, train, tags, max_length)
