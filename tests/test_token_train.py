@@ -96,9 +96,17 @@ def test_train_self_sample_and_eval_commands(tmp_path, minilm_tokenizer, capsys)
     assert len(report["exit_f1"]) == 3 and report["full"] == report["exit_f1"][-1]
     assert report["full_runner_f1"] == pytest.approx(report["full"])
     assert {p["policy"] for p in report["curve"]} == {"sentee", "tokee"}
+    # With nothing halted a run computes full depth plus the inner exits' heads on every word
+    # (hidden 32, 2 * multiply-adds); a word that halts skips rows and heads, so the run is cheaper.
+    layers, tags = report["num_layers"], len(config["labels"])
+    no_halting = report["full_flops"] / (report["full_flops"] + (layers - 1) * 2 * 32 * tags * report["words"])
     for point in report["curve"]:
         assert 0.0 <= point["f1"] <= 1.0
-        assert point["flops_speedup"] > 0 and point["wallclock_speedup"] > 0
+        assert 1.0 <= point["mean_exit_layer"] <= layers
+        if point["mean_exit_layer"] == layers:
+            assert point["flops_speedup"] == pytest.approx(no_halting, rel=1e-12)
+        else:
+            assert point["flops_speedup"] > no_halting
 
 
 def test_token_command_errors(tmp_path, capsys):
