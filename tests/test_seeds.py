@@ -43,6 +43,13 @@ def prepare_model(encoder: Path, data: Path, seed: int):
     return prepare(str(encoder), str(data), None, TrainSettings(seed=seed, max_length=16)).model
 
 
+def prepare_tagger(encoder: Path, data: Path, seed: int):
+    """The freshly built (untrained) tagger of a stage-1 token run with this seed."""
+    from rayexit.train.token_recipe import prepare_tagging
+
+    return prepare_tagging(str(encoder), str(data), None, TrainSettings(seed=seed, max_length=16), None).model
+
+
 def fit_two_workers(encoder: Path, data: Path, output: Path, storage: Path, seed: int):
     from rayexit.train.distributed import fit_distributed
 
@@ -106,6 +113,17 @@ def test_exit_heads_follow_the_seed_not_the_random_state_before(encoder, tmp_pat
     torch.rand(1000)  # whatever ran before in this process must not matter
     again = prepare_model(encoder, data, seed=7).heads.state_dict()
     other = prepare_model(encoder, data, seed=8).heads.state_dict()
+    assert_identical(first, again)
+    assert differs(first, other), "another seed gave the same heads"
+
+
+def test_token_exit_heads_follow_the_seed(encoder, tmp_path):
+    data = tmp_path / "train.txt"
+    data.write_text("Peter B-PER\nvisited O\nBrussels B-LOC\n\nHi O\n")
+    first = prepare_tagger(encoder, data, seed=7).heads.state_dict()
+    torch.rand(1000)
+    again = prepare_tagger(encoder, data, seed=7).heads.state_dict()
+    other = prepare_tagger(encoder, data, seed=8).heads.state_dict()
     assert_identical(first, again)
     assert differs(first, other), "another seed gave the same heads"
 
