@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 
 import pytest
 import torch
@@ -347,3 +348,63 @@ def test_eval_on_a_file_with_an_unknown_label_still_refuses(tmp_path, minilm_tok
     assert evaluate_cli(model_dir, str(data), tmp_path / "r.json") == 2
     assert "label '2' is not in the model's label set" in capsys.readouterr().err
     assert not (tmp_path / "r.json").exists()
+
+
+# -- cases a mutation run (mutmut) showed the suite did not pin down -----------------------
+
+
+def test_distillation_scales_by_t_squared_at_a_temperature_other_than_two():
+    """At T = 2, T^2 and 2T agree; T = 3 tells them apart. Two rows: the mean is over the batch."""
+
+    from rayexit.losses import distillation_kl
+
+    student = [[1.0, 0.0, -1.0], [2.0, 2.0, 2.0]]
+    teacher = [[0.0, 3.0, 0.0], [1.0, 0.0, 0.0]]
+    t = 3.0
+
+    def softmax(row):
+        e = [math.exp(x / t) for x in row]
+        return [x / sum(e) for x in e]
+
+    per_row = [
+        sum(p * math.log(p / q) for p, q in zip(softmax(tr), softmax(sr))) for sr, tr in zip(student, teacher)
+    ]
+    expected = t * t * sum(per_row) / len(per_row)
+    got = distillation_kl(torch.tensor(student), torch.tensor(teacher), t).item()
+    assert math.isclose(got, expected, rel_tol=1e-5)
+
+
+def test_romebert_losses_with_a_single_exit_have_no_inner_term():
+    final, exits = romebert_losses([torch.tensor([[2.0, 0.0]])], torch.tensor([0]), gamma=0.5, temperature=2.0)
+    assert exits.shape == () and exits.item() == 0.0
+    assert final.item() == pytest.approx(torch.nn.functional.cross_entropy(torch.tensor([[2.0, 0.0]]),
+                                                                           torch.tensor([0])).item())
+
+
+def test_projection_reports_no_conflict_when_nothing_conflicts():
+    from rayexit.gradreg import project_conflicting
+
+    leader = [torch.tensor([1.0, 0.0]), torch.tensor([0.0, 2.0])]
+    orthogonal = [torch.tensor([0.0, 5.0]), torch.tensor([3.0, 0.0])]  # dot 0: nothing to remove
+    agreeing = [torch.tensor([1.0, 1.0]), torch.tensor([0.0, 1.0])]
+    for per_tensor in (False, True):
+        for other in (orthogonal, agreeing):
+            projected, conflict = project_conflicting(other, leader, per_tensor=per_tensor)
+            assert conflict is False, (per_tensor, other)
+            assert all(torch.equal(a, b) for a, b in zip(projected, other))
+
+
+def test_combine_projects_over_all_tensors_as_one_vector_by_default():
+    """RomeBERT's choice: one dot product over every tensor; per-tensor only when asked."""
+    from rayexit.gradreg import combine_with_projection
+
+    leader = [torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])]
+    other = [torch.tensor([-2.0, 0.0]), torch.tensor([0.0, 1.0])]  # dot -2 + 1 = -1 overall; tensor 1 agrees
+    combined, conflict = combine_with_projection(leader, other)
+    # whole vector: other - (-1 / 2) * leader = [-1.5, 0], [0, 1.5]; plus leader
+    assert conflict is True
+    assert torch.allclose(combined[0], torch.tensor([-0.5, 0.0]))
+    assert torch.allclose(combined[1], torch.tensor([0.0, 2.5]))
+    per_tensor, _ = combine_with_projection(leader, other, per_tensor=True)
+    assert torch.allclose(per_tensor[0], torch.tensor([1.0, 0.0]))  # [-2, 0] projected to [0, 0]
+    assert torch.allclose(per_tensor[1], torch.tensor([0.0, 2.0]))
