@@ -408,3 +408,76 @@ def test_combine_projects_over_all_tensors_as_one_vector_by_default():
     per_tensor, _ = combine_with_projection(leader, other, per_tensor=True)
     assert torch.allclose(per_tensor[0], torch.tensor([1.0, 0.0]))  # [-2, 0] projected to [0, 0]
     assert torch.allclose(per_tensor[1], torch.tensor([0.0, 2.0]))
+
+
+class ScriptedLogits(ScriptedExits):
+    """Exit logits read from a table [rows, layers, classes]; a row is known by its length (3, 4, ...)."""
+
+    def __init__(self, model, table: torch.Tensor) -> None:
+        super().__init__(model, {})
+        self.table = table
+
+    def exit_logits(self, layer, hidden, mask):
+        return self.table[mask.sum(1) - 3, layer]
+
+
+# Per row, the logits of exits 1..4 over 3 classes. Row 1 is certain: [200, 0, 0] gives a softmax of
+# exactly [1, 0, 0] in float32, so its confidence is exactly 1 and its entropy exactly 0.
+TABLE = torch.tensor([
+    [[200, 0, 0], [200, 0, 0], [200, 0, 0], [200, 0, 0]],  # argmax 0 0 0 0; agreeing 0 1 2 3
+    [[0, 1, 0], [1, 0, 0], [1, 0, 0], [0, 0, 1]],  # argmax 1 0 0 2; agreeing 0 0 1 0; confidence 0.58
+    [[0, 0, 2], [0, 0, 2], [0, 2, 0], [0, 2, 0]],  # argmax 2 2 1 1; agreeing 0 1 0 1; confidence 0.79
+    [[0, 3, 0], [0, 3, 0], [0, 3, 0], [0, 3, 0]],  # argmax 1 1 1 1; agreeing 0 1 2 3; confidence 0.91
+    [[0, 0, 3], [0, 3, 0], [3, 0, 0], [0, 0, 3]],  # argmax 2 1 0 2; agreeing 0 0 0 0; confidence 0.91
+], dtype=torch.float32)
+
+
+@pytest.mark.parametrize(
+    "policy, exit_layers",
+    [
+        (ExitPolicy("maxprob", 1.0), [1, 4, 4, 4, 4]),  # confidence >= threshold: exactly 1 leaves
+        (ExitPolicy("maxprob", 0.9), [1, 4, 4, 1, 1]),
+        (ExitPolicy("entropy", 0.0), [4, 4, 4, 4, 4]),  # entropy < threshold: exactly 0 stays
+        (ExitPolicy("entropy", [0.0, 0.0, 0.9]), [3, 4, 3, 3, 3]),  # per layer; row 2 has 0.98 at exit 3
+        (ExitPolicy("patience", 1), [2, 3, 2, 2, 4]),  # agreeing layers >= patience
+        (ExitPolicy("patience", 2), [3, 4, 4, 3, 4]),
+        (ExitPolicy("none", 0.0), [4, 4, 4, 4, 4]),
+    ],
+)
+def test_runner_and_replay_on_hand_made_exits(policy, exit_layers):
+    from rayexit.exits import ExitCache
+
+    lengths = [3, 4, 5, 6, 7]
+    ids = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        ids[row, :n] = torch.arange(1000, 1000 + n)
+        mask[row, :n] = 1
+    runner = run_runner(ScriptedLogits(tiny_sequence_model(layers=4, seed=1), TABLE), ids, mask, policy)
+    replay = ExitCache(TABLE).simulate(policy)
+    rows = torch.arange(len(lengths))
+    probs = TABLE.softmax(-1)
+    for result in (runner, replay):
+        assert result.exit_layers.tolist() == exit_layers
+        assert torch.equal(result.predictions, TABLE.argmax(-1)[rows, result.exit_layers - 1])
+        torch.testing.assert_close(result.confidences, probs.max(-1).values[rows, result.exit_layers - 1])
+
+
+def test_replay_layer_cap_and_exit_accuracies_by_hand():
+    from rayexit.exits import ExitCache
+
+    cache = ExitCache(TABLE)
+    everyone = ExitPolicy("none", 0.0)
+    assert cache.simulate(everyone, layer_cap=2).exit_layers.tolist() == [2] * 5
+    assert cache.simulate(everyone, layer_cap=0).exit_layers.tolist() == [1] * 5  # at least one layer
+    assert cache.simulate(everyone, layer_cap=9).exit_layers.tolist() == [4] * 5  # at most all of them
+    # argmax per exit: [0 1 2 1 2], [0 0 2 1 1], [0 0 1 1 0], [0 2 1 1 2] against labels [0 2 1 1 2]
+    assert cache.exit_accuracies(torch.tensor([0, 2, 1, 1, 2])) == pytest.approx([0.6, 0.4, 0.6, 1.0])
+
+
+def test_even_window_reaches_one_word_further_right():
+    from rayexit.token_exits import window_scores
+
+    u = torch.tensor([[0.1, 0.5, 0.2, 0.0]])
+    mask = torch.tensor([[True, True, True, False]])
+    assert window_scores(u, mask, 2)[0].tolist() == pytest.approx([0.5, 0.5, 0.2, 0.0])
