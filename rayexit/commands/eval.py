@@ -32,6 +32,11 @@ def run(args: argparse.Namespace) -> int:
     model = MultiExitForSequenceClassification.from_pretrained(args.model)
     tokenizer = load_tokenizer(args.model)
     examples = load_text_classification(args.data)
+    if examples.origin.startswith("atis:"):
+        from rayexit.train.recipe import keep_known_labels
+
+        # as in training: ATIS's test split has intents its train split lacks
+        examples = keep_known_labels(examples, model.labels)
     data = encode_examples(tokenizer, examples, model.labels, model.exit_config.max_length)
     report = evaluate_sequence_model(model, data, args.batch_size, repeats=args.repeats)
     report["model"] = str(args.model)
