@@ -33,6 +33,12 @@ def run_runner(model, ids, mask, policy):
     return run_early_exit(model, ids, mask, policy)
 
 
+def run_runner_capped(model, ids, mask, layer_cap):
+    from rayexit.exits import run_early_exit
+
+    return run_early_exit(model, ids, mask, ExitPolicy("none", 0.0), layer_cap=layer_cap)
+
+
 def train(model, data: EncodedSet, settings: TrainSettings, rank: int = 0, world_size: int = 1) -> None:
     from rayexit.train.loop import train_model
 
@@ -432,6 +438,17 @@ TABLE = torch.tensor([
 ], dtype=torch.float32)
 
 
+def hand_made_batch():
+    """Rows of lengths 3..7 (the row of TABLE each one reads), right-padded."""
+    lengths = [3, 4, 5, 6, 7]
+    ids = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        ids[row, :n] = torch.arange(1000, 1000 + n)
+        mask[row, :n] = 1
+    return lengths, ids, mask
+
+
 @pytest.mark.parametrize(
     "policy, exit_layers",
     [
@@ -447,12 +464,7 @@ TABLE = torch.tensor([
 def test_runner_and_replay_on_hand_made_exits(policy, exit_layers):
     from rayexit.exits import ExitCache
 
-    lengths = [3, 4, 5, 6, 7]
-    ids = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, n in enumerate(lengths):
-        ids[row, :n] = torch.arange(1000, 1000 + n)
-        mask[row, :n] = 1
+    lengths, ids, mask = hand_made_batch()
     runner = run_runner(ScriptedLogits(tiny_sequence_model(layers=4, seed=1), TABLE), ids, mask, policy)
     replay = ExitCache(TABLE).simulate(policy)
     rows = torch.arange(len(lengths))
@@ -481,3 +493,143 @@ def test_even_window_reaches_one_word_further_right():
     u = torch.tensor([[0.1, 0.5, 0.2, 0.0]])
     mask = torch.tensor([[True, True, True, False]])
     assert window_scores(u, mask, 2)[0].tolist() == pytest.approx([0.5, 0.5, 0.2, 0.0])
+
+
+# -- the token runner (SENTEE/TOKEE): the same guards -----------------------------------------
+
+
+def run_token_runner(model, batch, policy, layer_cap=None):
+    from rayexit.token_exits import run_token_exit
+
+    return run_token_exit(model, batch, policy, layer_cap)
+
+
+def token_batch(tokenizer, sentences):
+    from rayexit.data.conll import encode_tagged, make_batch
+
+    data = encode_tagged(tokenizer, sentences, None, 64)
+    return make_batch(data, list(range(len(data))))
+
+
+@torch.no_grad()
+def first_exit_uncertainty(model, batch) -> torch.Tensor:
+    """Each word's uncertainty at exit 1 [B, W], from a plain full-depth forward."""
+    from rayexit.token_exits import token_uncertainty
+
+    logits = model(batch.input_ids, batch.attention_mask)[0]
+    at_words = logits.gather(1, batch.word_starts[:, :, None].expand(-1, -1, logits.shape[-1]))
+    return token_uncertainty(at_words)
+
+
+def certain_tagger():
+    """Every exit answers tag 0 with a softmax of exactly [1, 0, ...]: uncertainty exactly 0."""
+    from test_token_exits import tiny_tagger
+
+    model = tiny_tagger()
+    with torch.no_grad():
+        for head in model.heads:
+            head.classifier.weight.zero_()
+            head.classifier.bias.zero_()
+            head.classifier.bias[0] = 200.0
+    return model
+
+
+def test_token_runner_drops_finished_sentences_and_dead_columns(minilm_tokenizer, monkeypatch):
+    from test_token_exits import SENTENCES, tiny_tagger
+
+    from rayexit.token_exits import TokenPolicy
+
+    batch = token_batch(minilm_tokenizer, SENTENCES)
+    longest = int(batch.attention_mask.sum(1).argmax())
+    # a tagger (by seed) on which the longest sentence is not the least sure at exit 1, and a threshold
+    # just above its mean uncertainty there: it leaves at once, and others stay
+    for seed in range(10):
+        model = tiny_tagger(seed=seed)
+        u = torch.where(batch.word_mask, first_exit_uncertainty(model, batch), torch.zeros(()))
+        means = u.sum(1) / batch.word_mask.sum(1)
+        threshold = float(means[longest]) + 1e-4
+        if (means > threshold + 1e-3).any():
+            break
+    else:
+        pytest.fail("no tagger on which the longest sentence leaves first")
+    seen: list[tuple[int, int]] = []
+    attention = torch.nn.functional.scaled_dot_product_attention
+
+    def recording(query, key, value, *args, **kwargs):
+        seen.append((key.shape[0], key.shape[2]))  # sentences in the batch, token columns
+        return attention(query, key, value, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
+    result = run_token_runner(model, batch, TokenPolicy("sentee", threshold, reduce="mean"))
+    monkeypatch.undo()
+    sentence_exit = result.exit_layers.max(1).values  # SENTEE: every word of a sentence leaves together
+    lengths = batch.attention_mask.sum(1)
+    expected = []
+    for layer in range(model.num_layers):
+        running = sentence_exit > layer
+        if running.any():
+            expected.append((int(running.sum()), int(lengths[running].max())))
+    assert expected[1][0] < expected[0][0] and expected[1][1] < expected[0][1]  # fewer rows, narrower
+    assert seen == expected
+
+
+def test_token_runner_thresholds_are_strict_and_sentee_is_honoured(minilm_tokenizer):
+    from rayexit.token_exits import TokenPolicy
+
+    model = certain_tagger()
+    batch = token_batch(minilm_tokenizer, [["Peter", "visited", "Brussels"], ["Hi"]])
+    layers, words = model.num_layers, batch.word_mask
+    for kind in ("tokee", "sentee"):
+        stay = run_token_runner(model, batch, TokenPolicy(kind, 0.0, window=1))  # uncertainty 0 is not < 0
+        assert stay.exit_layers[words].tolist() == [layers] * int(words.sum()), kind
+        leave = run_token_runner(model, batch, TokenPolicy(kind, 0.5, window=1))
+        assert leave.exit_layers[words].tolist() == [1] * int(words.sum()), kind
+        assert leave.exit_layers[~words].tolist() == [0] * int((~words).sum()), "no exit layer where no word"
+        assert leave.predictions[words].tolist() == [0] * int(words.sum())
+
+
+def test_sentee_mean_and_max_differ(minilm_tokenizer):
+    from test_token_exits import tiny_tagger
+
+    from rayexit.token_exits import TokenPolicy
+
+    model = tiny_tagger()
+    batch = token_batch(minilm_tokenizer, [["Peter", "Blackburn", "visited", "Brussels", "today"]])
+    u = first_exit_uncertainty(model, batch)[0]
+    mean, top = float(u.mean()), float(u.max())
+    assert top - mean > 1e-3, "the words need different uncertainties at exit 1"
+    threshold = (mean + top) / 2
+    by_mean = run_token_runner(model, batch, TokenPolicy("sentee", threshold, reduce="mean"))
+    by_max = run_token_runner(model, batch, TokenPolicy("sentee", threshold, reduce="max"))
+    assert by_mean.exit_layers[0].tolist() == [1] * 5
+    assert min(by_max.exit_layers[0].tolist()) > 1
+
+
+def test_halted_first_word_stops_computing(minilm_tokenizer):
+    """[CLS] a b [SEP]: once word 0 halts, later layers compute 3 query rows, not 4 (FLOPs by hand)."""
+    from test_token_exits import tiny_tagger
+
+    from rayexit.token_exits import TokenPolicy, layer_flops
+
+    model = tiny_tagger()
+    for pair in (["a", "b"], ["b", "a"], ["x", "y"], ["y", "x"], ["of", "the"], ["the", "of"]):
+        batch = token_batch(minilm_tokenizer, [pair])
+        u = first_exit_uncertainty(model, batch)[0]
+        if batch.attention_mask.sum() == 4 and float(u[1] - u[0]) > 1e-3:
+            break
+    else:
+        pytest.fail("no two-word sentence whose first word is the surer one at exit 1")
+    result = run_token_runner(model, batch, TokenPolicy("tokee", float(u[0] + u[1]) / 2, window=1))
+    first, second = result.exit_layers[0].tolist()
+    assert first == 1 and second > 1
+    h, i, tags = 32, 64, len(model.labels)
+    expected = layer_flops(h, i, torch.tensor([4]), torch.tensor([4])) + 2 * h * tags * 2
+    expected += (second - 1) * (layer_flops(h, i, torch.tensor([3]), torch.tensor([4])) + 2 * h * tags * 1)
+    assert result.flops == expected
+
+
+def test_runner_layer_cap_of_one_stops_after_the_first_layer():
+    _, ids, mask = hand_made_batch()
+    capped = run_runner_capped(ScriptedLogits(tiny_sequence_model(layers=4, seed=1), TABLE), ids, mask, 1)
+    assert capped.exit_layers.tolist() == [1] * 5
+    assert torch.equal(capped.predictions, TABLE[:, 0].argmax(-1))
