@@ -282,6 +282,7 @@ def protocol_report(
     reference: float | None = None,
     kinds: tuple[str, ...] | None = None,
     timed: tuple[str, ...] | None = None,
+    replays: tuple | None = None,
     show_progress: bool = True,
 ) -> dict:
     """What a benchmark reports for one model: every choice made on `valid_data`, every figure
@@ -294,10 +295,13 @@ def protocol_report(
     timed against full depth (median of `repeats` interleaved rounds, with min/max), and
     reported with its validation figures and the validation-to-test gap of its drop.
     `kinds` limits the grid to some policy kinds (e.g. tokee); `timed` names the choices to time
-    (default: all); the others are run live once, untimed.
+    (default: all); the others are run live once, untimed. `replays` (validation, test) reuses
+    full passes already made on the same model.
     """
     model.eval()
-    valid, test = task.replay(model, valid_data, batch_size), task.replay(model, test_data, batch_size)
+    if replays is None:
+        replays = task.replay(model, valid_data, batch_size), task.replay(model, test_data, batch_size)
+    valid, test = replays
     grid = [p for p in task.default_grid(valid) if kinds is None or p.kind in kinds]
     full_valid = valid.outcome(FULL_DEPTH)
     candidates = outcomes(valid, grid, show_progress, desc="replay on validation")

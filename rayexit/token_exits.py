@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from rayexit.data.conll import EncodedTokens, TokenBatch, encode_tagged, token_batches
 from rayexit.errors import RayexitError
 from rayexit.flops import layer_flops, sizes, token_head_flops
-from rayexit.policy import FULL_DEPTH, ExitPolicy, token_halts, token_uncertainty
+from rayexit.policy import FULL_DEPTH, ExitPolicy, token_halts, token_uncertainty, window_scores  # noqa: F401
 
 DEFAULT_POLICY = ExitPolicy("tokee", 0.1, window=3)
 TokenPolicy = ExitPolicy  # the token task's policies are ExitPolicy kinds tokee / sentee / none

@@ -78,13 +78,14 @@ def run(args: argparse.Namespace) -> int:
         valid_data = task.encode(tokenizer, valid, model.labels, length)
         test_data = task.encode(tokenizer, test, model.labels, length)
         reports[name] = {}
+        replays = task.replay(model, valid_data, args.batch_size), task.replay(model, test_data, args.batch_size)
         for kinds in (("tokee",), ("sentee",)):
             print(f"== {name}, {kinds[0]}: chosen on {len(valid)} valid sentences, reported on {len(test)}", flush=True)
             started = time.perf_counter()
             reports[name][kinds[0]] = protocol_report(
                 task, model, valid_data, test_data, max_drop=args.max_drop, speedups=SPEEDUPS,
                 batch_size=args.batch_size, repeats=args.repeats, kinds=kinds,
-                timed=("at_2x",) if name == "self_sampling" and kinds == ("tokee",) else (),
+                timed=("at_2x",) if name == "self_sampling" and kinds == ("tokee",) else (), replays=replays,
             )
             timings[f"{name}_{kinds[0]}_eval_seconds"] = time.perf_counter() - started
     figures = {
