@@ -175,8 +175,8 @@ def _preflight(address: str, timeout_s: float = 5.0) -> None:
     seconds instead of Ray's 20 s of retries and a traceback. Skipped in token mode: ray.init sends
     the token and reports a bad one itself."""
     host, port = _split(address)
-    if os.environ.get(AUTH_MODE_VAR, "").lower() == "token":
-        return
+    if os.environ.get(AUTH_MODE_VAR, "").lower() == "token" or os.environ.get("RAY_USE_TLS", "0") not in ("", "0"):
+        return  # a TLS cluster does not answer a plain channel: ray.init speaks TLS and reports itself
     import grpc
     from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
 

@@ -103,7 +103,8 @@ def test_nothing_at_the_address_is_one_line_for_serve_and_train(model_dirs):
     commands = [
         serve_cli(model_dirs[0], "--address", nowhere),
         ["-m", "rayexit.cli", "train", "--model", "minilm", "--train", "atis", "--max-examples", "16",
-         "--epochs", "1", "--num-workers", "1", "--address", nowhere, "--output", str(model_dirs[0].parent / "t")],
+         "--batch-size", "8", "--epochs", "1", "--num-workers", "1", "--address", nowhere,
+         "--output", str(model_dirs[0].parent / "t")],
     ]
     for command in commands:
         result = subprocess.run([sys.executable, *command], env=env(RAY_AUTH_MODE=None), capture_output=True,

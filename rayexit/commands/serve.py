@@ -54,11 +54,12 @@ class Signals:
             signal.signal(sig, self._on_signal)
 
     def _on_signal(self, signum: int, _frame) -> None:
-        if self.received is None:
+        first = self.received is None
+        if first:
             self.received = signum
         self.stop.set()
-        if not self.serving and not self._shielded:
-            raise Interrupted(signum)
+        if first and not self.serving and not self._shielded:
+            raise Interrupted(signum)  # once: a second signal must not cut short the clean-up of the first
 
     @contextlib.contextmanager
     def shielded(self) -> Iterator[None]:
