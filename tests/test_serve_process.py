@@ -65,7 +65,7 @@ def test_serves_on_loopback_drains_a_request_in_flight_and_leaves_nothing(model_
     port = free_port()
     server = Proc(serve_cli(model_dir, "--port", str(port), "--app-name", "m1"), tmp_path, "serve")
     try:
-        server.wait_for("serving ", timeout_s=180)
+        server.wait_for("metrics (Prometheus)", timeout_s=180)  # printed just after "serving ..."
         pids = descendants(server.pid) | {server.pid}
         url = f"http://127.0.0.1:{port}/m1"
         assert url in server.out
@@ -164,7 +164,7 @@ def test_broken_model_shows_the_replicas_own_error_and_exits_2(model_dir, tmp_pa
         assert code == 2, server.err
         lines = error_lines(server.err)
         assert len(lines) == 1, server.err
-        assert "the model replica failed to start" in lines[0] and "safetensors" in lines[0].lower(), lines[0]
+        assert "the model replica failed to start" in lines[0] and "safetensor" in lines[0].lower(), lines[0]
         assert "Traceback" not in server.err and "Deploying application" not in server.err
         assert took < 90, took  # was 49 s of retries before the first line of a 35-line traceback
         assert not wait_gone(server.seen, timeout_s=30), _describe(server.seen)
