@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import os
+import signal
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -62,19 +63,22 @@ def connect(
     include_dashboard: bool | None = False,
     log_to_driver: bool = False,
     metrics_export_port: int | None = None,
+    keep_signal_handlers: bool = False,
 ) -> RayCluster:
     """Use this process's Ray, else join `address` (or RAY_ADDRESS), else start a loopback-only instance.
 
     `address` is `local` (start one), `auto` (the cluster started on this machine by `ray start`),
     `host:port` of a GCS, or None (RAY_ADDRESS if set, else start one). `metrics_export_port` and
     `include_dashboard` (None: Ray's default) only apply to an instance started here.
+    `keep_signal_handlers`: put this process's SIGINT/SIGTERM handlers back the moment ray.init returns
+    (the driver's core worker installs a C++ SIGTERM handler that aborts the process).
     """
     import ray
 
     if ray.is_initialized():
         return _describe(started=False)
     if wants_local(address):
-        with _loopback_node_ip():
+        with _loopback_node_ip(), _handlers_kept(keep_signal_handlers):
             ray.init(
                 address="local",
                 num_cpus=num_cpus,
@@ -87,13 +91,15 @@ def connect(
     target = address or os.environ["RAY_ADDRESS"]
     if target.startswith("ray://"):
         # Ray Client: its own protocol and errors; nothing here can check it better than Ray does.
-        ray.init(address=target, log_to_driver=log_to_driver)
+        with _handlers_kept(keep_signal_handlers):
+            ray.init(address=target, log_to_driver=log_to_driver)
         return _describe(started=False)
     if target != "auto":
         _preflight(target)
     loopback_only = target != "auto" and _is_loopback_only(target)
     try:
-        with _loopback_node_ip() if loopback_only else contextlib.nullcontext():
+        with _loopback_node_ip() if loopback_only else contextlib.nullcontext(), \
+                _handlers_kept(keep_signal_handlers):
             ray.init(address=target, log_to_driver=log_to_driver)
     except ConnectionError as exc:
         raise RayexitError(f"could not connect to the Ray cluster at {target} ({exc}); {AUTH_HINT}") from None
@@ -101,6 +107,20 @@ def connect(
         # Ray raises RuntimeError for a missing token in token mode and for "no cluster found" with `auto`.
         raise RayexitError(f"could not connect to the Ray cluster at {target}: {_first_line(exc)}") from None
     return _describe(started=False)
+
+
+@contextlib.contextmanager
+def _handlers_kept(active: bool) -> Iterator[None]:
+    if not active:
+        yield
+        return
+    kept = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in kept.items():
+            if handler is not None:
+                signal.signal(sig, handler)
 
 
 def _describe(started: bool) -> RayCluster:

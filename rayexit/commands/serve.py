@@ -118,10 +118,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         print(f"starting: application {app_name} at route {route_prefix} ...", flush=True)
         with signals.shielded():
-            cluster = connect(args.address, metrics_export_port=args.metrics_export_port)
-        # The driver's core worker installs a C++ SIGTERM handler that aborts the process (status 134,
-        # Serve left running): put ours back on top of it.
-        signals.install()
+            # The driver's core worker installs a C++ SIGTERM handler that aborts the process (status 134,
+            # Serve left running): ours go back on top of it as soon as ray.init returns.
+            cluster = connect(args.address, metrics_export_port=args.metrics_export_port, keep_signal_handlers=True)
         if args.metrics_export_port is not None and not cluster.started:
             print(f"note: --metrics-export-port applies only to a Ray instance this command starts; "
                   f"this cluster's node exports on port {cluster.metrics_export_port}", flush=True)
