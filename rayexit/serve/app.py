@@ -82,8 +82,7 @@ def _load_tagger(settings: ServeSettings):
     return ServedTagger.from_model_dir(settings.model_dir, settings.device, settings.dtype)
 
 
-@serve.deployment(name=DEPLOYMENT_NAME, max_ongoing_requests=256, ray_actor_options={"num_cpus": 1},
-                  health_check_period_s=2)  # a dead replica is replaced within ~2 s of dying, not ~10 s
+@serve.deployment(name=DEPLOYMENT_NAME, max_ongoing_requests=256, ray_actor_options={"num_cpus": 1})
 @serve.ingress(api)
 class ExitClassifier:
     def __init__(self, settings: dict[str, Any]) -> None:
