@@ -7,16 +7,18 @@ import signal
 import threading
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 
 import pytest
 from test_serve_validation import confident_tiny_model
 
 from rayexit.cli import build_parser
 from rayexit.config import ExitPolicy
+from rayexit.serve.run import free_port
 
 
 class FakeRunning:
-    url = "http://127.0.0.1:1"
+    url = "http://127.0.0.1:1/model"
 
     def __init__(self) -> None:
         self.stopped = False
@@ -25,27 +27,61 @@ class FakeRunning:
         self.stopped = True
 
 
+@dataclass
+class FakeCluster:
+    started: bool = True
+    metrics_export_port: int = 1234
+    metrics_url: str = "http://127.0.0.1:1234/metrics"
+    shut_down: bool = False
+
+    def shutdown(self) -> None:
+        self.shut_down = True
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_serve_command_shuts_down_on_signal(monkeypatch, tmp_path, capsys, sig):
+    import rayexit.cluster
     import rayexit.serve.run as serve_run
 
     running = FakeRunning()
     seen = {}
 
-    def fake_start(settings, host, port, address):
-        seen.update(model_dir=settings.model_dir, host=host, port=port, address=address)
+    def fake_start(settings, **kwargs):
+        keys = ("host", "port", "app_name", "route_prefix")
+        seen.update(model_dir=settings.model_dir, **{k: kwargs[k] for k in keys})
         threading.Timer(0.3, os.kill, (os.getpid(), sig)).start()
         return running
 
     monkeypatch.setattr(serve_run, "start_serving", fake_start)
-    monkeypatch.setattr("ray.is_initialized", lambda: True)  # no real Ray: start_serving is faked
+    monkeypatch.setattr(rayexit.cluster, "connect", lambda *a, **k: FakeCluster())  # no real Ray
+    (tmp_path / "My Model").mkdir()
+    (tmp_path / "My Model" / "rayexit.json").write_text("{}")
     before = signal.getsignal(sig)
-    args = build_parser().parse_args(["serve", str(tmp_path / "model"), "--port", "8123"])
+    port = free_port()
+    args = build_parser().parse_args(["serve", str(tmp_path / "My Model"), "--port", str(port)])
     assert args.func(args) == 0
     assert running.stopped
-    assert seen == {"model_dir": str(tmp_path / "model"), "host": "127.0.0.1", "port": 8123, "address": "local"}
+    assert seen == {"model_dir": str(tmp_path / "My Model"), "host": "127.0.0.1", "port": port,
+                    "app_name": "my-model", "route_prefix": "/my-model"}
     assert signal.getsignal(sig) is before  # handlers put back
-    assert "stopped" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "stopped" in out and "http://127.0.0.1:1234/metrics" in out
+
+
+def test_replica_error_is_the_last_line_of_the_replicas_traceback():
+    from rayexit.serve.run import replica_error
+
+    message = (
+        "A replica failed to start with exception. Retrying 2 more time(s). Error:\n"
+        "ray::ServeReplica:m:ExitClassifier.initialize_and_get_metadata() (pid=1, ip=127.0.0.1)\n"
+        "  File \"x.py\", line 3, in load\n    raise RayexitError(...)\n"
+        "rayexit.errors.RayexitError: /m/model.safetensors: not a safetensors file\n"
+    )
+    assert replica_error(message) == "/m/model.safetensors: not a safetensors file"
+    assert replica_error("...\nsafetensors_rust.SafetensorError: header too large\n") == (
+        "SafetensorError: header too large"
+    )
+    assert replica_error("") == "the replica failed to start (no message)"
 
 
 def test_serve_demo_prints_answers_and_shuts_serve_down(ray_session, tmp_path, minilm_tokenizer, capsys):

@@ -3,16 +3,26 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
+import sys
 import threading
+from collections.abc import Iterator
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve a model directory over HTTP (Ray Serve) until interrupted")
     p.add_argument("model_dir", help="a model directory written by `rayexit train` or `rayexit tune` (best/)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, help="HTTP port (default 8000; on a cluster already running Serve, its port)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    p.add_argument("--address", default="local", help="Ray cluster to use: `local` starts one, `auto` joins one")
+    p.add_argument("--address", default="local",
+                   help="Ray cluster: `local` starts one (loopback only), `auto` joins this machine's, or host:port")
+    p.add_argument("--app-name", help="Serve application name (default: from the model directory's folder name)")
+    p.add_argument("--route-prefix", help="URL prefix of this model (default: /APP-NAME)")
+    p.add_argument("--metrics-export-port", type=int,
+                   help="port of Ray's Prometheus endpoint when this command starts Ray (default: a free one)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--target-p99-ms", type=float, help="latency target the adaptive batching steers toward")
     p.add_argument("--relax-under-load", action="store_true", help="relax exit thresholds while p99 is over target")
@@ -20,10 +30,67 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    import ray
+class Interrupted(BaseException):
+    """SIGINT/SIGTERM during start-up. A BaseException, like KeyboardInterrupt, so that no `except Exception`
+    on the way (Ray's or ours) swallows it before everything started so far is stopped again."""
 
-    from rayexit.serve.run import start_serving
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class Signals:
+    """During start-up a signal interrupts it (outside `shielded()` at once, inside at its end); once serving
+    it asks for a clean stop; while stopping, further signals are ignored so the drain can finish."""
+
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+        self.serving = False
+        self.received: int | None = None
+        self._shielded = False
+
+    def install(self) -> None:
+        for sig in SIGNALS:
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum: int, _frame) -> None:
+        first = self.received is None
+        if first:
+            self.received = signum
+        self.stop.set()
+        if first and not self.serving and not self._shielded:
+            raise Interrupted(signum)  # once: a second signal must not cut short the clean-up of the first
+
+    @contextlib.contextmanager
+    def shielded(self) -> Iterator[None]:
+        """Starting Ray's processes must not be cut in half (half-started agents outlive us): hold the signal."""
+        import ray._private.utils as ray_utils
+
+        # ray.init installs a SIGTERM handler that exits at once (status 15, no message, agents left running);
+        # keep ours in place while it runs.
+        original = ray_utils.set_sigterm_handler
+        ray_utils.set_sigterm_handler = lambda handler: None
+        self._shielded = True
+        try:
+            yield
+        finally:
+            self._shielded = False
+            ray_utils.set_sigterm_handler = original
+        if self.received is not None and not self.serving:
+            raise Interrupted(self.received)
+
+
+def run(args: argparse.Namespace) -> int:
+    from rayexit.cluster import connect, wants_local
+    from rayexit.serve.run import (
+        DEFAULT_PORT,
+        check_app_name,
+        check_port,
+        check_port_number,
+        check_route_prefix,
+        default_app_name,
+        start_serving,
+    )
     from rayexit.serve.settings import ServeSettings
 
     options = {
@@ -33,37 +100,65 @@ def run(args: argparse.Namespace) -> int:
         "relax_under_load": args.relax_under_load or None,
         "max_texts": args.max_texts,
     }
-    settings = ServeSettings.from_args({k: v for k, v in options.items() if v is not None})
-    stop = threading.Event()
+    settings = ServeSettings.from_args({k: v for k, v in options.items() if v is not None}).resolved()
+    app_name = check_app_name(args.app_name or default_app_name(settings.model_dir))
+    route_prefix = check_route_prefix(args.route_prefix or f"/{app_name}")
+    if args.port is not None:
+        check_port_number(args.port)
+    if args.metrics_export_port is not None:
+        check_port_number(args.metrics_export_port)
+    if wants_local(args.address):
+        check_port(args.host, args.port or DEFAULT_PORT)  # a new instance has no proxy yet: refuse before Ray starts
 
-    def on_signal(*_) -> None:
-        stop.set()
-
-    signals = (signal.SIGINT, signal.SIGTERM)
-    previous = {sig: signal.signal(sig, on_signal) for sig in signals}
+    signals = Signals()
+    previous = {sig: signal.getsignal(sig) for sig in SIGNALS}
+    signals.install()
+    running = None
+    cluster = None
     try:
-        started_ray = not ray.is_initialized()
-        if started_ray:
-            ray.init(address=args.address, include_dashboard=False, log_to_driver=False)
-        # ray.init puts in its own SIGTERM handler (it exits without shutting Serve down): take the signals
-        # back before Serve starts, so a signal at any later point ends in the clean shutdown below.
-        for sig in signals:
-            signal.signal(sig, on_signal)
-        try:
-            running = start_serving(settings, host=args.host, port=args.port, address=args.address)
-            try:
-                print(f"serving {args.model_dir} at {running.url}  (docs: {running.url}/docs); Ctrl-C to stop",
-                      flush=True)
-                while not stop.wait(0.5):
-                    pass
-                print("shutting down Serve ...", flush=True)
-            finally:
-                running.stop()
-        finally:
-            if started_ray:
-                ray.shutdown()
+        print(f"starting: application {app_name} at route {route_prefix} ...", flush=True)
+        with signals.shielded():
+            # The driver's core worker installs a C++ SIGTERM handler that aborts the process (status 134,
+            # Serve left running): ours go back on top of it as soon as ray.init returns.
+            cluster = connect(args.address, metrics_export_port=args.metrics_export_port, keep_signal_handlers=True)
+        if args.metrics_export_port is not None and not cluster.started:
+            print(f"note: --metrics-export-port applies only to a Ray instance this command starts; "
+                  f"this cluster's node exports on port {cluster.metrics_export_port}", flush=True)
+        running = start_serving(
+            settings,
+            host=args.host,
+            port=args.port,
+            app_name=app_name,
+            route_prefix=route_prefix,
+            default_port=DEFAULT_PORT,
+            cluster=cluster,
+        )
+        signals.serving = True
+        if signals.received is not None:
+            raise Interrupted(signals.received)
+        print(f"serving {args.model_dir} as application {app_name} at {running.url}  "
+              f"(docs: {running.url}/docs); Ctrl-C to stop", flush=True)
+        if cluster.metrics_url:
+            print(f"metrics (Prometheus) for this node: {cluster.metrics_url}", flush=True)
+        while not signals.stop.wait(0.5):
+            pass
+        print(f"stopping: draining requests in flight, then deleting application {app_name} ...", flush=True)
+        running.stop()
+        print("stopped", flush=True)
+        return 0
+    except Interrupted as exc:
+        signals.serving = True  # from here on, signals only wait for the clean-up
+        if running is not None:
+            running.stop()
+        elif cluster is not None:
+            cluster.shutdown()
+        print(f"stopped by {exc} before serving; everything this command started has been stopped", file=sys.stderr,
+              flush=True)
+        return 128 + exc.signum
+    except BaseException:
+        if running is None and cluster is not None:
+            cluster.shutdown()  # start_serving stops what it started; the instance connect() started is ours
+        raise
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    print("stopped", flush=True)
-    return 0

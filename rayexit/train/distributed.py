@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from rayexit.cluster import connect as connect_ray
 from rayexit.config import TrainSettings
 from rayexit.errors import RayexitError
 from rayexit.train.loop import LoopState, TrainResult, no_average, train_model
@@ -171,7 +172,7 @@ def fit_prepared(
             f"more than the {len(run.train_data)} training examples; use a smaller batch or fewer workers"
         )
     if not ray.is_initialized():
-        ray.init(address=options.address, log_to_driver=show_progress)
+        connect_ray(options.address, log_to_driver=show_progress, include_dashboard=None)
     _check_request(num_workers, cpus_per_worker, use_gpu)
     storage_path, name, in_tune = _storage(options.storage_path, options.name)
     callbacks = [TensorBoardCallback(str(Path(storage_path) / name / "tensorboard"))]
