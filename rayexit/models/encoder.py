@@ -22,6 +22,7 @@ from torch import nn
 
 from rayexit.config import ExitPolicy
 from rayexit.errors import RayexitError
+from rayexit.files import shareable
 
 EXIT_CONFIG_FILE = "rayexit.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -136,7 +137,7 @@ class MultiExitEncoder(nn.Module):
         if directory.is_dir() and any(directory.iterdir()) and not (directory / EXIT_CONFIG_FILE).exists():
             raise RayexitError(f"{directory}: exists and is not a rayexit model directory; choose a new folder")
         directory.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+        staging = shareable(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
         try:
             self.backbone.config.save_pretrained(staging)
             state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 import yaml
 
 from rayexit.config import ExitPolicy
 from rayexit.errors import RayexitError
-from rayexit.files import write_atomic
+from rayexit.files import make_staging_dir, write_atomic
 from rayexit.models.encoder import EXIT_CONFIG_FILE
 
 SERVE_IMPORT_PATH = "rayexit.serve.app:build_app"
@@ -29,7 +28,7 @@ def export_model(source: str | Path, target: str | Path, policy: ExitPolicy, cho
     if not config_path.is_file():
         raise RayexitError(f"{source}: not a rayexit model directory (no {EXIT_CONFIG_FILE})")
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    staging = make_staging_dir(target)
     try:
         shutil.copytree(source, staging, dirs_exist_ok=True, ignore=shutil.ignore_patterns(*LEFT_BEHIND))
         config = json.loads(config_path.read_text())
