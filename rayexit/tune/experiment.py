@@ -148,13 +148,17 @@ class ResumableOptunaSearch(OptunaSearch):
     """
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        # Per-epoch reports without the objective (none so far) or from a trial this searcher lost are skipped.
         names = self.metric if isinstance(self.metric, list) else [self.metric]
-        if trial_id in self._ot_trials and trial_id not in self._completed_trials and all(n in result for n in names):
+        if not all(n in result for n in names):
+            return  # a report without the objective
+        if self._live(trial_id):
             super().on_trial_result(trial_id, result)
+        elif not isinstance(self.metric, list):  # kept for the trial added at completion
+            steps = self.__dict__.setdefault("_orphan_steps", {}).setdefault(trial_id, {})
+            steps[int(result.get("training_iteration", len(steps) + 1))] = result[self.metric]
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        if trial_id in self._ot_trials and trial_id not in self._completed_trials:
+        if self._live(trial_id):
             super().on_trial_complete(trial_id, result, error)
             return
         if error or not result:
@@ -167,8 +171,28 @@ class ResumableOptunaSearch(OptunaSearch):
         values = [result.get(name) for name in names]
         if None in values or None in params.values():
             return
-        self._ot_study.add_trial(optuna.trial.create_trial(params=params, distributions=self._space, values=values))
+        steps = self.__dict__.get("_orphan_steps", {}).pop(trial_id, None)
+        self._ot_study.add_trial(
+            optuna.trial.create_trial(
+                params=params, distributions=self._space, values=values, intermediate_values=steps or None
+            )
+        )
         self._completed_trials.add(trial_id)
+
+    def _live(self, trial_id: str) -> bool:
+        """This searcher asked Optuna for the trial and Optuna still holds it as running.
+
+        With the study in a database, the restored searcher state can be older than the study:
+        a trial it holds may already be finished there (failed before the interruption).
+        """
+        trial = self._ot_trials.get(trial_id)
+        if trial is None or trial_id in self._completed_trials:
+            return False
+        try:
+            frozen = self._ot_study._storage.get_trial(trial._trial_id)
+        except Exception:  # an Optuna without these internals: trust the searcher's own state
+            return True
+        return not frozen.state.is_finished()
 
 
 def _searcher(config: TuneConfig, storage_url: str | None = None):
@@ -241,6 +265,24 @@ def concurrent_trials(spec: TuneSpec, cluster: dict) -> int | None:
     return max(1, fit)
 
 
+def _limited(searcher, max_concurrent: int):
+    """Tune's ConcurrencyLimiter, except that it passes on the completion of a trial restarted by a resume.
+
+    The stock limiter forgets a trial once it fails and then drops its completion when
+    `Tuner.restore(restart_errored=True)` runs it again, so the study would never hear of it.
+    """
+    from ray.tune.search import ConcurrencyLimiter
+
+    class Limiter(ConcurrencyLimiter):
+        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+            if trial_id in self.live_trials:
+                super().on_trial_complete(trial_id, result=result, error=error)
+            else:
+                self.searcher.on_trial_complete(trial_id, result=result, error=error)
+
+    return Limiter(searcher, max_concurrent=max_concurrent)
+
+
 def _trainable(job: TrialJob, trainable: Trainable | None):
     from ray import tune
 
@@ -298,13 +340,16 @@ def build_tuner(job: TrialJob, output: str | Path, trainable: Trainable | None =
     concurrent = concurrent_trials(spec, ray.cluster_resources())
     if concurrent is None and spec.cpus_per_trial is None:
         concurrent = 1  # a local trial holds every CPU
+    searcher = _searcher(job.config, optuna_url(output) if spec.optuna_db else None)
+    if concurrent is not None:
+        searcher = _limited(searcher, concurrent)
     tune_config = tune.TuneConfig(
-        search_alg=_searcher(job.config, optuna_url(output) if spec.optuna_db else None),
+        search_alg=searcher,
         scheduler=scheduler,
         num_samples=spec.trials,
         metric="score" if single else None,
         mode="max" if single else None,
-        max_concurrent_trials=concurrent,
+        max_concurrent_trials=None,  # limited above
     )
     experiment = data["experiment"]
     storage, name = experiment.rsplit("/", 1)
