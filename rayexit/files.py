@@ -36,6 +36,15 @@ def shareable(path: str | Path) -> Path:
     return path
 
 
+def share_tree(path: str | Path) -> Path:
+    """`shareable` for a folder and everything in it (some writers, safetensors among them, create 0600 files)."""
+    path = Path(path)
+    for root, dirs, files in os.walk(path):
+        for name in [*dirs, *files]:
+            shareable(Path(root) / name)
+    return shareable(path)
+
+
 def make_staging_dir(target: str | Path) -> Path:
     """An empty sibling of `target` to build it in, with a plain folder's mode, renamed in when complete."""
     target = Path(target)

@@ -76,6 +76,16 @@ def ray_storage_path(value: str | None) -> str | None:
     return str(path.resolve()) if path is not None else str(value)
 
 
+def open_uri(uri: str):
+    """(pyarrow filesystem, path on it) for a storage URI, as Ray resolves its storage_path."""
+    import pyarrow.fs
+
+    try:
+        return pyarrow.fs.FileSystem.from_uri(uri)
+    except Exception as exc:
+        raise RayexitError(f"{uri}: not a storage URI pyarrow can open ({exc})") from None
+
+
 @contextmanager
 def local_output(value: str | os.PathLike) -> Iterator[Path]:
     """A local folder to write `value`'s contents into; copied up to `value` afterwards if it is a remote URI.
@@ -89,10 +99,7 @@ def local_output(value: str | os.PathLike) -> Iterator[Path]:
         return
     import pyarrow.fs
 
-    try:
-        filesystem, remote = pyarrow.fs.FileSystem.from_uri(str(value))
-    except Exception as exc:
-        raise RayexitError(f"{value}: not a storage URI pyarrow can open ({exc})") from None
+    filesystem, remote = open_uri(str(value))
     staging = Path(tempfile.mkdtemp(prefix="rayexit-upload-"))
     try:
         yield staging / "out"

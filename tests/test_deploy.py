@@ -22,7 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 APP_ROOT = "/app/"  # where deploy/Dockerfile puts the project in the image
 SHARED = "/mnt/rayexit"
-# The only fields the RayService's Serve config may differ in from serve_configs/demo.yaml (and why: deploy/rayservice.yaml).
+# The only fields the RayService's Serve config may differ in from serve_configs/demo.yaml
+# (why: deploy/rayservice.yaml's header).
 KUBE_FIELDS = {("http_options", "host"): "0.0.0.0", ("applications", 0, "args", "model_dir"): None}
 
 

@@ -22,7 +22,7 @@ from torch import nn
 
 from rayexit.config import ExitPolicy
 from rayexit.errors import RayexitError
-from rayexit.files import shareable
+from rayexit.files import share_tree
 
 EXIT_CONFIG_FILE = "rayexit.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -137,7 +137,7 @@ class MultiExitEncoder(nn.Module):
         if directory.is_dir() and any(directory.iterdir()) and not (directory / EXIT_CONFIG_FILE).exists():
             raise RayexitError(f"{directory}: exists and is not a rayexit model directory; choose a new folder")
         directory.parent.mkdir(parents=True, exist_ok=True)
-        staging = shareable(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
         try:
             self.backbone.config.save_pretrained(staging)
             state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
@@ -145,6 +145,7 @@ class MultiExitEncoder(nn.Module):
             (staging / EXIT_CONFIG_FILE).write_text(json.dumps(self.exit_config.to_dict(), indent=2))
             if tokenizer is not None:
                 tokenizer.save_pretrained(staging)
+            share_tree(staging)  # mkdtemp and safetensors make 0700/0600: unreadable to others on shared storage
             _replace_dir(staging, directory)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)

@@ -445,7 +445,7 @@ def _storage(storage_path: str | None, name: str | None) -> tuple[str, object | 
     try:
         from ray.tune.trainable.trainable_fn_utils import _in_tune_session
 
-        in_tune = _in_tune_session()
+        in_tune = bool(_in_tune_session())
     except ImportError:
         pass
     if in_tune and storage_path is None:

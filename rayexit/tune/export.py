@@ -10,7 +10,7 @@ import yaml
 
 from rayexit.config import ExitPolicy
 from rayexit.errors import RayexitError
-from rayexit.files import make_staging_dir, write_atomic
+from rayexit.files import make_staging_dir, share_tree, write_atomic
 from rayexit.models.encoder import EXIT_CONFIG_FILE
 
 SERVE_IMPORT_PATH = "rayexit.serve.app:build_app"
@@ -35,6 +35,7 @@ def export_model(source: str | Path, target: str | Path, policy: ExitPolicy, cho
         config["policy"] = policy.to_dict()
         config.setdefault("extra", {})["tune"] = choice
         (staging / EXIT_CONFIG_FILE).write_text(json.dumps(config, indent=2))
+        share_tree(staging)  # the trial's files keep the modes they were written with
         if target.exists():
             old = target.with_name(f".{target.name}.old")
             shutil.rmtree(old, ignore_errors=True)
