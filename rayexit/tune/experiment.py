@@ -16,6 +16,7 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
+from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
 from rayexit.data import load_text_classification
@@ -265,22 +266,18 @@ def concurrent_trials(spec: TuneSpec, cluster: dict) -> int | None:
     return max(1, fit)
 
 
-def _limited(searcher, max_concurrent: int):
+class ResumableLimiter(ConcurrencyLimiter):
     """Tune's ConcurrencyLimiter, except that it passes on the completion of a trial restarted by a resume.
 
     The stock limiter forgets a trial once it fails and then drops its completion when
     `Tuner.restore(restart_errored=True)` runs it again, so the study would never hear of it.
     """
-    from ray.tune.search import ConcurrencyLimiter
 
-    class Limiter(ConcurrencyLimiter):
-        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-            if trial_id in self.live_trials:
-                super().on_trial_complete(trial_id, result=result, error=error)
-            else:
-                self.searcher.on_trial_complete(trial_id, result=result, error=error)
-
-    return Limiter(searcher, max_concurrent=max_concurrent)
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if trial_id in self.live_trials:
+            super().on_trial_complete(trial_id, result=result, error=error)
+        else:
+            self.searcher.on_trial_complete(trial_id, result=result, error=error)
 
 
 def _trainable(job: TrialJob, trainable: Trainable | None):
@@ -342,7 +339,7 @@ def build_tuner(job: TrialJob, output: str | Path, trainable: Trainable | None =
         concurrent = 1  # a local trial holds every CPU
     searcher = _searcher(job.config, optuna_url(output) if spec.optuna_db else None)
     if concurrent is not None:
-        searcher = _limited(searcher, concurrent)
+        searcher = ResumableLimiter(searcher, max_concurrent=concurrent)
     tune_config = tune.TuneConfig(
         search_alg=searcher,
         scheduler=scheduler,
