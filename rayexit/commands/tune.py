@@ -35,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from rayexit.errors import RayexitError
-    from rayexit.tune.experiment import experiment_path, output_folder
+    from rayexit.tune.experiment import experiment_path, load_job, output_folder
     from rayexit.tune.run import tune_new, tune_resume
     from rayexit.tune.space import load_tune_config
 
@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
             flags = ", --".join(flag.replace("_", "-") for flag in given)
             raise RayexitError(f"--resume takes the earlier run's settings; drop --{flags}")
         output = output_folder(args.resume, "--resume")
-        _start(args.address, output)
+        _start(args.address, output, load_job(output)[0].config.tune.optuna_db)
         report = tune_resume(output)
     else:
         missing = [flag for flag in ("model", "train", "eval", "output") if not getattr(args, flag)]
@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
         )
         if args.storage_path:
             experiment_path(output, args.storage_path)  # refuse a bad --storage-path before Ray starts
-        _start(args.address, output)
+        _start(args.address, output, config.tune.optuna_db)
         report = tune_new(
             args.model, args.train, args.eval, output, config, args.max_examples, storage_path=args.storage_path
         )
@@ -79,14 +79,15 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _start(address: str | None, output) -> None:
+def _start(address: str | None, output, optuna_db: bool) -> None:
     """Join or start Ray, and say where to watch the search while it runs."""
     from rayexit.tune.experiment import OPTUNA_FILE, connect
 
     url = connect(address)
     if url:
         print(f"Ray dashboard (this machine only): {url}", flush=True)
-    print(f"Optuna study, live: optuna-dashboard sqlite:///{(output / OPTUNA_FILE).resolve()}", flush=True)
+    if optuna_db:
+        print(f"Optuna study, live: optuna-dashboard sqlite:///{(output / OPTUNA_FILE).resolve()}", flush=True)
 
 
 def format_report(report: dict) -> str:
