@@ -24,3 +24,41 @@ def test_checkpoints_go_to_a_file_uri_and_can_be_dropped_after_training(ray_sess
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))  # the epochs, kept
     assert not list(run_dir.glob("checkpoint_*"))  # the model is in memory (and saved by the caller)
     assert result.steps == 4 and [h["epoch"] for h in result.history] == [1, 2]
+
+
+def train_in_trial(config: dict) -> None:
+    """A Tune trial that trains with Ray Train, as rayexit's distributed trials do, and keeps its own copy."""
+    import tempfile
+
+    from ray import tune
+
+    data = toy_data(n=16)
+    run = PreparedRun(toy_model(), None, data, data)
+    result = fit_prepared(run, settings_for("joint", PER_WORKER), num_workers=1, name="train", show_progress=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "model.txt").write_text("the trial's one checkpoint")
+        tune.report({"run_path": result.run_path, "steps": result.steps}, checkpoint=tune.Checkpoint.from_directory(tmp))
+
+
+def test_a_trial_keeps_one_checkpoint_and_its_train_run_lives_in_the_experiment(ray_session, tmp_path):
+    import sys
+
+    import ray.cloudpickle
+    from ray import tune
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import tests/
+    ray.cloudpickle.register_pickle_by_value(sys.modules["test_distributed"])
+    store = tmp_path / "store"
+    tuner = tune.Tuner(
+        tune.with_resources(train_in_trial, {"cpu": 0.01}),
+        run_config=tune.RunConfig(name="exp", storage_path=f"file://{store}", verbose=0),
+    )
+    result = tuner.fit()[0]
+    assert result.error is None and result.metrics["steps"] == 4
+    trial_dir = Path(result.path)
+    assert trial_dir.parent == store / "exp"
+    run_dir = Path(result.metrics["run_path"])
+    assert run_dir == trial_dir / "train"  # in the experiment's storage, not the trial's local working dir
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert not list(run_dir.glob("checkpoint_*"))  # Ray Train's copy dropped once training ended
+    assert [p.name for p in trial_dir.glob("checkpoint_*/model.txt")] == ["model.txt"]
