@@ -37,7 +37,8 @@ def train_in_trial(config: dict) -> None:
     result = fit_prepared(run, settings_for("joint", PER_WORKER), num_workers=1, name="train", show_progress=False)
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "model.txt").write_text("the trial's one checkpoint")
-        tune.report({"run_path": result.run_path, "steps": result.steps}, checkpoint=tune.Checkpoint.from_directory(tmp))
+        metrics = {"run_path": result.run_path, "steps": result.steps}
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
 
 
 def test_a_trial_keeps_one_checkpoint_and_its_train_run_lives_in_the_experiment(ray_session, tmp_path):
