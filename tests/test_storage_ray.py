@@ -23,7 +23,7 @@ def test_checkpoints_go_to_a_file_uri_and_can_be_dropped_after_training(ray_sess
     assert Path(result.run_path) == run_dir and result.checkpoint.startswith(str(run_dir))
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))  # the epochs, kept
     assert not [p for p in run_dir.glob("checkpoint_*") if p.is_dir()]  # the model is in memory (the caller saves it)
-    assert result.steps == 4 and [h["epoch"] for h in result.history] == [1, 2]
+    assert result.steps == 8 and [h["epoch"] for h in result.history] == [1, 2]  # 16 examples / batch 4, 2 epochs
 
 
 def train_in_trial(config: dict) -> None:
@@ -48,14 +48,15 @@ def test_a_trial_keeps_one_checkpoint_and_its_train_run_lives_in_the_experiment(
     from ray import tune
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import tests/
-    ray.cloudpickle.register_pickle_by_value(sys.modules["test_distributed"])
+    for name in ("test_distributed", "conftest"):
+        ray.cloudpickle.register_pickle_by_value(sys.modules[name])
     store = tmp_path / "store"
     tuner = tune.Tuner(
         tune.with_resources(train_in_trial, {"cpu": 0.01}),
         run_config=tune.RunConfig(name="exp", storage_path=f"file://{store}", verbose=0),
     )
     result = tuner.fit()[0]
-    assert result.error is None and result.metrics["steps"] == 4
+    assert result.error is None and result.metrics["steps"] == 8
     trial_dir = Path(result.path)
     assert trial_dir.parent == store / "exp"
     run_dir = Path(result.metrics["run_path"])
