@@ -121,7 +121,7 @@ def test_tune_resumes_without_redoing_finished_trials(ray_session, tmp_path, tin
     trial_dirs = sorted(p for p in experiment.iterdir() if p.is_dir() and (p / "result.json").exists())
     checkpoints = {p.name: [c for c in p.glob("checkpoint_*") if c.is_dir()] for p in trial_dirs}
     assert sorted(len(c) for c in checkpoints.values() if c) == [1, 1]  # the interrupted attempt has none
-    default = next(p for p in trial_dirs if "gamma=0.9," in p.name)
+    default = next(p for p in trial_dirs if json.loads((p / "params.json").read_text())["gamma"] == 0.9)
     rows = [json.loads(line) for line in (default / "result.json").read_text().splitlines()]
     assert [r["final"] for r in rows[-4:]] == [0, 0, 0, 1]  # 3 epochs, then the trial's final report
     assert not (output / "experiment").exists()
