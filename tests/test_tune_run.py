@@ -1,12 +1,15 @@
 """A real (tiny) Tune experiment: two trials, one interrupted and resumed, results and best/ exported."""
 
 import json
+import os
 import random
+import stat
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import tiny_backbone
 
 from rayexit.tune.run import tune_new, tune_resume
@@ -40,10 +43,17 @@ def tiny_encoder(tmp_path_factory, minilm_tokenizer):
 
 def flaky_trial(params: dict, job) -> None:
     """The real trial, except that the second trial dies the first time it starts (an interruption)."""
+    import optuna
+
     calls = Path(job.fit_path).parent.parent / "calls.jsonl"
     earlier = calls.read_text().splitlines() if calls.exists() else []
     with calls.open("a") as handle:
         handle.write(json.dumps(params) + "\n")
+    # What optuna-dashboard would see at this moment, while the run is still going.
+    study = optuna.load_study(study_name="rayexit-tune", storage=f"sqlite:///{calls.parent / 'optuna.db'}")
+    states = [t.state.name for t in study.get_trials(deepcopy=False)]
+    with (calls.parent / "live_study.jsonl").open("a") as handle:
+        handle.write(json.dumps(states) + "\n")
     if len(earlier) == 1 and not (calls.parent / "interrupted").exists():
         (calls.parent / "interrupted").write_text("once")
         raise RuntimeError("interrupted on purpose")
@@ -68,7 +78,11 @@ def test_tune_resumes_without_redoing_finished_trials(ray_session, tmp_path, tin
         },
     )
     output = tmp_path / "run"
-    first = tune_new(str(tiny_encoder), str(train), str(evaluation), output, config, trainable=flaky_trial)
+    store = tmp_path / "store"  # the Tune experiment on a storage URI, as Ray's storage_path takes it
+    first = tune_new(
+        str(tiny_encoder), str(train), str(evaluation), output, config, trainable=flaky_trial,
+        storage_path=f"file://{store}",
+    )
     assert first["trials"] == 1  # the second trial failed before finishing
     report = tune_resume(output, trainable=flaky_trial)
 
@@ -88,7 +102,30 @@ def test_tune_resumes_without_redoing_finished_trials(ray_session, tmp_path, tin
     for a in validation:  # chosen on validation: no front point is beaten there on both counts
         assert not any(b[0] >= a[0] and b[1] >= a[1] and b != a for b in validation)
     assert (output / "pareto.png").stat().st_size > 1000
-    assert (output / "optuna.db").exists()
+
+    # The study was in optuna.db while tuning: the second trial saw the first one finished there.
+    live = [json.loads(line) for line in (output / "live_study.jsonl").read_text().splitlines()]
+    assert live[1].count("COMPLETE") == 1
+    # ... and it survived the interruption: both finished trials are in it after the resume.
+    import optuna
+
+    study = optuna.load_study(study_name="rayexit-tune", storage=f"sqlite:///{output / 'optuna.db'}")
+    finished = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
+    assert len(finished) == 2
+    assert sorted(t.params["gamma"] for t in finished) == sorted(c["gamma"] for c in calls[:2])
+    # Every Tune result reached Optuna as it came: 3 epoch reports and the final one, for both trials.
+    assert [len(t.intermediate_values) for t in finished] == [4, 4]
+
+    # The experiment went to the file:// storage; one checkpoint per trial, and per-epoch results in it.
+    experiment = store / "run"
+    trial_dirs = sorted(p for p in experiment.iterdir() if p.is_dir() and (p / "result.json").exists())
+    checkpoints = {p.name: [c for c in p.glob("checkpoint_*") if c.is_dir()] for p in trial_dirs}
+    assert sorted(len(c) for c in checkpoints.values() if c) == [1, 1]  # the interrupted attempt has none
+    default = next(p for p in trial_dirs if json.loads((p / "params.json").read_text())["gamma"] == 0.9)
+    rows = [json.loads(line) for line in (default / "result.json").read_text().splitlines()]
+    assert [r["final"] for r in rows[-4:]] == [0, 0, 0, 1]  # 3 epochs, then the trial's final report
+    assert not (output / "experiment").exists()
+    assert json.loads((output / "job.json").read_text())["experiment"] == str(experiment)
 
     chosen = report["chosen"]
     best = json.loads((output / "best" / "rayexit.json").read_text())
@@ -99,5 +136,13 @@ def test_tune_resumes_without_redoing_finished_trials(ray_session, tmp_path, tin
     # Whether training learns is tests/test_train.py's job: the chosen trial's sampled lr here
     # varies from run to run, and an accuracy bound on it was flaky.
     assert report["threshold_settings_per_second"] >= 1000
-    assert "serve.app:build_app" in (output / "serve.yaml").read_text()
+    serve = yaml.safe_load((output / "serve.yaml").read_text())
+    assert serve["applications"][0]["import_path"] == "rayexit.serve.app:build_app"
+    assert serve["applications"][0]["args"]["model_dir"] == str((output / "best").resolve())
+    # Readable by other users on shared storage (what mkdtemp/mkstemp alone would not give).
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert stat.S_IMODE((output / "best").stat().st_mode) == 0o777 & ~umask
+    for path in [output / "serve.yaml", output / "tune.json", output / "pareto.png", *(output / "best").iterdir()]:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path
     torch.set_num_threads(torch.get_num_threads())  # the search restores thread settings it changes

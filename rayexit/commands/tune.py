@@ -21,24 +21,41 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, help="Ray Train workers per trial")
     p.add_argument("--epochs", type=float)
     p.add_argument("--resume", metavar="DIR", help="continue an interrupted `rayexit tune --output DIR`")
+    p.add_argument(
+        "--storage-path",
+        help="where Tune keeps the experiment (trial checkpoints, logs): a shared path or a URI "
+        "(s3://, gs://, file://); default DIR/experiment",
+    )
+    p.add_argument(
+        "--address",
+        help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray on 127.0.0.1 with its dashboard)",
+    )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from rayexit.errors import RayexitError
+    from rayexit.tune.experiment import experiment_path, load_job, output_folder
     from rayexit.tune.run import tune_new, tune_resume
     from rayexit.tune.space import load_tune_config
 
     if args.resume:
-        given = [flag for flag in ("model", "train", "eval", "output", "config", "trials") if getattr(args, flag)]
+        given = [
+            flag
+            for flag in ("model", "train", "eval", "output", "config", "trials", "storage_path")
+            if getattr(args, flag)
+        ]
         if given:
-            raise RayexitError(f"--resume takes the earlier run's settings; drop --{', --'.join(given)}")
-        report = tune_resume(args.resume)
-        output = args.resume
+            flags = ", --".join(flag.replace("_", "-") for flag in given)
+            raise RayexitError(f"--resume takes the earlier run's settings; drop --{flags}")
+        output = output_folder(args.resume, "--resume")
+        _start(args.address, output, load_job(output)[0].config.tune.optuna_db)
+        report = tune_resume(output)
     else:
         missing = [flag for flag in ("model", "train", "eval", "output") if not getattr(args, flag)]
         if missing:
             raise RayexitError(f"missing --{', --'.join(missing)} (or --resume DIR to continue a run)")
+        output = output_folder(args.output)
         config = load_tune_config(
             args.config,
             {"epochs": args.epochs},
@@ -51,11 +68,26 @@ def run(args: argparse.Namespace) -> int:
                 "workers": args.workers,
             },
         )
-        report = tune_new(args.model, args.train, args.eval, args.output, config, args.max_examples)
-        output = args.output
+        if args.storage_path:
+            experiment_path(output, args.storage_path)  # refuse a bad --storage-path before Ray starts
+        _start(args.address, output, config.tune.optuna_db)
+        report = tune_new(
+            args.model, args.train, args.eval, output, config, args.max_examples, storage_path=args.storage_path
+        )
     print(format_report(report))
     print(f"best model -> {output}/best ; serve with: serve run {output}/serve.yaml")
     return 0
+
+
+def _start(address: str | None, output, optuna_db: bool) -> None:
+    """Join or start Ray, and say where to watch the search while it runs."""
+    from rayexit.tune.experiment import OPTUNA_FILE, connect
+
+    url = connect(address)
+    if url:
+        print(f"Ray dashboard (this machine only): {url}", flush=True)
+    if optuna_db:
+        print(f"Optuna study, live: optuna-dashboard sqlite:///{(output / OPTUNA_FILE).resolve()}", flush=True)
 
 
 def format_report(report: dict) -> str:

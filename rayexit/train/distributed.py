@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class DistributedResult:
-    model_dir: Path
+    model_dir: Path | str  # a str only for a remote URI (s3://...)
     seconds: float  # time inside the training loop, summed over restarts
     history: list[dict] = field(default_factory=list)  # one record per epoch, as `train_model` makes them
     steps: int = 0
@@ -91,6 +91,7 @@ class RayOptions:
     report_to_tune: bool = False
     address: str | None = None
     show_progress: bool = True
+    keep_checkpoints: bool | None = None  # None: dropped inside a Tune trial without storage of its own
 
 
 def fit_distributed(
@@ -122,29 +123,32 @@ def fit_distributed(
     checkpoints go to the trial's own folder under `train/`, so trials never share a run
     folder. Exceptions reach the trial as RayexitError.
     """
+    from rayexit.storage import check_job_path, local_output, local_path
     from rayexit.train.recipe import prepare, save_run
 
     options = replace(options or RayOptions(), **option_fields)
     if options.name is None:
         options = replace(options, name=_default_name(output))
     start = time.perf_counter()
+    check_job_path(str(output), "--output")
     _check_request(options.num_workers, options.cpus_per_worker, options.use_gpu)
     run = prepare(model_name, train_source, eval_source, settings, task=task, init=init)
     outcome = fit_prepared(run, settings, options)
-    save_run(
-        run,
-        output,
-        settings,
-        outcome,
-        base_model=model_name,
-        init=init,
-        train=train_source,
-        eval=eval_source,
-        num_workers=options.num_workers,
-        use_gpu=options.use_gpu,
-        run_path=outcome.run_path,
-    )
-    outcome.model_dir = Path(output)
+    with local_output(output) as local:  # a model directory may go to a URI: written here, then copied up
+        save_run(
+            run,
+            local,
+            settings,
+            outcome,
+            base_model=model_name,
+            init=init,
+            train=train_source,
+            eval=eval_source,
+            num_workers=options.num_workers,
+            use_gpu=options.use_gpu,
+            run_path=outcome.run_path,
+        )
+    outcome.model_dir = local_path(output) or str(output)  # a remote URI stays a URI
     outcome.wall_seconds = time.perf_counter() - start
     return outcome
 
@@ -156,6 +160,9 @@ def fit_prepared(
 
     `fault` is for tests: {"rank": r, "step": s, "marker": path} kills rank r's process with
     SIGKILL at its s-th step, once (the marker file records that it happened).
+    `keep_checkpoints=False` deletes the run's checkpoints once the model holds the final
+    weights (None: only inside a Tune trial without `storage_path`, where the trial reports the
+    model as its own checkpoint and a second copy would only take space).
     """
     options = replace(options or RayOptions(), **option_fields)
     num_workers, use_gpu, cpus_per_worker = options.num_workers, options.use_gpu, options.cpus_per_worker
@@ -174,8 +181,9 @@ def fit_prepared(
     if not ray.is_initialized():
         connect_ray(options.address, log_to_driver=show_progress, include_dashboard=None)
     _check_request(num_workers, cpus_per_worker, use_gpu)
-    storage_path, name, in_tune = _storage(options.storage_path, options.name)
-    callbacks = [TensorBoardCallback(str(Path(storage_path) / name / "tensorboard"))]
+    own_storage = options.storage_path is None
+    storage_path, filesystem, name, in_tune = _storage(options.storage_path, options.name)
+    callbacks = [TensorBoardCallback(_tensorboard_dir(storage_path, filesystem, name))]
     if options.report_to_tune:
         if not in_tune:
             raise RayexitError("report_to_tune: only possible inside a Ray Tune trial")
@@ -202,6 +210,7 @@ def fit_prepared(
         run_config=RunConfig(
             name=name,
             storage_path=storage_path,
+            storage_filesystem=filesystem,
             failure_config=FailureConfig(max_failures=options.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=options.num_to_keep),
             callbacks=callbacks,
@@ -218,6 +227,8 @@ def fit_prepared(
 
     with result.checkpoint.as_directory() as directory:
         read_checkpoint(directory, run.model)
+    if options.keep_checkpoints is False or (options.keep_checkpoints is None and in_tune and own_storage):
+        _drop_checkpoints(result)
     summary = result.return_value or {}
     metrics = []
     if result.metrics_dataframe is not None:
@@ -414,16 +425,26 @@ def _check_request(num_workers: int, cpus_per_worker: float, use_gpu: bool) -> N
     )
 
 
-def _storage(storage_path: str | None, name: str | None) -> tuple[str, str, bool]:
-    """Where the run keeps checkpoints: given, or the Tune trial's folder, or Ray's default."""
+def _storage(storage_path: str | None, name: str | None) -> tuple[str, object | None, str, bool]:
+    """Where the run keeps checkpoints: (storage_path, storage_filesystem, name, in a Tune trial).
+
+    Given: a local or shared path, made absolute, or a URI Ray's storage takes (s3://, gs://,
+    file://, ...). Inside a Tune trial without one: the trial's own folder in the experiment's
+    storage, whatever filesystem that is, so trials never share a run folder. Else Ray's default.
+    """
+    from rayexit.storage import check_job_path, ray_storage_path
+
     in_tune = False
     try:
         from ray.tune.trainable.trainable_fn_utils import _in_tune_session
 
-        in_tune = _in_tune_session()
+        in_tune = bool(_in_tune_session())
     except ImportError:
         pass
     if in_tune and storage_path is None:
+        trial = _trial_storage()
+        if trial is not None:
+            return trial[0], trial[1], name or "train", True
         import ray.tune
 
         storage_path = ray.tune.get_context().get_trial_dir()
@@ -432,8 +453,43 @@ def _storage(storage_path: str | None, name: str | None) -> tuple[str, str, bool
         from ray.train.constants import DEFAULT_STORAGE_PATH
 
         storage_path = DEFAULT_STORAGE_PATH
-    storage_path = os.path.abspath(os.path.expanduser(storage_path))
-    return storage_path, name or f"rayexit-train-{uuid.uuid4().hex[:8]}", in_tune
+    check_job_path(storage_path, "--storage-path")
+    return ray_storage_path(storage_path), None, name or f"rayexit-train-{uuid.uuid4().hex[:8]}", in_tune
+
+
+def _trial_storage() -> tuple[str, object] | None:
+    """The Tune trial's folder on the experiment's storage filesystem (not its local working dir)."""
+    try:
+        from ray.train._internal.session import get_session
+
+        storage = get_session().storage
+        return storage.trial_fs_path, storage.storage_filesystem
+    except Exception:  # a private API: fall back to the trial dir Tune's public context gives
+        return None
+
+
+def _tensorboard_dir(storage_path: str, filesystem, name: str) -> str:
+    """TensorBoard writes plain files: into the run folder when that is local, else under Ray's local default."""
+    import pyarrow.fs
+
+    local = filesystem is None or isinstance(filesystem, pyarrow.fs.LocalFileSystem)
+    if local and "://" not in storage_path:
+        return str(Path(storage_path) / name / "tensorboard")
+    from ray.train.constants import DEFAULT_STORAGE_PATH
+
+    return str(Path(os.path.expanduser(DEFAULT_STORAGE_PATH)) / name / "tensorboard")
+
+
+def _drop_checkpoints(result) -> None:
+    """Delete a finished run's checkpoint folders (resume state only); metrics and TensorBoard stay."""
+    seen = {(c.path) for c, _ in (result.best_checkpoints or [])}
+    if result.checkpoint is not None:
+        seen.add(result.checkpoint.path)
+    for path in sorted(seen):
+        try:
+            result.checkpoint.filesystem.delete_dir(path)
+        except Exception as exc:  # space, not correctness: the model is already in memory
+            log.warning("%s: checkpoint not deleted (%s)", path, exc)
 
 
 def _default_name(output: str | Path) -> str:

@@ -1,9 +1,12 @@
 """The Tune experiment: split the data, run the Tuner with OptunaSearch, resume it, hand results on.
 
 An output folder holds everything: `job.json` (what was asked, so `--resume` needs nothing
-else), `data/` (the fit and validation splits as TSV), `experiment/` (Tune's experiment
-directory: TensorBoard and the dashboard read it; trial checkpoints live there) and, once the
-trials are done, what `rayexit.tune.results` writes.
+else), `data/` (the fit and validation splits as TSV), `optuna.db` (the Optuna study, written
+as trials finish, so `optuna-dashboard` shows it live and an interrupted run keeps it),
+`experiment/` (Tune's experiment directory: TensorBoard and the dashboard read it; one
+checkpoint per trial lives there) and, once the trials are done, what `rayexit.tune.results`
+writes. With `storage_path` (a shared path or a URI Ray's storage takes: s3://, gs://,
+file://...) the experiment goes there instead, under the output folder's name.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
+from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
 from rayexit.data import load_text_classification
@@ -26,6 +30,8 @@ log = logging.getLogger(__name__)
 
 EXPERIMENT = "experiment"
 JOB_FILE = "job.json"
+OPTUNA_FILE = "optuna.db"
+STUDY_NAME = "rayexit-tune"
 Trainable = Callable[[dict, TrialJob], None]
 
 
@@ -35,11 +41,45 @@ def _portable(source: str) -> str:
     return str(path.resolve()) if path.exists() else source
 
 
+def output_folder(value: str | Path, flag: str = "--output") -> Path:
+    """The run's folder: a local or shared path, or file://; refused inside a Ray job when relative."""
+    from rayexit.storage import check_job_path, local_path
+
+    check_job_path(str(value), flag)
+    path = local_path(value)
+    if path is None:
+        raise RayexitError(
+            f"{flag} {value}: the run folder is read by every trial, so it must be a path every node sees "
+            "(absolute, on shared storage) or file://; put the Tune experiment on a URI with --storage-path"
+        )
+    return path
+
+
+def experiment_path(output: Path, storage_path: str | None) -> str:
+    """Where Tune keeps the experiment: `output/experiment`, or `storage_path/<output's name>`."""
+    from rayexit.storage import check_job_path, ray_storage_path
+
+    if storage_path is None:
+        return str((output / EXPERIMENT).resolve())
+    check_job_path(storage_path, "--storage-path")
+    return f"{ray_storage_path(storage_path).rstrip('/')}/{output.name}"
+
+
+def optuna_url(output: Path) -> str:
+    return f"sqlite:///{(output / OPTUNA_FILE).resolve()}"
+
+
 def prepare_job(
-    model: str, train: str, eval_source: str, output: str | Path, config: TuneConfig, max_examples: int | None = None
+    model: str,
+    train: str,
+    eval_source: str,
+    output: str | Path,
+    config: TuneConfig,
+    max_examples: int | None = None,
+    storage_path: str | None = None,
 ) -> TrialJob:
     """Carve the validation split, write both parts and `job.json`; refuse to reuse a finished folder."""
-    output = Path(output)
+    output = output_folder(output)
     if (output / JOB_FILE).exists():
         raise RayexitError(
             f"{output}: holds a tuning run; continue it with --resume {output} or pick a new folder"
@@ -78,6 +118,7 @@ def prepare_job(
             "tune": spec.to_dict(),
             "default_params": config.default_point() if spec.include_default else None,
             "config_file": config.source,
+            "experiment": experiment_path(output, storage_path),
         },
     )
     return job
@@ -101,16 +142,24 @@ class ResumableOptunaSearch(OptunaSearch):
 
     After `Tuner.restore`, a trial started before the interruption runs again, but the restored
     searcher may not hold its Optuna trial (its state was saved before that suggestion), and the
-    stock class fails with a KeyError. Such a result is added to the study as a finished trial
-    with the parameters Tune ran it with, so the sampler still learns from it.
+    stock class fails with a KeyError; a trial that failed and is restarted was already told to
+    Optuna as failed, and the stock class drops its second completion. Such a result is added to
+    the study as a finished trial with the parameters Tune ran it with, so the sampler learns
+    from it and the study in optuna.db shows it.
     """
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        if trial_id in self._ot_trials:
+        names = self.metric if isinstance(self.metric, list) else [self.metric]
+        if not all(n in result for n in names):
+            return  # a report without the objective
+        if self._live(trial_id):
             super().on_trial_result(trial_id, result)
+        elif not isinstance(self.metric, list):  # kept for the trial added at completion
+            steps = self.__dict__.setdefault("_orphan_steps", {}).setdefault(trial_id, {})
+            steps[int(result.get("training_iteration", len(steps) + 1))] = result[self.metric]
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        if trial_id in self._ot_trials:
+        if self._live(trial_id):
             super().on_trial_complete(trial_id, result, error)
             return
         if error or not result:
@@ -123,14 +172,42 @@ class ResumableOptunaSearch(OptunaSearch):
         values = [result.get(name) for name in names]
         if None in values or None in params.values():
             return
-        self._ot_study.add_trial(optuna.trial.create_trial(params=params, distributions=self._space, values=values))
+        steps = self.__dict__.get("_orphan_steps", {}).pop(trial_id, None)
+        self._ot_study.add_trial(
+            optuna.trial.create_trial(
+                params=params, distributions=self._space, values=values, intermediate_values=steps or None
+            )
+        )
         self._completed_trials.add(trial_id)
 
+    def _live(self, trial_id: str) -> bool:
+        """This searcher asked Optuna for the trial and Optuna still holds it as running.
 
-def _searcher(config: TuneConfig):
+        With the study in a database, the restored searcher state can be older than the study:
+        a trial it holds may already be finished there (failed before the interruption).
+        """
+        trial = self._ot_trials.get(trial_id)
+        if trial is None or trial_id in self._completed_trials:
+            return False
+        try:
+            frozen = self._ot_study._storage.get_trial(trial._trial_id)
+        except Exception:  # an Optuna without these internals: trust the searcher's own state
+            return True
+        return not frozen.state.is_finished()
+
+
+def _searcher(config: TuneConfig, storage_url: str | None = None):
+    """OptunaSearch over the searched settings; the study lives in `storage_url` (SQLite) when given.
+
+    With storage, every finished trial is in optuna.db as it finishes (`optuna-dashboard` reads
+    it live) and the study survives an interrupted run; Tune's own searcher state, restored by
+    `Tuner.restore`, points at the same database.
+    """
     import optuna
 
     spec = config.tune
+    storage = optuna.storages.RDBStorage(storage_url) if storage_url else None
+    extra = {"storage": storage, "study_name": STUDY_NAME}
     space = {
         name: optuna.distributions.FloatDistribution(r.low, r.high, log=r.log) for name, r in spec.searched().items()
     }
@@ -143,25 +220,64 @@ def _searcher(config: TuneConfig):
     if spec.objective == "pareto":
         sampler = optuna.samplers.TPESampler(seed=spec.seed, n_startup_trials=min(10, max(2, spec.trials // 2)))
         return ResumableOptunaSearch(
-            space, metric=["accuracy", "layer_speedup"], mode=["max", "max"], points_to_evaluate=points, sampler=sampler
+            space,
+            metric=["accuracy", "layer_speedup"],
+            mode=["max", "max"],
+            points_to_evaluate=points,
+            sampler=sampler,
+            **extra,
         )
     sampler = optuna.samplers.TPESampler(seed=spec.seed, n_startup_trials=min(10, max(2, spec.trials // 2)))
-    return ResumableOptunaSearch(space, metric="score", mode="max", points_to_evaluate=points, sampler=sampler)
+    return ResumableOptunaSearch(
+        space, metric="score", mode="max", points_to_evaluate=points, sampler=sampler, **extra
+    )
 
 
 def _resources(spec: TuneSpec) -> dict:
-    """Trials one at a time unless the config grants each fewer CPUs than the machine has."""
+    """What one trial reserves: with Ray Train, a token share (its workers hold the CPUs)."""
     import ray
 
-    total = float(ray.cluster_resources().get("CPU", 1))
     if spec.cpus_per_trial is not None:
         return {"cpu": spec.cpus_per_trial}
     if spec.trainer == "local":
-        return {"cpu": total}
+        return {"cpu": float(ray.cluster_resources().get("CPU", 1))}
     # Ray Train's own workers hold the CPUs while training; the trial only waits for them and then
-    # measures, and with one trial at a time nothing else competes for the machine meanwhile.
-    # (Tune refuses an empty request, hence a token share rather than zero.)
-    return {"cpu": 0.01}
+    # measures. (Tune refuses an empty request, hence a token share rather than zero.)
+    return {"cpu": TRIAL_TOKEN_CPU}
+
+
+TRIAL_TOKEN_CPU = 0.01
+WORKER_CPUS = 1.0  # what `fit_distributed` gives each Ray Train worker by default
+
+
+def concurrent_trials(spec: TuneSpec, cluster: dict) -> int | None:
+    """How many trials fit side by side on a cluster with `cluster` resources (None: let Tune's reservations decide).
+
+    With Ray Train, a trial reserves only a token share and its workers ask for theirs later, so
+    Tune alone would start every trial at once and leave their workers queueing; the limit is
+    how many trials' workers (and GPUs) the cluster holds at the same time.
+    """
+    if spec.trainer == "local" or spec.cpus_per_trial is not None:
+        return None
+    per_trial = spec.workers * WORKER_CPUS + TRIAL_TOKEN_CPU
+    fit = int(float(cluster.get("CPU", 0)) // per_trial)
+    if spec.use_gpu:
+        fit = min(fit, int(float(cluster.get("GPU", 0)) // spec.workers))
+    return max(1, fit)
+
+
+class ResumableLimiter(ConcurrencyLimiter):
+    """Tune's ConcurrencyLimiter, except that it passes on the completion of a trial restarted by a resume.
+
+    The stock limiter forgets a trial once it fails and then drops its completion when
+    `Tuner.restore(restart_errored=True)` runs it again, so the study would never hear of it.
+    """
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if trial_id in self.live_trials:
+            super().on_trial_complete(trial_id, result=result, error=error)
+        else:
+            self.searcher.on_trial_complete(trial_id, result=result, error=error)
 
 
 def _trainable(job: TrialJob, trainable: Trainable | None):
@@ -170,17 +286,44 @@ def _trainable(job: TrialJob, trainable: Trainable | None):
     return tune.with_resources(tune.with_parameters(trainable or run_trial, job=job), _resources(job.config.tune))
 
 
-def _ensure_ray() -> None:
+def trainable_for(output: str | Path, trainable: Trainable | None = None):
+    """The trainable `Tuner.restore` needs for a run folder (Ray must be initialised): what --resume passes."""
+    job, _ = load_job(output)
+    return _trainable(job, trainable)
+
+
+def connect(address: str | None = None) -> str | None:
+    """Join `address` (or RAY_ADDRESS), or start a local Ray on loopback with its dashboard; its URL or None.
+
+    A Ray this command starts is bound to 127.0.0.1, dashboard included: nothing it opens is
+    reachable from other machines. Trial output reaches this console (log_to_driver).
+    """
+    import os
+
     import ray
 
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=False)
+    if ray.is_initialized():
+        return None
+    if address or os.environ.get("RAY_ADDRESS"):
+        context = ray.init(address=address, log_to_driver=True)
+    else:
+        context = ray.init(
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            _node_ip_address="127.0.0.1",
+            log_to_driver=True,
+        )
+    url = getattr(context, "dashboard_url", None)
+    return f"http://{url}" if url and "://" not in url else url
 
 
 def build_tuner(job: TrialJob, output: str | Path, trainable: Trainable | None = None):
+    import ray
     from ray import tune
 
-    _ensure_ray()
+    connect()
+    output = Path(output)
+    _, data = load_job(output)
     spec = job.config.tune
     scheduler = None
     if spec.scheduler == "asha":
@@ -191,22 +334,31 @@ def build_tuner(job: TrialJob, output: str | Path, trainable: Trainable | None =
             time_attr="training_iteration", max_t=int(job.config.train.epochs) + 2, grace_period=spec.grace_epochs
         )
     single = spec.objective == "within_drop"
-    concurrent = 1 if spec.cpus_per_trial is None else None
+    concurrent = concurrent_trials(spec, ray.cluster_resources())
+    if concurrent is None and spec.cpus_per_trial is None:
+        concurrent = 1  # a local trial holds every CPU
+    searcher = _searcher(job.config, optuna_url(output) if spec.optuna_db else None)
+    if concurrent is not None:
+        searcher = ResumableLimiter(searcher, max_concurrent=concurrent)
     tune_config = tune.TuneConfig(
-        search_alg=_searcher(job.config),
+        search_alg=searcher,
         scheduler=scheduler,
         num_samples=spec.trials,
         metric="score" if single else None,
         mode="max" if single else None,
-        max_concurrent_trials=concurrent,
+        max_concurrent_trials=None,  # limited above
     )
+    experiment = data["experiment"]
+    storage, name = experiment.rsplit("/", 1)
     run_config = tune.RunConfig(
-        name=EXPERIMENT,
-        storage_path=str(Path(output).resolve()),
+        name=name,
+        storage_path=storage,
+        # One checkpoint per trial: the final model with its trial_points.json.
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
         failure_config=tune.FailureConfig(max_failures=0),
         verbose=1,
     )
+    log.info("Tune experiment: %s (trials side by side: %s)", experiment, concurrent or "as resources allow")
     return tune.Tuner(_trainable(job, trainable), tune_config=tune_config, run_config=run_config)
 
 
@@ -214,12 +366,10 @@ def restore_tuner(output: str | Path, trainable: Trainable | None = None):
     """Continue an interrupted experiment: finished trials stay, unfinished and failed ones run again."""
     from ray import tune
 
-    output = Path(output)
-    job, _ = load_job(output)
-    experiment = output / EXPERIMENT
-    if not tune.Tuner.can_restore(str(experiment.resolve())):
+    output = output_folder(output, "--resume")
+    job, data = load_job(output)
+    experiment = data.get("experiment") or str((output / EXPERIMENT).resolve())
+    if not tune.Tuner.can_restore(experiment):
         raise RayexitError(f"{experiment}: no Tune experiment state to resume from")
-    _ensure_ray()
-    return job, tune.Tuner.restore(
-        str(experiment.resolve()), _trainable(job, trainable), resume_unfinished=True, restart_errored=True
-    )
+    connect()
+    return job, tune.Tuner.restore(experiment, _trainable(job, trainable), resume_unfinished=True, restart_errored=True)

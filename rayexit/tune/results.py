@@ -1,4 +1,6 @@
-"""From finished trials to what the user keeps: the choice, pareto.json/png, best/, serve.yaml, optuna.db.
+"""From finished trials to what the user keeps: the choice, pareto.json/png, best/, serve.yaml.
+
+(optuna.db is not written here: the searcher keeps the study there while the trials run.)
 
 Choosing uses validation figures only (the split carved from --train): the reference is the best
 full-depth validation accuracy over all trials, and the choice is the fastest policy of any trial
@@ -35,9 +37,10 @@ def collect(result_grid) -> list[dict]:
     for result in result_grid:
         if result.error is not None or result.checkpoint is None:
             continue
-        record = read_points(result.checkpoint.path)
+        with result.checkpoint.as_directory() as directory:  # local: the folder itself; a URI: a download
+            record = read_points(directory)
         record["trial_id"] = result.metrics.get("trial_id")
-        record["checkpoint"] = result.checkpoint.path
+        record["checkpoint"] = result.checkpoint
         record["metrics"] = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
         trials.append(record)
     trials.sort(key=lambda r: str(r["trial_id"]))
@@ -107,9 +110,9 @@ def write_results(output: str | Path, trials: list[dict], spec: TuneSpec, job_da
     front = [dict(p, chosen=p is chosen) for p in summary["front"]]
     write_json(output / "pareto.json", front)
     plot_pareto(summary, output / "pareto.png")
-    source = trials[chosen["trial"]]["checkpoint"]
     policy = ExitPolicy(chosen["policy"], chosen["thresholds"])
-    best = export_model(source, output / "best", policy, {k: v for k, v in chosen.items() if k != "trial"})
+    with trials[chosen["trial"]]["checkpoint"].as_directory() as source:
+        best = export_model(source, output / "best", policy, {k: v for k, v in chosen.items() if k != "trial"})
     write_serve_config(best, output / "serve.yaml", name="rayexit-tuned")
     runner = runner_check(best, job_data["eval"])
     report = {
@@ -138,11 +141,6 @@ def write_results(output: str | Path, trials: list[dict], spec: TuneSpec, job_da
         ],
     }
     write_json(output / "tune.json", report)
-    if spec.optuna_db:
-        try:
-            write_optuna_db(output / "optuna.db", trials, spec)
-        except Exception as exc:  # the study copy is a convenience; the run's results stand without it
-            log.warning("optuna.db not written: %s", exc)
     return report
 
 
@@ -202,27 +200,3 @@ def plot_pareto(summary: dict, path: Path) -> Path:
     write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
     return path
-
-
-def write_optuna_db(path: Path, trials: list[dict], spec: TuneSpec) -> Path:
-    """The finished trials as an Optuna study in SQLite, for `optuna-dashboard sqlite:///optuna.db`."""
-    import optuna
-
-    distributions = {
-        name: optuna.distributions.FloatDistribution(r.low, r.high, log=r.log) for name, r in spec.searched().items()
-    }
-
-    def build(tmp: Path) -> None:
-        tmp.unlink(missing_ok=True)
-        directions = ["maximize", "maximize"] if spec.objective == "pareto" else ["maximize"]
-        study = optuna.create_study(storage=f"sqlite:///{tmp}", study_name="rayexit-tune", directions=directions)
-        for record in trials:
-            metrics = record["metrics"]
-            values = (
-                [metrics["accuracy"], metrics["layer_speedup"]] if spec.objective == "pareto" else [metrics["score"]]
-            )
-            params = {k: v for k, v in record["params"].items() if k in distributions}
-            study.add_trial(optuna.trial.create_trial(params=params, distributions=distributions, values=values))
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    return write_atomic(path, build)

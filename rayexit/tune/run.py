@@ -6,7 +6,7 @@ import json
 import time
 from pathlib import Path
 
-from rayexit.tune.experiment import Trainable, build_tuner, load_job, prepare_job, restore_tuner
+from rayexit.tune.experiment import Trainable, build_tuner, load_job, output_folder, prepare_job, restore_tuner
 from rayexit.tune.results import collect, write_results
 from rayexit.tune.space import TuneConfig
 
@@ -21,12 +21,15 @@ def tune_new(
     config: TuneConfig,
     max_examples: int | None = None,
     trainable: Trainable | None = None,
+    storage_path: str | None = None,
 ) -> dict:
-    job = prepare_job(model, train, eval_source, output, config, max_examples)
+    output = output_folder(output)
+    job = prepare_job(model, train, eval_source, output, config, max_examples, storage_path)
     return _fit(build_tuner(job, output, trainable), output)
 
 
 def tune_resume(output: str | Path, trainable: Trainable | None = None) -> dict:
+    output = output_folder(output, "--resume")
     _, tuner = restore_tuner(output, trainable)
     return _fit(tuner, output)
 

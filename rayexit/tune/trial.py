@@ -97,7 +97,10 @@ def run_trial(params: dict, job: TrialJob) -> None:
     settings = config.trial_settings(params)
     work = Path(tempfile.mkdtemp(prefix="rayexit-trial-"))
     try:
-        hook = _epoch_reporter(config, job) if config.tune.scheduler == "asha" else None
+        # A trial that trains itself reports every epoch (ASHA needs it; Tune's table, its
+        # result.json and optuna-dashboard's intermediate values show it live). A Ray Train
+        # trial's epochs go to TensorBoard under its folder in the experiment.
+        hook = _epoch_reporter(config, job) if config.tune.trainer == "local" else None
         model_dir, training = train_trial_model(
             job.model,
             job.fit_path,
