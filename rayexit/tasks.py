@@ -80,7 +80,13 @@ class Task:
         raise NotImplementedError
 
     def split(self, examples, fraction: float, seed: int):
-        """(fit, validation): per stratum, a seeded shuffle sends `fraction` of it to validation."""
+        """(fit, validation): per stratum, a seeded shuffle sends `fraction` of it to validation.
+
+        Hand-written rather than `datasets.Dataset.train_test_split(stratify_by_column=...)`:
+        that one needs a ClassLabel column (token strata are computed, not a column), refuses
+        strata with a single member, and does not promise every stratum a validation member;
+        one generator per stratum also keeps the other strata's picks when a class is added.
+        """
         groups: dict[str, list[int]] = {}
         for index, key in enumerate(self.strata(examples)):
             groups.setdefault(key, []).append(index)

@@ -9,12 +9,10 @@ Both parts are written as TSV files, which is what the trainers take.
 from __future__ import annotations
 
 import hashlib
-import random
 from dataclasses import dataclass
 from pathlib import Path
 
 from rayexit.data import TextExamples
-from rayexit.errors import RayexitError
 from rayexit.files import write_atomic
 
 
@@ -39,37 +37,13 @@ def split_name(fraction: float, seed: int) -> str:
 
 
 def carve_validation(examples: TextExamples, fraction: float, seed: int) -> Split:
-    by_label: dict[str, list[int]] = {}
-    for index, label in enumerate(examples.labels):
-        by_label.setdefault(label, []).append(index)
-    validation: list[int] = []
-    for label in sorted(by_label):
-        members = by_label[label]
-        # One generator per label, seeded by label and seed: adding a class leaves the others' picks alone.
-        rng = random.Random(f"{seed}:{label}")
-        shuffled = members[:]
-        rng.shuffle(shuffled)
-        take = round(len(members) * fraction)
-        if len(members) >= 2:
-            take = min(max(take, 1), len(members) - 1)
-        else:
-            take = 0
-        validation += shuffled[:take]
-    chosen = set(validation)
-    if not chosen:
-        raise RayexitError(f"{examples.origin}: too few examples to carve a validation split ({len(examples)})")
-    validation.sort()
-    fit = [i for i in range(len(examples)) if i not in chosen]
-    digest = hashlib.sha256(",".join(map(str, validation)).encode()).hexdigest()[:12]
-    parts = _subset(examples, fit, "fit"), _subset(examples, validation, "validation")
-    return Split(split_name(fraction, seed), *parts, digest)
+    """The task's own split (`rayexit.tasks.Task.split`), named and fingerprinted for reports."""
+    from rayexit.tasks import task_named
 
-
-def _subset(examples: TextExamples, rows: list[int], part: str) -> TextExamples:
-    lines = [examples.lines[i] for i in rows] if examples.lines else None
-    return TextExamples(
-        [examples.texts[i] for i in rows], [examples.labels[i] for i in rows], f"{examples.origin}[{part}]", lines
-    )
+    fit, validation = task_named("sequence").split(examples, fraction, seed)
+    fingerprint = "\n".join(f"{t}\t{label}" for t, label in zip(validation.texts, validation.labels, strict=True))
+    digest = hashlib.sha256(fingerprint.encode()).hexdigest()[:12]
+    return Split(split_name(fraction, seed), fit, validation, digest)
 
 
 def write_tsv(examples: TextExamples, path: str | Path) -> Path:
