@@ -92,7 +92,7 @@ def test_fewer_layers_in_config_json_is_refused_not_served_shorter(model_dir, le
     if legacy:
         make_legacy(model_dir)
     config = json.loads((model_dir / "config.json").read_text())
-    config["num_hidden_layers"] = 2
+    config["backbone"]["num_hidden_layers"] = 2  # the encoder's config, nested in the multi-exit one
     (model_dir / "config.json").write_text(json.dumps(config))
     message = (
         r"model\.safetensors: tensors the model lacks: backbone\.encoder\.layer\.2\..*num_hidden_layers 2"
