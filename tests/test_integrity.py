@@ -161,7 +161,7 @@ def test_roberta_position_limit_counts_its_padding_offset(tmp_path):
 def test_label_count_that_does_not_fit_the_heads_is_refused(model_dir):
     rewrite_record(model_dir, lambda d: d.update(labels=["neg", "pos", "mixed"]))
     # config.json's id2label catches it first; a directory from before config.json had labels, at the weights
-    with pytest.raises(RayexitError, match=r"config\.json: id2label \['neg', 'pos'\] differs from the labels in rayexit"):
+    with pytest.raises(RayexitError, match=r"config\.json: id2label \[.*\] differs from the labels in rayexit"):
         load(model_dir)
     backbone = json.loads((model_dir / "config.json").read_text())["backbone"]
     (model_dir / "config.json").write_text(json.dumps(backbone))
