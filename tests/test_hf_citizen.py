@@ -44,7 +44,8 @@ def sequence_dir(tmp_path, minilm_tokenizer):
 def token_dir(tmp_path, minilm_tokenizer):
     directory = tmp_path / "tok"
     config = ExitConfig(task="token", labels=["O", "B-PER", "I-PER"], head="linear", pooling="token", dropout=0.0)
-    MultiExitForTokenClassification(tiny_backbone(layers=2, seed=4), config).save_pretrained(directory, minilm_tokenizer)
+    model = MultiExitForTokenClassification(tiny_backbone(layers=2, seed=4), config)
+    model.save_pretrained(directory, minilm_tokenizer)
     return directory
 
 
