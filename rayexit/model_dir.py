@@ -89,10 +89,7 @@ class ModelDir:
     def _backbone(self, exit_config: ExitConfig) -> torch.nn.Module:
         from transformers import AutoConfig, AutoModel
 
-        from rayexit.models import hf
-
         integrity.check_files(self.path, [integrity.BACKBONE_CONFIG], EXIT_CONFIG_FILE)
-        hf.register()
         path = self.path / integrity.BACKBONE_CONFIG
         try:
             config = AutoConfig.from_pretrained(str(self.path))

@@ -160,3 +160,12 @@ def test_train_from_a_model_directory_starts_from_its_trained_backbone(sequence_
     backbone = run.model.backbone.state_dict()
     assert backbone.keys() == saved.backbone.state_dict().keys()
     assert all(torch.equal(backbone[k], v) for k, v in saved.backbone.state_dict().items())
+
+
+def test_auto_model_options_dtype_taken_others_refused(sequence_dir):
+    half = AutoModel.from_pretrained(sequence_dir, dtype=torch.bfloat16)
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    with pytest.raises(RayexitError, match=r"unsupported option\(s\) device_map for a rayexit model"):
+        AutoModel.from_pretrained(sequence_dir, device_map="cpu")
+    with pytest.raises(RayexitError, match=r"not-here: not a local folder"):
+        MultiExitForSequenceClassification.from_pretrained("not-here")
