@@ -140,17 +140,22 @@ class LoadedModel:
 def load(path: str | Path, *, device: str = "cpu", task: str | None = None) -> LoadedModel:
     """The model directory at `path` with its tokenizer; `task` refuses a directory of the other task.
 
-    `device` is where sentence models run (`cpu`, `cuda`, `auto`); token models run on the CPU.
+    `device` is where sentence models run (`cpu`, `cuda`, `auto`); token models run on the CPU
+    (`auto` keeps them there).
     """
     directory = ModelDir(path)
     model = directory.load_model(expected_task=task)
     tokenizer = directory.load_tokenizer()
-    if device != "cpu":
-        if model.task == "token":
+    if model.task == "token":
+        if device not in ("cpu", "auto"):
             raise RayexitError(f"device: got {device!r}; token models run on the CPU (the runner builds CPU tensors)")
+    elif device != "cpu":
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        model = model.to(torch.device(device))
+        try:
+            model = model.to(torch.device(device))
+        except (RuntimeError, AssertionError) as exc:
+            raise RayexitError(f"device: could not use {device!r} ({exc})") from None
     return LoadedModel(model, tokenizer, Path(path))
 
 
