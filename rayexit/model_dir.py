@@ -170,11 +170,13 @@ def load_weights(model: torch.nn.Module, directory: str | Path) -> None:
 
 
 def _check_agrees(config: MultiExitConfig, exit_config: ExitConfig, path: Path) -> None:
-    """config.json and rayexit.json describe one model: the same task and labels in the same order."""
+    """config.json and rayexit.json describe one model: the same task, heads and labels in the same order."""
     if not isinstance(config.backbone, PretrainedConfig):
         raise RayexitError(f"{path}: no `backbone` config; expected the encoder's config nested under `backbone`")
-    if config.task != exit_config.task:
-        raise RayexitError(f"{path}: task {config.task!r}, but {EXIT_CONFIG_FILE} says {exit_config.task!r}")
+    for field in ("task", "head", "pooling"):
+        here, there = getattr(config, field), getattr(exit_config, field)
+        if here != there:
+            raise RayexitError(f"{path}: {field} {here!r}, but {EXIT_CONFIG_FILE} says {there!r}")
     if config.labels() != exit_config.labels:
         raise RayexitError(
             f"{path}: id2label {config.labels()[:5]!r} differs from the labels in {EXIT_CONFIG_FILE} "
