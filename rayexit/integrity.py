@@ -267,8 +267,10 @@ def check_tokenizer_fits(tokenizer: Any, name_or_path: str) -> None:
     config_path = Path(name_or_path) / BACKBONE_CONFIG
     if not config_path.is_file():
         return
-    vocab_size = read_json(config_path, SMALL_JSON_LIMIT)
-    vocab_size = vocab_size.get("vocab_size") if isinstance(vocab_size, dict) else None
+    config = read_json(config_path, SMALL_JSON_LIMIT)
+    if isinstance(config, dict) and isinstance(config.get("backbone"), dict):
+        config = config["backbone"]  # a rayexit-multi-exit config.json nests the encoder's (rayexit.models.hf)
+    vocab_size = config.get("vocab_size") if isinstance(config, dict) else None
     if isinstance(vocab_size, int) and len(tokenizer) > vocab_size:
         raise RayexitError(
             f"{name_or_path}: the tokenizer has {len(tokenizer)} tokens but {BACKBONE_CONFIG} has vocab_size "

@@ -1,6 +1,8 @@
 """The model directory: the hand-off between every stage, read and written here only.
 
-    config.json         the backbone's Hugging Face config
+    config.json         a transformers config of model_type `rayexit-multi-exit` (rayexit.models.hf):
+                        the backbone's config nested under `backbone`, task, heads, id2label/label2id.
+                        Directories written before it hold the backbone's own config here; both load.
     model.safetensors   backbone and exit heads (safetensors only; nothing is unpickled)
     tokenizer files
     rayexit.json        task, labels, head type, pooling, exit policy and thresholds
@@ -19,11 +21,13 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+from transformers import PretrainedConfig
 
 from rayexit import integrity
 from rayexit.errors import RayexitError
 from rayexit.files import replace_dir, staging_dir, write_json
 from rayexit.models.encoder import ExitConfig, load_tokenizer
+from rayexit.models.hf import MultiExitConfig
 from rayexit.policy import ExitPolicy
 from rayexit.reading import one_line
 
@@ -75,21 +79,26 @@ class ModelDir:
         if expected_task is not None and exit_config.task != expected_task:
             raise RayexitError(f"{self.path}: holds a {exit_config.task!r} model, expected {expected_task!r}")
         model_class = task_named(exit_config.task).model_class()
-        model = model_class(self._backbone(), exit_config)
+        model = model_class(self._backbone(exit_config), exit_config)
         self._load_weights(model)
         return model.eval()
 
     def load_tokenizer(self):
         return load_tokenizer(self.path)
 
-    def _backbone(self) -> torch.nn.Module:
+    def _backbone(self, exit_config: ExitConfig) -> torch.nn.Module:
         from transformers import AutoConfig, AutoModel
 
         integrity.check_files(self.path, [integrity.BACKBONE_CONFIG], EXIT_CONFIG_FILE)
+        path = self.path / integrity.BACKBONE_CONFIG
         try:
             config = AutoConfig.from_pretrained(str(self.path))
         except Exception as exc:
-            raise RayexitError(f"{self.path}/config.json: unreadable backbone config ({exc})") from None
+            raise RayexitError(f"{path}: unreadable config ({one_line(exc)})") from None
+        if isinstance(config, MultiExitConfig):
+            _check_agrees(config, exit_config, path)
+            config = config.backbone
+        # else: written before config.json named the multi-exit model; it is the backbone's own
         return AutoModel.from_config(config, attn_implementation="sdpa")
 
     def _load_weights(self, model: torch.nn.Module) -> None:
@@ -106,7 +115,7 @@ class ModelDir:
         if target.is_dir() and any(target.iterdir()) and not (target / EXIT_CONFIG_FILE).exists():
             raise RayexitError(f"{target}: exists and is not a rayexit model directory; choose a new folder")
         with staging_dir(target) as staging:
-            model.backbone.config.save_pretrained(staging)
+            MultiExitConfig.describing(model.backbone.config, model.exit_config).save_pretrained(staging)
             state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
             save_file(_untie(state), staging / WEIGHTS_FILE, metadata={"format": "pt"})
             if tokenizer is not None:
@@ -158,6 +167,21 @@ def load_weights(model: torch.nn.Module, directory: str | Path) -> None:
     state = integrity.check_state(state, model, path)  # strict: every key, every shape, finite
     integrity.check_max_length(model.exit_config.max_length, model.backbone, Path(directory) / EXIT_CONFIG_FILE)
     model.load_state_dict(state, strict=False)  # strict already; derived buffers may be absent
+
+
+def _check_agrees(config: MultiExitConfig, exit_config: ExitConfig, path: Path) -> None:
+    """config.json and rayexit.json describe one model: the same task, heads and labels in the same order."""
+    if not isinstance(config.backbone, PretrainedConfig):
+        raise RayexitError(f"{path}: no `backbone` config; expected the encoder's config nested under `backbone`")
+    for field in ("task", "head", "pooling"):
+        here, there = getattr(config, field), getattr(exit_config, field)
+        if here != there:
+            raise RayexitError(f"{path}: {field} {here!r}, but {EXIT_CONFIG_FILE} says {there!r}")
+    if config.labels() != exit_config.labels:
+        raise RayexitError(
+            f"{path}: id2label {config.labels()[:5]!r} differs from the labels in {EXIT_CONFIG_FILE} "
+            f"{exit_config.labels[:5]!r}; expected the same labels in the same order"
+        )
 
 
 def _write_record(staging: Path, exit_config: ExitConfig) -> None:

@@ -92,7 +92,7 @@ def test_fewer_layers_in_config_json_is_refused_not_served_shorter(model_dir, le
     if legacy:
         make_legacy(model_dir)
     config = json.loads((model_dir / "config.json").read_text())
-    config["num_hidden_layers"] = 2
+    config["backbone"]["num_hidden_layers"] = 2  # the encoder's config, nested in the multi-exit one
     (model_dir / "config.json").write_text(json.dumps(config))
     message = (
         r"model\.safetensors: tensors the model lacks: backbone\.encoder\.layer\.2\..*num_hidden_layers 2"
@@ -160,6 +160,12 @@ def test_roberta_position_limit_counts_its_padding_offset(tmp_path):
 
 def test_label_count_that_does_not_fit_the_heads_is_refused(model_dir):
     rewrite_record(model_dir, lambda d: d.update(labels=["neg", "pos", "mixed"]))
+    # config.json's id2label catches it first; a directory from before config.json had labels, at the weights
+    with pytest.raises(RayexitError, match=r"config\.json: id2label \[.*\] differs from the labels in rayexit"):
+        load(model_dir)
+    backbone = json.loads((model_dir / "config.json").read_text())["backbone"]
+    (model_dir / "config.json").write_text(json.dumps(backbone))
+    make_legacy(model_dir)
     with pytest.raises(RayexitError, match=r"heads\..*has shape \[2\], expected \[3\].*3 labels in rayexit\.json"):
         load(model_dir)
 

@@ -31,9 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from rayexit.api import load
     from rayexit.errors import RayexitError
     from rayexit.files import write_json
-    from rayexit.model_dir import ModelDir
     from rayexit.sweep import evaluate, format_report
     from rayexit.tasks import task_named
 
@@ -41,9 +41,9 @@ def run(args: argparse.Namespace) -> int:
         raise RayexitError("--policy and --select-on: give one (a policy to measure, or data to choose one on)")
     if args.repeats < 1:
         raise RayexitError(f"--repeats: got {args.repeats}, expected a whole number >= 1")
-    directory = ModelDir(args.model)
-    task = task_named(directory.task)
-    model, tokenizer = directory.load_model(), directory.load_tokenizer()
+    loaded = load(args.model)  # the Python API's loader (rayexit.load), as Serve uses
+    task = task_named(loaded.task)
+    model, tokenizer = loaded.model, loaded.tokenizer
     max_length = model.exit_config.max_length
 
     def encoded(source: str):

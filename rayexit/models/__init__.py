@@ -1,7 +1,12 @@
 """Multi-exit encoders; their model directories are read and written by rayexit.model_dir."""
 
+from rayexit.models import hf
 from rayexit.models.encoder import ExitConfig, MultiExitEncoder, load_tokenizer
+from rayexit.models.hf import MultiExitConfig
 from rayexit.models.sequence import MultiExitForSequenceClassification, load_pretrained_backbone
+from rayexit.models.token import MultiExitForTokenClassification
+
+hf.register()  # AutoConfig / AutoModel* know rayexit-multi-exit from here on
 
 
 def load_model_dir(directory):
@@ -19,8 +24,10 @@ def read_exit_config(directory) -> ExitConfig:
 
 __all__ = [
     "ExitConfig",
+    "MultiExitConfig",
     "MultiExitEncoder",
     "MultiExitForSequenceClassification",
+    "MultiExitForTokenClassification",
     "load_model_dir",
     "load_pretrained_backbone",
     "load_tokenizer",

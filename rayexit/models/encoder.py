@@ -1,9 +1,10 @@
 """A Hugging Face encoder run layer by layer, so that inference can stop early.
 
 Works with BERT-family encoders whose layers are `backbone.encoder.layer` (BERT, RoBERTa,
-MiniLM, ELECTRA). The model directory is the hand-off between stages: the backbone's
-`config.json`, one `model.safetensors` with backbone and exit heads, the tokenizer files and
-`rayexit.json`, which records task, labels, heads and the exit policy.
+MiniLM, ELECTRA). The model directory is the hand-off between stages: `config.json` (a
+`rayexit-multi-exit` config with the backbone's nested in it, see `rayexit.models.hf`), one
+`model.safetensors` with backbone and exit heads, the tokenizer files and `rayexit.json`,
+which records task, labels, heads and the exit policy.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from torch import nn
 
 from rayexit import integrity
 from rayexit.errors import RayexitError
+from rayexit.models.hf import MultiExitConfig, MultiExitPreTrainedModel
 from rayexit.policy import ExitPolicy
 from rayexit.reading import one_line
 
@@ -65,18 +67,22 @@ class ExitConfig:
         return cls(**data)
 
 
-class MultiExitEncoder(nn.Module):
-    """Backbone plus exits; subclasses say what an exit computes from a layer's states."""
+class MultiExitEncoder(MultiExitPreTrainedModel):
+    """Backbone plus exits; subclasses say what an exit computes from a layer's states.
+
+    A transformers `PreTrainedModel` (`rayexit.models.hf`): `config` describes backbone and
+    heads, `from_pretrained` / `save_pretrained` read and write a model directory.
+    """
 
     task = ""
 
     def __init__(self, backbone: nn.Module, exit_config: ExitConfig) -> None:
-        super().__init__()
         if not hasattr(backbone, "encoder") or not hasattr(backbone.encoder, "layer"):
             raise RayexitError(
                 f"{type(backbone).__name__}: not a BERT-family encoder (expected encoder.layer); "
                 "use a BERT, RoBERTa, MiniLM or ELECTRA checkpoint"
             )
+        super().__init__(MultiExitConfig.describing(backbone.config, exit_config))
         self.backbone = backbone
         self.exit_config = exit_config
 
@@ -118,21 +124,6 @@ class MultiExitEncoder(nn.Module):
 
     def encoder_layer_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.backbone.encoder.layer.parameters() if p.requires_grad]
-
-    # -- model directories (read and written by rayexit.model_dir) ----------------------------
-
-    @classmethod
-    def from_pretrained(cls, directory: str | Path):
-        """Load a model directory, refusing one of another task."""
-        from rayexit.model_dir import ModelDir
-
-        return ModelDir(directory).load_model(expected_task=cls.task)
-
-    def save_pretrained(self, directory: str | Path, tokenizer=None, training: dict | None = None) -> None:
-        """Write the model directory atomically (see `rayexit.model_dir.ModelDir.write`)."""
-        from rayexit.model_dir import ModelDir
-
-        ModelDir.write(directory, self, tokenizer, training)
 
 
 def load_tokenizer(name_or_path: str | Path):

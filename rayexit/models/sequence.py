@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+
 import torch
 
 from rayexit.errors import RayexitError
@@ -11,6 +14,8 @@ from rayexit.models.encoder import (
     MultiExitEncoder,
 )
 from rayexit.models.heads import ExitHeads
+
+log = logging.getLogger(__name__)
 
 
 class MultiExitForSequenceClassification(MultiExitEncoder):
@@ -48,11 +53,18 @@ class MultiExitForSequenceClassification(MultiExitEncoder):
 
 
 def load_pretrained_backbone(name_or_path: str) -> torch.nn.Module:
+    """An encoder's pretrained weights; from a rayexit model directory, its trained backbone."""
     from transformers import AutoModel
 
     from rayexit.data.packaged import resolve_model_name
+    from rayexit.model_dir import EXIT_CONFIG_FILE, ModelDir
 
     resolved = resolve_model_name(name_or_path)
+    if (Path(resolved) / EXIT_CONFIG_FILE).is_file():
+        # Not AutoModel: before config.json named the multi-exit model, that built a random
+        # encoder here and dropped every `backbone.`-prefixed tensor without a word.
+        log.info("%s: a rayexit model directory; starting from its trained backbone, with new exit heads", resolved)
+        return ModelDir(resolved).load_model().backbone
     check_encoder_source(resolved)  # a local folder of pickled weights only is refused, unread
     try:
         # safetensors only, from a hub too: transformers would otherwise unpickle pytorch_model.bin.

@@ -83,12 +83,13 @@ class ServedClassifier:
         token_budget: int = 4096,
         overload_layer_cap: int | None = None,
     ) -> ServedClassifier:
-        from rayexit.models import MultiExitForSequenceClassification, load_tokenizer
+        from rayexit.api import load
 
-        model = MultiExitForSequenceClassification.from_pretrained(directory)
+        loaded = load(directory, task="sequence")  # the Python API's loader: same checks, same object
         chosen = pick_device(device)
-        tokenizer = load_tokenizer(directory)
-        return cls(model, tokenizer, policy, chosen, pick_dtype(dtype, chosen), token_budget, overload_layer_cap)
+        return cls(
+            loaded.model, loaded.tokenizer, policy, chosen, pick_dtype(dtype, chosen), token_budget, overload_layer_cap
+        )
 
     @property
     def num_layers(self) -> int:

@@ -17,11 +17,12 @@ class ServedTagger:
 
     @classmethod
     def from_model_dir(cls, directory: str | Path, device: str = "auto", dtype: str = "auto") -> ServedTagger:
-        from rayexit.models import load_model_dir, load_tokenizer
+        from rayexit.api import load
 
         # The token runner builds its tensors on the CPU, so the tagger stays there whatever `device` says.
         del device, dtype
-        return cls(load_model_dir(directory), load_tokenizer(directory))
+        loaded = load(directory, task="token")  # the Python API's loader: same checks, same object
+        return cls(loaded.model, loaded.tokenizer)
 
     @property
     def num_layers(self) -> int:

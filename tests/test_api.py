@@ -1,0 +1,196 @@
+"""`rayexit.load`, `predict` and `tag`: the README's example runs, policies mean what they say.
+
+Small random models with the packaged MiniLM tokenizer, written to tmp_path.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_backbone, tiny_sequence_model
+
+import rayexit
+from rayexit.errors import RayexitError
+from rayexit.model_dir import ModelDir
+from rayexit.models import ExitConfig
+from rayexit.models.token import MultiExitForTokenClassification
+from rayexit.policy import ExitPolicy
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+TEXTS = [
+    "show me flights from boston to denver",
+    "what is fare code h",
+    "hi",
+    "a much longer question " * 5,
+    "cheapest fare to dallas",
+    "ground transportation in denver",
+]
+
+
+def write_sequence_dir(directory: Path, tokenizer) -> Path:
+    model = tiny_sequence_model(layers=3, labels=("atis_flight", "atis_abbreviation", "atis_airfare"), seed=1)
+    with torch.no_grad():  # random heads answer near-uniformly; sharper ones make confidences differ by text
+        for exit_head in model.heads.exits:
+            exit_head.classifier.weight.mul_(300)
+    model.save_pretrained(directory, tokenizer)
+    return directory
+
+
+def write_token_dir(directory: Path, tokenizer) -> Path:
+    config = ExitConfig(task="token", labels=["O", "B-PER", "B-LOC"], head="linear", pooling="token", dropout=0.0)
+    model = MultiExitForTokenClassification(tiny_backbone(layers=2, seed=2), config)
+    model.eval().save_pretrained(directory, tokenizer)
+    return directory
+
+
+@pytest.fixture
+def sequence_dir(tmp_path, minilm_tokenizer):
+    return write_sequence_dir(tmp_path / "seq", minilm_tokenizer)
+
+
+@pytest.fixture
+def token_dir(tmp_path, minilm_tokenizer):
+    return write_token_dir(tmp_path / "tok", minilm_tokenizer)
+
+
+def readme_python_block() -> str:
+    text = README.read_text()
+    section = text.split("## Python API", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    assert len(blocks) == 1, "the Python API section should hold one python example"
+    return blocks[0]
+
+
+def test_the_readme_example_runs(tmp_path, minilm_tokenizer, monkeypatch, capsys):
+    code = readme_python_block()
+    write_sequence_dir(tmp_path / "runs" / "atis-romebert", minilm_tokenizer)
+    write_token_dir(tmp_path / "runs" / "ner-ss", minilm_tokenizer)
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    answers = namespace["answers"]
+    assert len(answers) == 2 and all({"label", "probability", "exit_layer"} <= set(a) for a in answers)
+    assert namespace["full_depth"][0]["exit_layer"] == 3
+    assert isinstance(namespace["model"], rayexit.LoadedModel)
+    assert namespace["same"].labels == ["atis_flight", "atis_abbreviation", "atis_airfare"]
+    assert namespace["config"].model_type == "rayexit-multi-exit"
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) == 4  # two answers, two tagged sentences
+    assert printed[3].startswith("[('Paris', ")
+
+
+def reference(model, texts, layer: int, tokenizer):
+    """Labels and probabilities of exit `layer` (1-based) at full depth, straight from the model's forward."""
+    from rayexit.data.encode import pad_batch
+
+    ids, mask = pad_batch(tokenizer(texts, truncation=True, max_length=128)["input_ids"], 0)
+    with torch.no_grad():
+        probs = torch.softmax(model(ids, mask)[layer - 1], dim=-1)
+    confidence, index = probs.max(-1)
+    return [model.labels[i] for i in index.tolist()], confidence.tolist()
+
+
+def test_policies_none_dict_object_and_saved(sequence_dir, tmp_path, minilm_tokenizer):
+    model = rayexit.load(sequence_dir)
+    assert model.task == "sequence" and model.num_layers == 3
+
+    full = model.predict(TEXTS, policy="none")
+    labels, probabilities = reference(model.model, TEXTS, 3, minilm_tokenizer)
+    assert [a["label"] for a in full] == labels
+    assert [a["probability"] for a in full] == pytest.approx(probabilities, abs=1e-5)
+    assert [a["exit_layer"] for a in full] == [3] * len(TEXTS)
+
+    # An entropy above log(3) lets everything leave at exit 1; the same as a dict and as an object.
+    first_labels, _ = reference(model.model, TEXTS, 1, minilm_tokenizer)
+    for policy in ({"kind": "entropy", "thresholds": 5.0}, ExitPolicy("entropy", 5.0)):
+        early = model.predict(TEXTS, policy=policy)
+        assert [a["exit_layer"] for a in early] == [1] * len(TEXTS)
+        assert [a["label"] for a in early] == first_labels
+
+    # None is the saved policy: export one that exits at once and load it back.
+    exported = ModelDir(sequence_dir).with_policy(ExitPolicy("maxprob", 0.0), tmp_path / "exported").path
+    saved = rayexit.load(exported)
+    assert saved.policy == ExitPolicy("maxprob", 0.0)
+    assert [a["exit_layer"] for a in saved.predict(TEXTS)] == [1] * len(TEXTS)
+    assert [a["exit_layer"] for a in model.predict(TEXTS)] == [
+        a["exit_layer"] for a in model.predict(TEXTS, policy=model.policy)
+    ]
+
+
+def test_answers_keep_the_order_of_the_texts_whatever_the_batch_size(sequence_dir):
+    model = rayexit.load(sequence_dir)
+    first = [a["probability"] for a in model.predict(TEXTS, policy={"kind": "entropy", "thresholds": 5.0})]
+    policy = {"kind": "maxprob", "thresholds": sorted(first)[len(first) // 2]}  # about half leave at exit 1
+    one_by_one = [model.predict([t], policy=policy)[0] for t in TEXTS]
+    assert {a["exit_layer"] for a in one_by_one} == {1, 3}  # both kinds of answer are in the batch
+    for size in (1, 2, 32):
+        batched = model.predict(TEXTS, policy=policy, batch_size=size)
+        assert [a["label"] for a in batched] == [a["label"] for a in one_by_one]
+        assert [a["exit_layer"] for a in batched] == [a["exit_layer"] for a in one_by_one]
+        assert [a["probability"] for a in batched] == pytest.approx([a["probability"] for a in one_by_one], abs=1e-5)
+    assert model.predict([]) == []
+
+
+def test_tag_takes_strings_or_word_lists(token_dir):
+    tagger = rayexit.load(token_dir)
+    assert tagger.task == "token" and tagger.policy.kind == "tokee"
+    from_text = tagger.tag(["John lives in Berlin", "", "Paris"])
+    from_words = tagger.tag([["John", "lives", "in", "Berlin"], [], ["Paris"]])
+    assert from_text == from_words
+    assert from_text[0]["words"] == ["John", "lives", "in", "Berlin"]
+    assert len(from_text[0]["tags"]) == 4 and set(from_text[0]["tags"]) <= {"O", "B-PER", "B-LOC"}
+    assert from_text[1] == {"words": [], "tags": [], "exit_layers": []}
+    full = tagger.tag(["John lives in Berlin"], policy="none")
+    assert full[0]["exit_layers"] == [2, 2, 2, 2]
+    at_once = tagger.tag(["John lives in Berlin"], policy={"kind": "sentee", "thresholds": 1.5})
+    assert at_once[0]["exit_layers"] == [1, 1, 1, 1]  # normalised uncertainty is at most 1
+
+
+def test_the_wrong_call_or_policy_is_one_clear_line(sequence_dir, token_dir):
+    model, tagger = rayexit.load(sequence_dir), rayexit.load(token_dir)
+    with pytest.raises(RayexitError, match=r"predict: .*tok is a token model .*use tag\(\)"):
+        tagger.predict(["John lives in Berlin"])
+    with pytest.raises(RayexitError, match=r"tag: .*seq is a sequence model .*use predict\(\)"):
+        model.tag(["good film"])
+    with pytest.raises(RayexitError, match=r"policy.kind: 'tokee' is not a sequence policy"):
+        model.predict(["good film"], policy={"kind": "tokee", "thresholds": 0.1})
+    with pytest.raises(RayexitError, match=r"policy: got 'entropy'; expected None"):
+        model.predict(["good film"], policy="entropy")
+    with pytest.raises(RayexitError, match=r"policy: unknown setting\(s\) threshold_list"):
+        model.predict(["good film"], policy={"kind": "entropy", "threshold_list": [0.1]})
+    with pytest.raises(RayexitError, match=r"texts: expected a list of strings, got str"):
+        model.predict("good film")
+    with pytest.raises(RayexitError, match=r"batch_size: got 0"):
+        model.predict(["good film"], batch_size=0)
+    with pytest.raises(RayexitError, match=r"texts\[1\]: expected a string or a list of non-empty word strings"):
+        tagger.tag(["fine", 3])
+    with pytest.raises(RayexitError, match=r"holds a 'token' model, expected 'sequence'"):
+        rayexit.load(token_dir, task="sequence")
+
+
+def test_serve_engines_load_through_the_api_and_answer_alike(sequence_dir, token_dir):
+    from rayexit.serve.engine import ServedClassifier
+    from rayexit.serve.tagging import ServedTagger
+
+    served = ServedClassifier.from_model_dir(sequence_dir, device="cpu", dtype="float32")
+    answers, _ = served.classify(TEXTS)
+    direct = rayexit.load(sequence_dir).predict(TEXTS)
+    assert [(a.label, a.exit_layer) for a in answers] == [(d["label"], d["exit_layer"]) for d in direct]
+    assert [a.probability for a in answers] == pytest.approx([d["probability"] for d in direct], abs=1e-5)
+    tagged = ServedTagger.from_model_dir(token_dir).tag(["John lives in Berlin"])
+    assert tagged == rayexit.load(token_dir).tag(["John lives in Berlin"])
+    with pytest.raises(RayexitError, match=r"holds a 'token' model, expected 'sequence'"):
+        ServedClassifier.from_model_dir(token_dir)
+    with pytest.raises(RayexitError, match=r"holds a 'sequence' model, expected 'token'"):
+        ServedTagger.from_model_dir(sequence_dir)
+
+
+def test_device_auto_and_a_token_model_on_a_gpu(sequence_dir, token_dir):
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert next(rayexit.load(sequence_dir, device="auto").model.parameters()).device.type == expected
+    assert next(rayexit.load(token_dir, device="auto").model.parameters()).device.type == "cpu"
+    with pytest.raises(RayexitError, match=r"device: got 'cuda'; token models run on the CPU"):
+        rayexit.load(token_dir, device="cuda")
