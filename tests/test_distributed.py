@@ -26,7 +26,7 @@ from test_token_exits import TAGS, tiny_tagger
 from rayexit.config import TrainSettings
 from rayexit.data.conll import TaggedSentences, make_batch, token_batches
 from rayexit.data.encode import EncodedSet, iterate_batches
-from rayexit.losses import live_word_counts
+from rayexit.losses import live_word_counts, weighted_token_loss
 from rayexit.tasks import task_named
 from rayexit.train.loop import train_model
 from rayexit.train.steps import build_stages, sampling_cache
@@ -286,3 +286,20 @@ def test_self_sampling_halts_words_unevenly_across_the_halves(minilm_tokenizer):
     assert counts[0][-1] < counts[0][0] or counts[1][-1] < counts[1][0], "no word halted before the last exit"
     shares = counts[0].double() / (counts[0] + counts[1]).double()
     assert not torch.allclose(shares, shares[0].expand_as(shares)), "both halves lose words alike at every exit"
+
+
+def test_token_loss_shares_average_to_the_whole_when_a_slice_has_no_live_word_at_an_exit():
+    """Slice 0 has no live word at exit 3, no word anywhere is live at exit 4: the shares still add up."""
+    g = torch.Generator().manual_seed(SEED)
+    logits = [torch.randn(4, 3, 5, generator=g) for _ in range(4)]
+    labels = torch.tensor([[1, 2, -100], [0, -100, -100], [3, 4, 1], [2, 0, -100]])
+    halt = torch.tensor([[2, 1, 0], [2, 0, 0], [3, 1, 2], [3, 2, 0]])
+    whole = weighted_token_loss(logits, labels, halt)
+    counts = live_word_counts(halt, 4)
+    assert counts.tolist() == [8, 6, 2, 0]
+    halves = (slice(0, 2), slice(2, 4))
+    shares = [weighted_token_loss([z[h] for z in logits], labels[h], halt[h], exit_words=counts, world_size=2)
+              for h in halves]
+    torch.testing.assert_close((shares[0] + shares[1]) / 2, whole)
+    plain = [weighted_token_loss([z[h] for z in logits], labels[h], halt[h]) for h in halves]
+    assert not torch.allclose((plain[0] + plain[1]) / 2, whole)
