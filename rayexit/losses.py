@@ -51,22 +51,60 @@ def romebert_losses(
 
 
 def weighted_token_loss(
-    word_logits: list[torch.Tensor], labels: torch.Tensor, halt_layers: torch.Tensor | None = None
+    word_logits: list[torch.Tensor],
+    labels: torch.Tensor,
+    halt_layers: torch.Tensor | None = None,
+    *,
+    exit_words: torch.Tensor | None = None,
+    world_size: int = 1,
 ) -> torch.Tensor:
     """Token stage 1 (Li et al., 2021): sum_i i * CE_i / sum_i i over the words' first pieces.
 
     `word_logits[i]` is [B, W, T], `labels` [B, W] with IGNORE (-100) where there is no word.
     With `halt_layers` [B, W] (self-sampling), exit i scores only the words still live at i:
     a halted word's prediction is read at its halting layer only.
+
+    Data-parallel, `exit_words` [L] holds the live words at each exit over the whole global batch
+    (`rayexit.data.conll.GlobalBatch`): CE_i is then this slice's summed CE over that count, times
+    `world_size`, which the workers' mean all-reduce turns into the global batch's mean. A plain
+    per-slice mean would not average to it: slices hold unequal numbers of (live) words.
     """
+    if exit_words is None:
+        return _token_loss_of_batch(word_logits, labels, halt_layers)
     total = word_logits[0].new_zeros(())
     weight_sum = 0.0
     for index, logits in enumerate(word_logits, start=1):
-        live = labels
-        if halt_layers is not None:
-            live = torch.where(halt_layers >= index, labels, torch.full_like(labels, -100))
+        count = int(exit_words[index - 1])
+        if count == 0:  # no live word at this exit in the global batch: skipped, as in one process
+            continue
+        live = _live_labels(labels, halt_layers, index)
+        summed = F.cross_entropy(logits.flatten(0, 1), live.flatten(), ignore_index=-100, reduction="sum")
+        total = total + index * summed * (world_size / count)
+        weight_sum += index
+    return total / max(weight_sum, 1.0)
+
+
+def _token_loss_of_batch(
+    word_logits: list[torch.Tensor], labels: torch.Tensor, halt_layers: torch.Tensor | None
+) -> torch.Tensor:
+    total = word_logits[0].new_zeros(())
+    weight_sum = 0.0
+    for index, logits in enumerate(word_logits, start=1):
+        live = _live_labels(labels, halt_layers, index)
         if not (live != -100).any():
             continue
         total = total + index * F.cross_entropy(logits.flatten(0, 1), live.flatten(), ignore_index=-100)
         weight_sum += index
     return total / max(weight_sum, 1.0)
+
+
+def _live_labels(labels: torch.Tensor, halt_layers: torch.Tensor | None, index: int) -> torch.Tensor:
+    if halt_layers is None:
+        return labels
+    return torch.where(halt_layers >= index, labels, torch.full_like(labels, -100))
+
+
+def live_word_counts(halt_layers: torch.Tensor, num_exits: int) -> torch.Tensor:
+    """[L] words still live at each exit (1-based halting layers; 0 marks no word)."""
+    exits = torch.arange(1, num_exits + 1, device=halt_layers.device)
+    return (halt_layers[None, :, :] >= exits[:, None, None]).sum((1, 2))

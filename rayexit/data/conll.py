@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from rayexit.data.encode import rank_slices
+from rayexit.data.encode import global_slices
 from rayexit.data.packaged import read_atis
 from rayexit.errors import RayexitError
 from rayexit.reading import iter_lines
@@ -304,6 +304,28 @@ def _windows(per_word: list[list[int]], room: int) -> list[tuple[int, int]]:
 
 
 @dataclass
+class GlobalBatch:
+    """The global batch a data-parallel worker's slice was cut from: what token losses are means over.
+
+    A token loss is a mean over words, and the workers' slices hold different numbers of words,
+    so the mean of the workers' means (what the one all-reduce computes) is not the global
+    batch's mean. Every worker holds the whole encoded set and walks the same permutation, so it
+    knows the global batch's rows and their word counts without asking the others; the loss
+    divides its slice's sum by the global count instead (see `weighted_token_loss`), and no
+    extra collective is needed. None in one process, whose loss stays the plain mean.
+    """
+
+    rows: list[int]
+    words: list[int]  # words of each row
+    world_size: int
+
+    def word_mask(self) -> torch.Tensor:
+        """[G, W] True at each row's words, as `make_batch` lays them out for these rows."""
+        lengths = torch.tensor(self.words)
+        return torch.arange(int(lengths.max()))[None, :] < lengths[:, None]
+
+
+@dataclass
 class TokenBatch:
     input_ids: torch.Tensor  # [B, S]
     attention_mask: torch.Tensor  # [B, S]
@@ -312,10 +334,11 @@ class TokenBatch:
     piece_word: torch.Tensor  # [B, S] word index of each piece, -1 for specials and padding
     labels: torch.Tensor  # [B, W] tag ids, IGNORE where no word
     rows: list[int]  # indices into the EncodedTokens
+    whole: GlobalBatch | None = None  # data-parallel only: the global batch these rows are a slice of
 
     def to(self, device) -> TokenBatch:
         moved = {name: getattr(self, name).to(device) for name in TENSOR_FIELDS}
-        return TokenBatch(**moved, rows=self.rows)
+        return TokenBatch(**moved, rows=self.rows, whole=self.whole)
 
 
 TENSOR_FIELDS = ("input_ids", "attention_mask", "word_starts", "word_mask", "piece_word", "labels")
@@ -347,6 +370,13 @@ def make_batch(data: EncodedTokens, rows: list[int]) -> TokenBatch:
 def token_batches(
     data: EncodedTokens, batch_size: int, shuffle_seed: int | None = None, *, rank: int = 0, world_size: int = 1
 ):
-    """This worker's slice of each batch, cut the same way as the sentence task's (`rank_slices`)."""
-    for rows in rank_slices(len(data), batch_size, shuffle_seed=shuffle_seed, rank=rank, world_size=world_size):
-        yield make_batch(data, rows)
+    """This worker's slice of each batch, cut the same way as the sentence task's (`rank_slices`).
+
+    With `world_size > 1` each batch also carries its global batch (`GlobalBatch`).
+    """
+    slices = global_slices(len(data), batch_size, shuffle_seed=shuffle_seed, rank=rank, world_size=world_size)
+    for whole, rows in slices:
+        batch = make_batch(data, rows)
+        if world_size > 1:
+            batch.whole = GlobalBatch(list(whole), [len(data.labels[r]) for r in whole], world_size)
+        yield batch

@@ -48,6 +48,18 @@ def rank_slices(
     exactly the batches one worker would, and their averaged gradients match it. The trailing
     partial global batch is dropped then, so every worker takes the same number of steps.
     """
+    for _, chunk in global_slices(size, batch_size, shuffle_seed=shuffle_seed, rank=rank, world_size=world_size):
+        yield chunk
+
+
+def global_slices(
+    size: int, batch_size: int, *, shuffle_seed: int | None = None, rank: int = 0, world_size: int = 1
+) -> Iterator[tuple[list[int], list[int]]]:
+    """(the whole global batch, this worker's slice of it) for each batch `rank_slices` yields.
+
+    The whole batch is for losses that are means over something a slice holds unequal shares
+    of (words, for the token task): every worker can count the global batch itself.
+    """
     order = list(range(size))
     if shuffle_seed is not None:
         generator = torch.Generator().manual_seed(shuffle_seed)
@@ -55,9 +67,10 @@ def rank_slices(
     global_batch = batch_size * world_size
     usable = len(order) if world_size == 1 else len(order) - len(order) % global_batch
     for start in range(0, usable, global_batch):
-        chunk = order[start : start + global_batch][rank * batch_size : (rank + 1) * batch_size]
+        whole = order[start : start + global_batch]
+        chunk = whole[rank * batch_size : (rank + 1) * batch_size]
         if chunk:
-            yield chunk
+            yield whole, chunk
 
 
 def iterate_batches(

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from rayexit.config import TrainSettings
 from rayexit.gradreg import combine_with_projection
-from rayexit.losses import joint_loss, pabee_loss, romebert_losses, weighted_token_loss
+from rayexit.losses import joint_loss, live_word_counts, pabee_loss, romebert_losses, weighted_token_loss
 from rayexit.policy import ExitPolicy
 
 
@@ -146,8 +146,12 @@ def word_logits(logits: torch.Tensor, batch) -> torch.Tensor:
 
 
 def token_joint_step(model, batch, params, settings, epoch):
-    logits = model(batch.input_ids, batch.attention_mask)
-    loss = weighted_token_loss([word_logits(z, batch) for z in logits], batch.labels)
+    logits = [word_logits(z, batch) for z in model(batch.input_ids, batch.attention_mask)]
+    spread = {}
+    if batch.whole is not None:  # data-parallel: normalise by the global batch's words (GlobalBatch says why)
+        words = torch.full((len(logits),), sum(batch.whole.words))
+        spread = {"exit_words": words, "world_size": batch.whole.world_size}
+    loss = weighted_token_loss(logits, batch.labels, **spread)
     return grads_of(loss, params), loss.item(), as_is
 
 
@@ -161,22 +165,29 @@ class SelfSamplingStep:
         self.seed = settings.seed
 
     def __call__(self, model, batch, params, settings, epoch):
-        halt = self.halting(batch, epoch).to(batch.word_mask.device)
+        halt = self.halting(batch.rows, batch.word_mask.cpu(), epoch).to(batch.word_mask.device)
         states = model.halting_layer_states(batch.input_ids, batch.attention_mask, batch.piece_word, halt)
         logits = [word_logits(model.exit_logits(i, h), batch) for i, h in enumerate(states)]
-        loss = weighted_token_loss(logits, batch.labels, halt)
+        spread = {}
+        if batch.whole is not None:
+            # Data-parallel: exit i's CE is a mean over the words live at i in the whole global
+            # batch. The draws depend only on (seed, epoch, row), so this worker simulates every
+            # row's halting itself and counts them; no collective needed (GlobalBatch says why).
+            whole = self.halting(batch.whole.rows, batch.whole.word_mask(), epoch)
+            spread = {"exit_words": live_word_counts(whole, len(logits)), "world_size": batch.whole.world_size}
+        loss = weighted_token_loss(logits, batch.labels, halt, **spread)
         return grads_of(loss, params), loss.item(), as_is
 
-    def halting(self, batch, epoch: int) -> torch.Tensor:
+    def halting(self, rows: list[int], word_mask: torch.Tensor, epoch: int) -> torch.Tensor:
+        """Halting layers [B, W] of `rows` (word_mask [B, W] on the CPU); each row's depends on that row alone."""
         from rayexit.token_exits import simulate_halting
 
-        words = batch.word_mask.shape[1]
-        u = self.uncertainty[batch.rows][:, :words]
-        draws = [random.Random(f"{self.seed}:{epoch}:{row}") for row in batch.rows]
+        u = self.uncertainty[rows][:, : word_mask.shape[1]]
+        draws = [random.Random(f"{self.seed}:{epoch}:{row}") for row in rows]
         windows = torch.tensor([draw.choice(self.windows) for draw in draws])
         thresholds = torch.tensor([draw.uniform(0.0, self.max_threshold) for draw in draws])
         policy = ExitPolicy("tokee", 0.0)
-        return simulate_halting(u, batch.word_mask.cpu(), policy, thresholds=thresholds, windows=windows)
+        return simulate_halting(u, word_mask, policy, thresholds=thresholds, windows=windows)
 
 
 def sampling_cache(model, train_data, batch_size: int) -> torch.Tensor:
