@@ -305,14 +305,16 @@ def connect(address: str | None = None) -> str | None:
     if ray.is_initialized():
         return None
     if address or os.environ.get("RAY_ADDRESS"):
-        context = ray.init(address=address, log_to_driver=True)
-    else:
-        context = ray.init(
-            include_dashboard=True,
-            dashboard_host="127.0.0.1",
-            _node_ip_address="127.0.0.1",
-            log_to_driver=True,
-        )
+        from rayexit.cluster import connect as join
+
+        join(address, log_to_driver=True)  # one line, not a traceback, when a token is missing
+        return None
+    context = ray.init(
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        _node_ip_address="127.0.0.1",
+        log_to_driver=True,
+    )
     url = getattr(context, "dashboard_url", None)
     return f"http://{url}" if url and "://" not in url else url
 
