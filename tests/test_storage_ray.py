@@ -6,13 +6,14 @@ from pathlib import Path
 
 from test_distributed import PER_WORKER, settings_for, toy_data, toy_model
 
+from rayexit.tasks import task_named
 from rayexit.train.distributed import fit_prepared
 from rayexit.train.recipe import PreparedRun
 
 
 def test_checkpoints_go_to_a_file_uri_and_can_be_dropped_after_training(ray_session, tmp_path):
     data = toy_data(n=16)
-    run = PreparedRun(toy_model(), None, data, data)
+    run = PreparedRun(task_named("sequence"), toy_model(), None, data, data)
     settings = settings_for("joint", PER_WORKER)
     store = tmp_path / "store"
     result = fit_prepared(
@@ -33,7 +34,7 @@ def train_in_trial(config: dict) -> None:
     from ray import tune
 
     data = toy_data(n=16)
-    run = PreparedRun(toy_model(), None, data, data)
+    run = PreparedRun(task_named("sequence"), toy_model(), None, data, data)
     result = fit_prepared(run, settings_for("joint", PER_WORKER), num_workers=1, name="train", show_progress=False)
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "model.txt").write_text("the trial's one checkpoint")

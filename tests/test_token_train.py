@@ -112,18 +112,18 @@ def test_train_self_sample_and_eval_commands(tmp_path, minilm_tokenizer, capsys)
     # With nothing halted a run computes full depth plus the inner exits' heads on every word, so
     # it costs more than a plain forward (speed-up below 1); a word that halts skips rows and heads.
     still = [p["flops_speedup"] for p in report["curve"] if p["layer_speedup"] == pytest.approx(1.0)]
-    moved = [p["flops_speedup"] for p in report["curve"] if p["layer_speedup"] > 1.0 + 1e-9]
-    assert moved, "no sweep point halted any word; the FLOPs check would prove nothing"
     for point in report["curve"]:
         assert 0.0 <= point["f1"] <= 1.0
     if still:
         assert max(still) == pytest.approx(min(still), rel=1e-12) and still[0] < 1.0
-        assert all(value > still[0] for value in moved)
-    # a given policy is measured and reported as `selected`, live, with its timing spread
+    # a given policy is measured and reported as `selected`, live, with its timing spread; a
+    # threshold just under the largest uncertainty halts every word at exit 1
     assert main(["eval", "--model", str(stage2), "--data", str(data), "--json", str(report_path),
-                 "--policy", "tokee", "--threshold", "0.3", "--window", "1", "--repeats", "2"]) == 0
+                 "--policy", "tokee", "--threshold", "0.9999", "--window", "1", "--repeats", "2"]) == 0
     selected = json.loads(report_path.read_text())["selected"]
-    assert selected["policy"] == {"kind": "tokee", "thresholds": 0.3, "window": 1} and selected["how"] == "given"
+    assert selected["policy"] == {"kind": "tokee", "thresholds": 0.9999, "window": 1} and selected["how"] == "given"
+    assert selected["layer_speedup"] == pytest.approx(3.0)  # every word left at exit 1 of 3
+    assert selected["flops_speedup"] > 2.0 and (not still or selected["flops_speedup"] > still[0])
     low, high = selected["wallclock_spread"]
     assert low <= selected["wallclock_speedup"] <= high
 
