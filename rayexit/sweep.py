@@ -188,6 +188,7 @@ def evaluate(
         figures.update(wallclock_speedup=point["wallclock_speedup"], wallclock_spread=point["wallclock_spread"])
         return figures
 
+    exit_scores = test.exit_scores()
     report = {
         "task": task.name,
         "metric": task.metric,
@@ -195,8 +196,8 @@ def evaluate(
         "examples": len(data),
         "batch_size": batch_size,
         "num_layers": model.num_layers,
-        task.exit_key: test.exit_scores(),
-        "full": test.exit_scores()[-1],
+        task.exit_key: exit_scores,
+        "full": exit_scores[-1],
         "oracle_layer_speedup": test.oracle_layer_speedup(),
         "curve": [p.figures(task) for p in curve],
         "selected": dict(measured(selected), how=how),
