@@ -40,10 +40,13 @@ def token_head_flops(model, rows: int) -> int:
 
 
 def sentence_batch_flops(model, width: int, rows: int) -> int:
-    """One layer plus its exit on `rows` examples padded to `width` (the runner computes the padding)."""
+    """One layer plus its exit on `rows` examples padded to `width` (the runner computes the padding).
+
+    Plain integers, no tensors: the runner calls this once per layer on Serve's request path.
+    """
     hidden, intermediate = sizes(model)
-    columns = torch.full((rows,), width)
-    return layer_flops(hidden, intermediate, columns, columns) + sentence_head_flops(model, rows)
+    per_row = 8 * width * hidden * hidden + 4 * width * width * hidden + 4 * width * hidden * intermediate
+    return rows * per_row + sentence_head_flops(model, rows)
 
 
 def full_sentence_flops(model, width: int, rows: int) -> int:
