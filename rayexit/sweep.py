@@ -152,6 +152,7 @@ def evaluate(
     batch_size: int = 32,
     repeats: int = DEFAULT_REPEATS,
     time_front: int = 2,
+    time_on=None,
     show_progress: bool = True,
 ) -> dict:
     """The `rayexit eval` report: per-exit scores, the replayed curve, and the timed points.
@@ -159,7 +160,8 @@ def evaluate(
     The policy reported as `selected` is `policy` when given, else chosen on `select_on`
     (validation data, encoded like `data`) by `select`, else the model's saved policy.
     Threshold grids come from `select_on` when there is one, else from a fixed grid; never
-    from `data`, the set that is reported on.
+    from `data`, the set that is reported on. With `time_on` (a subset of `data`, encoded the
+    same way), wall-clock rounds run there while every score and FLOPs figure comes from `data`.
     """
     model.eval()
     test = task.replay(model, data, batch_size)
@@ -179,7 +181,14 @@ def evaluate(
     front = [p.policy for p in pareto(task, curve)[:time_front]]
     timed_policies = _unique([selected, saved, *front])
     batches = task.eval_batches(data, batch_size)
-    timed, full_timing = time_policies(task, model, data, batches, timed_policies, repeats, show_progress)
+    if time_on is None:
+        timed, full_timing = time_policies(task, model, data, batches, timed_policies, repeats, show_progress)
+    else:
+        timed, full_timing = time_policies(
+            task, model, time_on, task.eval_batches(time_on, batch_size), timed_policies, repeats, show_progress
+        )
+        for point, chosen in zip(timed, timed_policies):
+            point["outcome"] = task.run_live(model, data, batches, chosen)  # scores on all of `data`
     timed_by_policy = {_key(p): t for p, t in zip(timed_policies, timed)}
 
     def measured(chosen: ExitPolicy) -> dict:
@@ -203,8 +212,8 @@ def evaluate(
         "selected": dict(measured(selected), how=how),
         "saved": measured(saved),
         "timed": [dict(measured(p)) for p in timed_policies],
-        "timing": {"repeats": repeats, "full_depth_seconds": full_timing["seconds"],
-                   "full_depth_spread": full_timing["spread"]},
+        "timing": {"repeats": repeats, "examples": len(time_on if time_on is not None else data),
+                   "full_depth_seconds": full_timing["seconds"], "full_depth_spread": full_timing["spread"]},
     }
     if choice is not None:
         validation = choice.record(task)
@@ -234,7 +243,9 @@ def format_report(report: dict) -> str:
     lines += [f"{'policy':<24}{metric:>10}{'layers x':>10}{'FLOPs x':>9}"]
     for p in report["curve"]:
         lines.append(f"{p['describe']:<24}{p[metric]:10.4f}{p['layer_speedup']:10.2f}{p['flops_speedup']:9.2f}")
-    lines += ["", f"timed at batch {report['batch_size']}, median of {report['timing']['repeats']} interleaved rounds:"]
+    timing = report["timing"]
+    lines += ["", f"timed at batch {report['batch_size']} on {timing.get('examples', report['examples'])} examples, "
+              f"median of {timing['repeats']} interleaved rounds:"]
     lines += [f"{'policy':<24}{metric:>10}{'layers x':>10}{'FLOPs x':>9}{'clock x':>9}  spread"]
     for p in report["timed"]:
         low, high = p["wallclock_spread"]

@@ -181,3 +181,21 @@ def test_encoding_keeps_gold_tags_for_scoring(minilm_tokenizer):
     data = TOKEN.encode(minilm_tokenizer, _tagged(SENTENCES), ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"], 64)
     assert data.gold[0][0] == "B-PER" and len(data.gold) == len(SENTENCES)
     assert data.input_ids == encode_tagged(minilm_tokenizer, SENTENCES, None, 64).input_ids
+
+
+def test_eval_times_on_a_subset_but_scores_on_all_the_data():
+    from rayexit.sweep import evaluate
+
+    model = tiny_sequence_model(layers=4, seed=2)
+    data = sentence_data()
+    rows = list(range(0, len(data), 3))
+    subset = EncodedSet([data.input_ids[i] for i in rows], [data.labels[i] for i in rows], data.pad_id)
+    policy = ExitPolicy("patience", 1.0)
+    whole = evaluate(SENTENCE, model, data, policy=policy, batch_size=8, repeats=1, time_front=0,
+                     show_progress=False)
+    timed = evaluate(SENTENCE, model, data, policy=policy, batch_size=8, repeats=1, time_front=0,
+                     time_on=subset, show_progress=False)
+    assert whole["timing"]["examples"] == len(data) and timed["timing"]["examples"] == len(subset) < len(data)
+    for field in ("accuracy", "layer_speedup", "flops_speedup"):
+        assert timed["selected"][field] == whole["selected"][field]
+    assert timed["selected"]["accuracy"] == SENTENCE.run_live(model, data, SENTENCE.eval_batches(data, 8), policy).score

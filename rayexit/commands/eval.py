@@ -27,6 +27,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--repeats", type=int, default=5, help="interleaved timing rounds; the median is kept")
     p.add_argument("--time-front", type=int, default=2, help="also time this many points of the curve's front")
+    p.add_argument(
+        "--time-examples", type=int, default=500,
+        help="time on this many examples, evenly spread over --data (0: all); scores always use all of it",
+    )
     p.set_defaults(func=run)
 
 
@@ -41,19 +45,24 @@ def run(args: argparse.Namespace) -> int:
         raise RayexitError("--policy and --select-on: give one (a policy to measure, or data to choose one on)")
     if args.repeats < 1:
         raise RayexitError(f"--repeats: got {args.repeats}, expected a whole number >= 1")
+    if args.time_examples < 0:
+        raise RayexitError(f"--time-examples: got {args.time_examples}, expected a whole number >= 0 (0: all)")
     loaded = load(args.model)  # the Python API's loader (rayexit.load), as Serve uses
     task = task_named(loaded.task)
     model, tokenizer = loaded.model, loaded.tokenizer
     max_length = model.exit_config.max_length
 
-    def encoded(source: str):
-        return task.encode(tokenizer, task.load(source, known=model.labels), model.labels, max_length)
+    def encoded(examples):
+        return task.encode(tokenizer, examples, model.labels, max_length)
 
+    data = task.load(args.data, known=model.labels)
+    timing = evenly_spread(task, data, args.time_examples)
     report = evaluate(
         task,
         model,
-        encoded(args.data),
-        select_on=encoded(args.select_on) if args.select_on else None,
+        encoded(data),
+        time_on=encoded(timing) if timing is not None else None,
+        select_on=encoded(task.load(args.select_on, known=model.labels)) if args.select_on else None,
         policy=given_policy(args),
         max_drop=args.max_drop,
         min_speedup=args.min_speedup,
@@ -71,6 +80,18 @@ def run(args: argparse.Namespace) -> int:
         print(f"plot -> {args.plot}")
     print(f"report -> {args.json}")
     return 0
+
+
+def evenly_spread(task, examples, count: int):
+    """Every k-th example, so the timed subset keeps the data's mix of lengths and easy/hard rows.
+
+    Wall-clock is the slow part of eval (repeats x timed points x passes); a few hundred examples
+    give a stable ratio, while scores, layers and FLOPs are still measured on all the data.
+    """
+    if count == 0 or count >= len(examples):
+        return None
+    step = len(examples) / count
+    return task.subset(examples, [int(i * step) for i in range(count)], "timing")
 
 
 def given_policy(args: argparse.Namespace):
