@@ -27,7 +27,9 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        # address="local": a new instance even where `ray start` or RAY_ADDRESS points at a cluster
+        # (joining one would refuse num_cpus, and tests must not run on someone's cluster)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 
