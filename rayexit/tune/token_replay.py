@@ -398,6 +398,8 @@ class ThresholdSweep:
     def _steps(self, positions: torch.Tensor, decide) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Events (breakpoint, change) of the 0/1 decision `decide(tags [I, k, m])` per item, and its value at +inf."""
         replay = self.replay
+        if len(positions) == 0:
+            return torch.zeros(0), torch.zeros(0, dtype=torch.long), 0
         words = replay.var_index[positions]
         varies = words >= 0
         tau = torch.where(varies[:, :, None], self.tau[words.clamp_min(0)], -torch.inf)

@@ -1,0 +1,91 @@
+"""How many token exit settings a second the search replays, on a real data set's cached exits.
+
+    python -m rayexit.tune.replay_speed --data ../shared/datasets/conll2003/valid.txt [--model DIR]
+
+With `--model`, a trained token model directory makes the cache. Without it, the packaged
+MiniLM encoder with freshly initialised tag heads does (a real encoder pass over the real
+sentences; untrained heads make every word's tag vary across exits, the search's slowest
+case). Prints the rate of the search `rayexit tune --task token` runs in every trial (the
+global-threshold sweep, one-off set-up per level and window included) and of the direct
+replay that also takes one threshold per layer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from rayexit.config import TrainSettings
+from rayexit.model_dir import ModelDir
+from rayexit.tasks import task_named
+from rayexit.token_exits import cache_token_exits
+from rayexit.tune.thresholds import one_thread
+from rayexit.tune.token_replay import TokenReplayCache, search_token_settings, threshold_grid
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", required=True, help="a CoNLL-style file (e.g. CoNLL-2003 valid.txt)")
+    parser.add_argument("--model", help="a token model directory (default: MiniLM with new tag heads)")
+    parser.add_argument("--thresholds", type=int, default=2048, help="thresholds per level and window")
+    parser.add_argument("--windows", type=int, nargs="+", default=[1, 3, 5, 7, 9, 15])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", help="also write the figures here")
+    args = parser.parse_args(argv)
+
+    task = task_named("token")
+    examples = task.load(args.data)
+    if args.model:
+        directory = ModelDir(args.model)
+        model, tokenizer = directory.load_model(expected_task="token"), directory.load_tokenizer()
+        labels = model.labels
+    else:
+        from rayexit.models import load_tokenizer
+
+        labels = task.label_set(examples)
+        model, tokenizer = task.new_model("minilm", labels, TrainSettings(seed=0)).eval(), load_tokenizer("minilm")
+    data = task.encode(tokenizer, examples, labels, model.exit_config.max_length)
+    start = time.perf_counter()
+    cache = cache_token_exits(model, data)
+    pass_seconds = time.perf_counter() - start
+    replay = TokenReplayCache(cache, labels, data.gold)
+
+    rates = []
+    for _ in range(args.repeats):
+        result = search_token_settings(replay, windows=args.windows, thresholds=args.thresholds)
+        rates.append(result.settings_per_second)
+    grid = threshold_grid(replay, 256)
+    direct = []
+    with one_thread():
+        for _ in range(args.repeats):
+            per_layer = grid[:, None].expand(-1, replay.num_layers)
+            start = time.perf_counter()
+            replay.evaluate("tokee", 3, per_layer)
+            direct.append(len(grid) / (time.perf_counter() - start))
+    figures = {
+        "data": args.data,
+        "model": args.model or "minilm with new tag heads",
+        "sentences": data.num_sentences,
+        "words": replay.num_words,
+        "words_in_varying_segments": replay.variable_positions,
+        "layers": replay.num_layers,
+        "full_pass_seconds": pass_seconds,
+        "search_settings": result.settings,
+        "search_settings_per_second": sorted(rates),
+        "direct_settings_per_second": sorted(direct),
+        "threads": 1,
+    }
+    print(json.dumps(figures, indent=2))
+    if args.json:
+        from rayexit.files import write_json
+
+        write_json(args.json, figures)
+    return 0
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    raise SystemExit(main())
