@@ -1,8 +1,10 @@
 """Many token exit settings replayed at once on a cached full pass: halting, FLOPs and entity F1.
 
-A setting is a criterion level (`sentee`: a window's words leave together; `tokee`: words halt
-one by one), a window size (tokee) and a threshold per layer. `TokenReplayCache.evaluate`
-replays K settings of one level and window in a handful of tensor operations over [K, words]:
+A setting is a criterion level (`sentee`: a sentence's words leave together; `tokee`: words
+halt one by one), a window size (tokee) and a threshold per layer. `TokenReplayCache.evaluate`
+replays K settings of one level and window in a handful of tensor operations over [K, words]
+(any thresholds, one per layer included); `ThresholdSweep` answers every threshold that is the
+same at all layers at once (what the search uses: see its docstring):
 
 - Halting follows `rayexit.token_exits.simulate_halting` exactly (same `passes` criterion, a
   halted word's frozen uncertainty in its neighbours' windows): words of all rows are laid out
