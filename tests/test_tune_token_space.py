@@ -46,3 +46,29 @@ def test_a_sentence_search_is_unchanged():
     config = load_tune_config(None, {}, {})
     assert config.tune.task == "sequence" and config.tune.policies == ["entropy", "maxprob", "patience"]
     assert set(config.tune.space) == {"gamma", "temperature", "lr"}
+
+
+def candidate(policy: str, speed: float, f1: float, bound: float = 0.0, full: float = 0.9) -> dict:
+    return {"policy": policy, "window": 3, "thresholds": 0.1, "validation_full": full,
+            "validation": {"f1": f1, "flops_speedup": speed, "drop_bound": bound}}
+
+
+def test_tokee_choices_are_confirmed_live_and_sentee_ones_are_not():
+    from rayexit.tune.token_results import confirmed
+
+    spec = token_config({"lr": [1e-4, 1e-3]}, max_drop=0.01, live_checks=2).tune
+    fast, middle, slow = candidate("tokee", 3.0, 0.9), candidate("tokee", 2.5, 0.9), candidate("sentee", 2.0, 0.9)
+    too_far = candidate("tokee", 4.0, 0.5, bound=0.3)  # outside the drop on replayed validation already
+    asked = []
+
+    def live(c):  # the fastest TOKEE point loses 5 points live; the next one holds
+        asked.append(c["validation"]["flops_speedup"])
+        return {"drop_bound": 0.05 if c is fast else 0.0}
+
+    pool = [slow, too_far, fast, middle]
+    assert confirmed(pool, [], 0.9, spec, live) is middle and asked == [3.0, 2.5]
+    assert middle["validation_live"] == {"drop_bound": 0.0}
+    asked.clear()
+    spec.live_checks = 1  # one live run allowed: after it fails, only an exact (SENTEE) point is taken
+    assert confirmed(pool, [], 0.9, spec, live) is slow and asked == [3.0]
+    assert confirmed(pool, [], 0.9, spec, None) is fast  # no live check: the replayed rule alone

@@ -34,6 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--windows", type=int, nargs="+", default=[1, 3, 5, 7, 9, 15])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", help="also write the figures here")
+    parser.add_argument(
+        "--live", type=int, default=0, metavar="N",
+        help="also run some SENTEE/TOKEE settings live on the first N sentences and report replay minus live",
+    )
     args = parser.parse_args(argv)
 
     task = task_named("token")
@@ -81,12 +85,46 @@ def main(argv: list[str] | None = None) -> int:
         "direct_settings_per_second": sorted(direct),
         "threads": 1,
     }
+    if args.live:
+        figures["live"] = live_gaps(model, tokenizer, task.subset(examples, list(range(args.live)), "live"), labels)
     print(json.dumps(figures, indent=2))
     if args.json:
         from rayexit.files import write_json
 
         write_json(args.json, figures)
     return 0
+
+
+def live_gaps(model, tokenizer, examples, labels: list[str]) -> list[dict]:
+    """Replayed minus live figures for settings at quantiles of the cached uncertainties."""
+    from rayexit.policy import ExitPolicy
+
+    task = task_named("token")
+    data = task.encode(tokenizer, examples, labels, model.exit_config.max_length)
+    replay = TokenReplayCache(cache_token_exits(model, data), labels, data.gold)
+    values = replay.u_words[:, :-1].reshape(-1)
+    cuts = torch.quantile(values[:200_000], torch.tensor([0.5, 0.7, 0.85])).tolist()
+    out = []
+    for kind, window in [("sentee", 1), ("tokee", 1), ("tokee", 3), ("tokee", 5)]:
+        for threshold in cuts:
+            policy = ExitPolicy(kind, float(threshold), window=window if kind == "tokee" else 3)
+            replayed = replay.evaluate(kind, window, torch.tensor([threshold]), keep_halting=True)
+            live = task.run_live(model, data, task.eval_batches(data, 32), policy)
+            halt = torch.zeros_like(replayed.halting[0])
+            for row, (sentence, first) in enumerate(data.pieces):
+                count = len(data.word_starts[row])
+                halt[row, :count] = torch.tensor(live.exit_layers[sentence][first : first + count])
+            mask = replay.cache.word_mask
+            out.append({
+                "policy": policy.describe(),
+                "replay_f1": float(replayed.f1[0]),
+                "live_f1": live.score,
+                "replay_flops_speedup": float(replayed.flops_speedup[0]),
+                "live_flops_speedup": live.flops_speedup,
+                "words_halting_elsewhere": int((replayed.halting[0] != halt)[mask].sum()),
+                "words": int(mask.sum()),
+            })
+    return out
 
 
 if __name__ == "__main__":

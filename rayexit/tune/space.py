@@ -103,6 +103,7 @@ class TuneSpec:
     seed: int = 0
     include_default: bool = True
     reference_accuracy: float | None = None
+    live_checks: int = 3  # token: TOKEE candidates run live on validation before one is chosen
     trainer: str = "distributed"
     workers: int = 1
     use_gpu: bool = False
@@ -122,6 +123,7 @@ class TuneSpec:
         _integer("tune.trials", self.trials, 1)
         _integer("tune.threshold_samples", self.threshold_samples, 0)
         _integer("tune.workers", self.workers, 1)
+        _integer("tune.live_checks", self.live_checks, 0)
         _integer("tune.grace_epochs", self.grace_epochs, 1)
         _integer("tune.split_seed", self.split_seed, 0)
         _integer("tune.seed", self.seed, 0)

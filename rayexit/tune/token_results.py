@@ -47,13 +47,40 @@ def policy_of(candidate: dict) -> ExitPolicy:
     return ExitPolicy(candidate["policy"], candidate["thresholds"], window=window)
 
 
-def choose(trials: list[dict], spec: TuneSpec, default_params: dict | None = None) -> dict:
+def confirmed(candidates: list[dict], trials: list[dict], reference: float, spec: TuneSpec, live_check) -> dict | None:
+    """The fastest candidate within the drop, with TOKEE candidates confirmed live on validation.
+
+    TOKEE replayed from a full pass is not what the runner does (running words attend to halted
+    words' frozen states), so up to `spec.live_checks` TOKEE candidates, fastest first, are run
+    live on validation and kept only if their live drop bound stays within `max_drop`; SENTEE
+    replays exactly and needs no live run. `live_check(candidate)` returns the live validation
+    figures with `drop_bound`; None skips the check (e.g. in unit tests of the rule).
+    """
+    bar = reference - spec.max_drop - 1e-12
+    eligible = sorted(
+        (c for c in candidates if BOUNDED(c)[0] >= bar), key=lambda c: (-BOUNDED(c)[1], -BOUNDED(c)[0])
+    )
+    checks = spec.live_checks
+    for candidate in eligible:
+        if candidate["policy"] != "tokee" or live_check is None:
+            return candidate
+        if checks <= 0:
+            continue  # out of live runs: only exact (SENTEE) candidates remain choosable
+        checks -= 1
+        live = live_check(candidate)
+        candidate["validation_live"] = live
+        if candidate["validation_full"] - live["drop_bound"] >= bar:
+            return candidate
+    return None
+
+
+def choose(trials: list[dict], spec: TuneSpec, default_params: dict | None = None, live_check=None) -> dict:
     if not trials:
         raise RayexitError("no trial finished with a model; see the Tune experiment folder for the errors")
     candidates = [_candidate(r, p, i) for i, r in enumerate(trials) for p in r["front"]]
     reference = max(r["validation_exit_f1"][-1] for r in trials)
     front = pareto_front(candidates, key=VALIDATION)
-    chosen = fastest_within(candidates, BOUNDED, reference, spec.max_drop)
+    chosen = confirmed(candidates, trials, reference, spec, live_check)
     if chosen is None:  # every trial falls short of the best one's full depth: that trial at full depth
         best = max(range(len(trials)), key=lambda i: trials[i]["validation_exit_f1"][-1])
         chosen = next(c for c in candidates if c["trial"] == best and c["validation"]["layer_speedup"] == 1.0)
@@ -81,7 +108,7 @@ def write_token_results(
 ) -> dict:
     output = Path(output)
     default_params = job_data.get("default_params") if spec.include_default else None
-    summary = choose(trials, spec, default_params)
+    summary = choose(trials, spec, default_params, live_checker(trials, job_data["validation_path"]))
     chosen = summary["chosen"]
     write_json(output / "pareto.json", [dict(p, chosen=p is chosen) for p in summary["front"]])
     plot_pareto(summary, output / "pareto.png")
@@ -125,6 +152,36 @@ def write_token_results(
     }
     write_json(output / "tune.json", report)
     return report
+
+
+def live_checker(trials: list[dict], source: str):
+    """`candidate -> live validation figures`: its trial's model through the runner, with the drop's bound."""
+    import torch
+
+    from rayexit.model_dir import ModelDir
+    from rayexit.sweep import drop_bounds
+    from rayexit.tasks import task_named
+
+    task = task_named("token")
+    loaded: dict[int, tuple] = {}
+
+    @torch.no_grad()
+    def check(candidate: dict) -> dict:
+        index = candidate["trial"]
+        if index not in loaded:
+            with trials[index]["checkpoint"].as_directory() as folder:
+                directory = ModelDir(folder)
+                model, tokenizer = directory.load_model(), directory.load_tokenizer()
+            data = task.encode(tokenizer, task.load(source, known=model.labels), model.labels,
+                               model.exit_config.max_length)
+            batches = task.eval_batches(data, 32)
+            loaded[index] = (model, data, batches, task.run_live(model, data, batches, ExitPolicy("none", 0.0)))
+        model, data, batches, full = loaded[index]
+        live = task.run_live(model, data, batches, policy_of(candidate))
+        bound = drop_bounds(task, full, [live])[0]
+        return {"f1": live.score, "flops_speedup": live.flops_speedup, "full_f1": full.score, "drop_bound": bound}
+
+    return check
 
 
 def _live(check: dict) -> dict:
