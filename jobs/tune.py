@@ -1,6 +1,7 @@
 """Ray Jobs entry point: `ray job submit --working-dir . -- python jobs/tune.py --model ... --output DIR`.
 
-Takes the same flags as `rayexit tune` and runs on the cluster the job was submitted to.
+Takes the same flags as `rayexit tune` and runs on the cluster the job was submitted to, for
+both tasks (`--task token` tunes a tagger: stage 1, self-sampling and its SENTEE/TOKEE exit).
 `--output` (and `--resume`) must be an absolute path on storage every node sees, and
 `--storage-path` that or a URI: the job runs in Ray's temporary copy of the working dir, and a
 relative path would land there (and `serve.yaml` would point there) until Ray deletes it.

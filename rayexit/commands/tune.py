@@ -1,4 +1,8 @@
-"""`rayexit tune`: Ray Tune + Optuna over gamma, T and lr; thresholds searched on cached logits."""
+"""`rayexit tune`: Ray Tune + Optuna over training settings; exit policies searched on cached exits.
+
+Sentence models: gamma, T and lr, thresholds on cached logits. Token models (`--task token`):
+stage-1 and self-sampling settings, then SENTEE/TOKEE, window and threshold on cached word uncertainties.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,12 @@ import argparse
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("tune", help="search training settings and exit thresholds; export the best model")
     p.add_argument("--model", help="encoder: a folder, a hub name, or `minilm` (packaged)")
+    p.add_argument(
+        "--task", choices=("sequence", "token"),
+        help="sequence (default): one label per text; token: tagging with SENTEE/TOKEE (CoNLL files, `atis`)",
+    )
     p.add_argument("--train", help="training data; the validation split used for choosing is carved from it")
+    p.add_argument("--valid", help="validation data to choose on, instead of a split carved from --train")
     p.add_argument("--eval", help="the set the final figures are reported on (never used for choosing)")
     p.add_argument("--trials", type=int, help="number of trials (default: the config's, else 8)")
     p.add_argument("--output", help="folder for the experiment, pareto.json/png, best/ and serve.yaml")
@@ -42,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     if args.resume:
         given = [
             flag
-            for flag in ("model", "train", "eval", "output", "config", "trials", "storage_path")
+            for flag in ("model", "train", "valid", "eval", "output", "config", "trials", "storage_path", "task")
             if getattr(args, flag)
         ]
         if given:
@@ -66,13 +75,15 @@ def run(args: argparse.Namespace) -> int:
                 "scheduler": args.scheduler,
                 "trainer": args.trainer,
                 "workers": args.workers,
+                "task": args.task,
             },
         )
         if args.storage_path:
             experiment_path(output, args.storage_path)  # refuse a bad --storage-path before Ray starts
         _start(args.address, output, config.tune.optuna_db)
         report = tune_new(
-            args.model, args.train, args.eval, output, config, args.max_examples, storage_path=args.storage_path
+            args.model, args.train, args.eval, output, config, args.max_examples, storage_path=args.storage_path,
+            valid=args.valid,
         )
     print(format_report(report))
     print(f"best model -> {output}/best ; serve with: serve run {output}/serve.yaml")
@@ -91,6 +102,8 @@ def _start(address: str | None, output, optuna_db: bool) -> None:
 
 
 def format_report(report: dict) -> str:
+    if report.get("task") == "token":
+        return format_token_report(report)
     chosen = report["chosen"]
     lines = [
         f"{report['trials']} trial(s) in {report['seconds']:.0f}s; validation split: {report['split']['name']}",
@@ -108,5 +121,30 @@ def format_report(report: dict) -> str:
         lines.append(
             f"paper default (gamma 0.9, T 3, one entropy threshold {default['thresholds']:.4f}): "
             f"accuracy {default['accuracy']:.4f}, layer speed-up {default['layer_speedup']:.2f}x"
+        )
+    return "\n".join(lines)
+
+
+def format_token_report(report: dict) -> str:
+    chosen = report["chosen"]
+    params = ", ".join(f"{k} {v:.3g}" for k, v in sorted(chosen["params"].items()))
+    window = f" window {chosen['window']}" if chosen["policy"] == "tokee" else ""
+    live, valid = report["best_runner_eval"], report["best_runner_validation"]
+    gap = report["replay_minus_live_validation"]
+    lines = [
+        f"{report['trials']} trial(s) in {report['seconds']:.0f}s; validation: {report['split']['name']}",
+        f"exit-setting search: {report['threshold_settings_per_second']:.0f} settings/s (slowest trial)",
+        f"best full-depth entity F1 on eval: {report['best_full_eval_f1']:.4f}",
+        f"chosen: {params}; {chosen['policy']}{window} threshold {chosen['thresholds']:.4g}",
+        f"  on eval (replayed): F1 {chosen['f1']:.4f} (its full depth {chosen['full_f1']:.4f}), "
+        f"FLOPs speed-up {chosen['flops_speedup']:.2f}x",
+        f"  best/ through the runner: eval F1 {live['f1']:.4f}, FLOPs speed-up {live['flops_speedup']:.2f}x; "
+        f"validation F1 {valid['f1']:.4f} (replayed minus live {gap['f1']:+.4f})",
+    ]
+    default = report.get("default")
+    if default:
+        lines.append(
+            f"default settings, chosen the same way: F1 {default['f1']:.4f}, "
+            f"FLOPs speed-up {default['flops_speedup']:.2f}x"
         )
     return "\n".join(lines)

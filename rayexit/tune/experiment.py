@@ -19,11 +19,10 @@ from pathlib import Path
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
-from rayexit.data import load_text_classification
 from rayexit.errors import RayexitError
 from rayexit.files import write_json
-from rayexit.tune.space import TuneConfig, TuneSpec
-from rayexit.tune.split import carve_validation, write_tsv
+from rayexit.tune.space import INTEGER_SETTINGS, TuneConfig, TuneSpec
+from rayexit.tune.split import carve_validation, write_conll, write_tsv
 from rayexit.tune.trial import TrialJob, run_trial
 
 log = logging.getLogger(__name__)
@@ -77,21 +76,41 @@ def prepare_job(
     config: TuneConfig,
     max_examples: int | None = None,
     storage_path: str | None = None,
+    valid: str | None = None,
 ) -> TrialJob:
-    """Carve the validation split, write both parts and `job.json`; refuse to reuse a finished folder."""
+    """Carve the validation split (or take `valid`), write the parts and `job.json`; refuse to reuse a finished folder.
+
+    The task (`tune.task`) decides how data is read and split: TSV for sentences, CoNLL-style
+    files for tokens (stratified by each sentence's rarest tag).
+    """
+    from rayexit.tasks import task_named
+
     output = output_folder(output)
     if (output / JOB_FILE).exists():
         raise RayexitError(
             f"{output}: holds a tuning run; continue it with --resume {output} or pick a new folder"
         )
-    load_text_classification(eval_source)  # fail now on a bad --eval, not after the first trial
-    examples = load_text_classification(train, max_examples)
     spec = config.tune
-    split = carve_validation(examples, spec.validation_fraction, spec.split_seed)
+    task = task_named(spec.task)
+    token = spec.task == "token"
+    task.load(eval_source)  # fail now on a bad --eval, not after the first trial
+    if valid is not None:
+        task.load(valid)
+    examples = task.load(train, max_examples)
     data = output / "data"
-    fit_path = write_tsv(split.fit, data / "fit.tsv")
-    validation_path = write_tsv(split.validation, data / "validation.tsv")
-    log.info("validation split %s: %d fit, %d validation examples", split.name, len(split.fit), len(split.validation))
+    write = write_conll if token else write_tsv
+    suffix = "txt" if token else "tsv"
+    if valid is None:
+        split = carve_validation(examples, spec.validation_fraction, spec.split_seed, spec.task)
+        fit_path = write(split.fit, data / f"fit.{suffix}")
+        validation_path = str(write(split.validation, data / f"validation.{suffix}").resolve())
+        described = split.describe()
+        log.info("validation split %s: %d fit, %d validation", split.name, len(split.fit), len(split.validation))
+    else:
+        fit_path = write(examples, data / f"fit.{suffix}")
+        validation_path = _portable(valid)
+        described = {"name": f"given --valid {valid}", "fit_examples": len(examples),
+                     "validation_examples": len(task.load(valid))}
     settings = config.train
     if settings.max_examples is not None:  # already applied when carving; the trainer sees the fit file as is
         import dataclasses
@@ -100,18 +119,20 @@ def prepare_job(
     job = TrialJob(
         model=_portable(model),
         fit_path=str(fit_path.resolve()),
-        validation_path=str(validation_path.resolve()),
+        validation_path=validation_path,
         eval_path=_portable(eval_source),
         config=config,
     )
     write_json(
         output / JOB_FILE,
         {
+            "task": spec.task,
             "model": job.model,
             "train": _portable(train),
+            "valid": _portable(valid) if valid is not None else None,
             "eval": job.eval_path,
             "max_examples": max_examples,
-            "split": split.describe(),
+            "split": described,
             "fit_path": job.fit_path,
             "validation_path": job.validation_path,
             "train_settings": config.train.to_dict(),
@@ -209,7 +230,12 @@ def _searcher(config: TuneConfig, storage_url: str | None = None):
     storage = optuna.storages.RDBStorage(storage_url) if storage_url else None
     extra = {"storage": storage, "study_name": STUDY_NAME}
     space = {
-        name: optuna.distributions.FloatDistribution(r.low, r.high, log=r.log) for name, r in spec.searched().items()
+        name: (
+            optuna.distributions.IntDistribution(int(r.low), int(r.high))
+            if name in INTEGER_SETTINGS
+            else optuna.distributions.FloatDistribution(r.low, r.high, log=r.log)
+        )
+        for name, r in spec.searched().items()
     }
     if not space:
         raise RayexitError("tune.space: nothing to search; give at least one setting a [low, high] range")
@@ -221,7 +247,7 @@ def _searcher(config: TuneConfig, storage_url: str | None = None):
         sampler = optuna.samplers.TPESampler(seed=spec.seed, n_startup_trials=min(10, max(2, spec.trials // 2)))
         return ResumableOptunaSearch(
             space,
-            metric=["accuracy", "layer_speedup"],
+            metric=["f1", "flops_speedup"] if spec.task == "token" else ["accuracy", "layer_speedup"],
             mode=["max", "max"],
             points_to_evaluate=points,
             sampler=sampler,

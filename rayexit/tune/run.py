@@ -22,9 +22,10 @@ def tune_new(
     max_examples: int | None = None,
     trainable: Trainable | None = None,
     storage_path: str | None = None,
+    valid: str | None = None,
 ) -> dict:
     output = output_folder(output)
-    job = prepare_job(model, train, eval_source, output, config, max_examples, storage_path)
+    job = prepare_job(model, train, eval_source, output, config, max_examples, storage_path, valid)
     return _fit(build_tuner(job, output, trainable), output)
 
 
@@ -44,4 +45,8 @@ def _fit(tuner, output: str | Path) -> dict:
     seconds = earlier + time.perf_counter() - start
     timing_path.write_text(json.dumps({"seconds": seconds}))
     job, job_data = load_job(output)
+    if job.config.tune.task == "token":
+        from rayexit.tune.token_results import write_token_results
+
+        return write_token_results(output, collect(grid), job.config.tune, job_data, seconds)
     return write_results(output, collect(grid), job.config.tune, job_data, seconds)

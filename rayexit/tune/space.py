@@ -25,13 +25,35 @@ SEARCHABLE = {
     "lr": (1e-8, 1.0, True),
     "head_lr": (1e-8, 1.0, True),
 }
+# The token task trains stage 1 (joint) and then stage 2 (self-sampling, METHODS section 5) in
+# every trial: stage 1's rates, and stage 2's epochs (0: no stage 2), rate and sampling range
+# (each sentence draws a threshold in [0, sampling_max_threshold] and an odd window up to
+# sampling_max_window, which must be a whole number).
+TOKEN_SEARCHABLE = {
+    "lr": (1e-8, 1.0, True),
+    "head_lr": (1e-8, 1.0, True),
+    "self_sampling_epochs": (0.0, 100.0, False),
+    "self_sampling_lr": (1e-8, 1.0, True),
+    "sampling_max_threshold": (1e-3, 1.0, False),
+    "sampling_max_window": (1.0, 63.0, False),
+}
+INTEGER_SETTINGS = ("sampling_max_window",)
+TASKS = ("sequence", "token")
 OBJECTIVES = ("pareto", "within_drop")
 SCHEDULERS = ("none", "asha")
 TRAINERS = ("distributed", "local")
 SEARCH_POLICIES = ("entropy", "maxprob", "patience")
+TOKEN_POLICIES = ("tokee", "sentee")
 
 # The paper's default (RomeBERT scripts): gamma 0.9, T 3; lr comes from the `train:` section.
 PAPER_DEFAULT = {"gamma": 0.9, "temperature": 3.0}
+# The token default: the `train:` section's stage-1 settings, then one epoch of self-sampling
+# at the same rate with the sampling range of TrainSettings (threshold up to 0.4, windows 1-7).
+TOKEN_DEFAULT = {"self_sampling_epochs": 1.0}
+
+
+def searchable(task: str) -> dict[str, tuple[float, float, bool]]:
+    return TOKEN_SEARCHABLE if task == "token" else SEARCHABLE
 
 
 @dataclass
@@ -48,7 +70,16 @@ class Range:
         return {"low": self.low, "high": self.high, "log": self.log}
 
 
-def default_space() -> dict[str, Range]:
+def default_space(task: str = "sequence") -> dict[str, Range]:
+    if task == "token":
+        return {
+            "lr": Range(3e-5, 3e-4, log=True),
+            "head_lr": Range(3e-4, 3e-3, log=True),
+            "self_sampling_epochs": Range(1.0, 1.0),
+            "self_sampling_lr": Range(1e-5, 1e-4, log=True),
+            "sampling_max_threshold": Range(0.1, 0.6),
+            "sampling_max_window": Range(3, 9),
+        }
     return {"gamma": Range(0.5, 1.0), "temperature": Range(1.0, 10.0), "lr": Range(2e-5, 2e-4, log=True)}
 
 
@@ -61,8 +92,10 @@ class TuneSpec:
     max_drop: float = 0.01
     scheduler: str = "none"
     grace_epochs: int = 1  # ASHA: epochs every trial runs before it can be stopped
-    space: dict[str, Range] = field(default_factory=default_space)
-    policies: list[str] = field(default_factory=lambda: ["entropy", "maxprob", "patience"])
+    task: str = "sequence"
+    space: dict[str, Range] | None = None  # None: the task's default space
+    policies: list[str] | None = None  # None: every kind of the task (token: tokee and sentee)
+    windows: list[int] = field(default_factory=lambda: [1, 3, 5, 7, 9, 15])  # token: TOKEE windows searched
     per_layer: bool = True
     threshold_samples: int = 4000
     validation_fraction: float = 0.1
@@ -70,6 +103,7 @@ class TuneSpec:
     seed: int = 0
     include_default: bool = True
     reference_accuracy: float | None = None
+    live_checks: int = 3  # token: TOKEE candidates run live on validation before one is chosen
     trainer: str = "distributed"
     workers: int = 1
     use_gpu: bool = False
@@ -77,10 +111,19 @@ class TuneSpec:
     optuna_db: bool = True
 
     def __post_init__(self) -> None:
-        self.space = parse_space(self.space)
+        _choice("tune.task", self.task, TASKS)
+        self.space = parse_space(default_space(self.task) if self.space is None else self.space, self.task)
+        kinds = TOKEN_POLICIES if self.task == "token" else SEARCH_POLICIES
+        if self.policies is None:
+            self.policies = list(kinds)
+        if not isinstance(self.windows, list) or not self.windows or any(
+            not isinstance(w, int) or isinstance(w, bool) or w < 1 for w in self.windows
+        ):
+            raise RayexitError(f"tune.windows: got {self.windows!r}, expected a list of whole numbers >= 1")
         _integer("tune.trials", self.trials, 1)
         _integer("tune.threshold_samples", self.threshold_samples, 0)
         _integer("tune.workers", self.workers, 1)
+        _integer("tune.live_checks", self.live_checks, 0)
         _integer("tune.grace_epochs", self.grace_epochs, 1)
         _integer("tune.split_seed", self.split_seed, 0)
         _integer("tune.seed", self.seed, 0)
@@ -100,11 +143,11 @@ class TuneSpec:
         ):
             raise RayexitError(f"tune.reference_accuracy: got {self.reference_accuracy!r}, expected a value in [0, 1]")
         if not isinstance(self.policies, list) or not self.policies:
-            raise RayexitError(
-                f"tune.policies: got {self.policies!r}, expected a list from {', '.join(SEARCH_POLICIES)}"
-            )
+            raise RayexitError(f"tune.policies: got {self.policies!r}, expected a list from {', '.join(kinds)}")
         for kind in self.policies:
-            _choice("tune.policies", kind, SEARCH_POLICIES)
+            _choice("tune.policies", kind, kinds)
+        if self.task == "token" and self.scheduler == "asha":
+            raise RayexitError("tune.scheduler: asha is for the sequence task; a token trial reports once, at its end")
         if self.scheduler == "asha" and self.objective != "within_drop":
             raise RayexitError(
                 "tune.scheduler: asha stops trials on one number; use objective: within_drop with it "
@@ -129,7 +172,7 @@ class TuneSpec:
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
-        data["space"] = {name: r.to_dict() for name, r in self.space.items()}
+        data["space"] = {name: r.to_dict() for name, r in (self.space or {}).items()}
         return data
 
     @classmethod
@@ -143,18 +186,19 @@ class TuneSpec:
         return cls(**data)
 
 
-def parse_space(space: Any) -> dict[str, Range]:
+def parse_space(space: Any, task: str = "sequence") -> dict[str, Range]:
     if not isinstance(space, dict) or not space:
         raise RayexitError(f"tune.space: expected a mapping of settings to ranges, got {space!r}")
+    allowed = searchable(task)
     parsed = {}
     for name, value in space.items():
-        if name not in SEARCHABLE:
+        if name not in allowed:
             raise RayexitError(
-                f"tune.space.{name}: not a setting that can be searched; searchable: {', '.join(SEARCHABLE)} "
-                "(exit policies and thresholds are searched on cached logits, not here)"
+                f"tune.space.{name}: not a setting that can be searched for the {task} task; searchable: "
+                f"{', '.join(allowed)} (exit policies and thresholds are searched on cached exits, not here)"
             )
         parsed[name] = value if isinstance(value, Range) else _parse_range(f"tune.space.{name}", value)
-        _check_range(name, parsed[name])
+        _check_range(name, parsed[name], allowed)
     return parsed
 
 
@@ -176,15 +220,17 @@ def _parse_range(where: str, value: Any) -> Range:
     raise RayexitError(f"{where}: got {value!r}; expected a number, [low, high] or {{low, high, log}}")
 
 
-def _check_range(name: str, r: Range) -> None:
+def _check_range(name: str, r: Range, allowed: dict[str, tuple[float, float, bool]]) -> None:
     where = f"tune.space.{name}"
-    bottom, top, log_default = SEARCHABLE[name]
+    bottom, top, log_default = allowed[name]
     if r.low > r.high:
         raise RayexitError(f"{where}: low {r.low} is above high {r.high}")
     if r.low < bottom or r.high > top:
         raise RayexitError(f"{where}: [{r.low}, {r.high}] leaves the allowed interval [{bottom}, {top}]")
-    if name in ("temperature", "lr", "head_lr") and r.low <= 0:
+    if name in ("temperature", "lr", "head_lr", "self_sampling_lr") and r.low <= 0:
         raise RayexitError(f"{where}: low {r.low} must be > 0")
+    if name in INTEGER_SETTINGS and (r.low != int(r.low) or r.high != int(r.high)):
+        raise RayexitError(f"{where}: [{r.low}, {r.high}]: expected whole numbers")
     if not r.log and log_default and not r.fixed and r.high / max(r.low, 1e-300) > 10:
         r.log = True  # a rate spanning decades is sampled per decade unless said otherwise
 
@@ -201,14 +247,43 @@ class TuneConfig:
         values = {**self.tune.fixed(), **sampled}
         return dataclasses.replace(self.train, **values)
 
+    def token_stages(self, sampled: dict[str, float]) -> tuple[TrainSettings, TrainSettings | None]:
+        """A token trial's stage-1 (joint) settings, and its self-sampling settings (None: no stage 2)."""
+        values = {**self.tune.fixed(), **sampled}
+        first = dataclasses.replace(
+            self.train, method="joint", **{k: values[k] for k in ("lr", "head_lr") if k in values}
+        )
+        epochs = float(values.get("self_sampling_epochs", TOKEN_DEFAULT["self_sampling_epochs"]))
+        if epochs <= 0:
+            return first, None
+        widest = int(round(values.get("sampling_max_window", max(self.train.sampling_windows))))
+        second = dataclasses.replace(
+            first,
+            method="self-sampling",
+            epochs=epochs,
+            lr=float(values.get("self_sampling_lr", first.lr)),
+            sampling_max_threshold=float(values.get("sampling_max_threshold", self.train.sampling_max_threshold)),
+            sampling_windows=list(range(1, widest + 1, 2)),
+        )
+        return first, second
+
     def default_point(self) -> dict[str, float]:
         """The paper's setting among the searched ones (lr: the `train:` section's value)."""
         point = {}
+        token = self.tune.task == "token"
         for name in self.tune.searched():
-            value = PAPER_DEFAULT.get(name, getattr(self.train, name))
+            if token:
+                value = TOKEN_DEFAULT.get(name)
+                if value is None:
+                    value = {
+                        "self_sampling_lr": self.train.lr,
+                        "sampling_max_window": max(self.train.sampling_windows),
+                    }.get(name, getattr(self.train, name, None))
+            else:
+                value = PAPER_DEFAULT.get(name, getattr(self.train, name))
             r = self.tune.space[name]
             if value is not None and r.low <= value <= r.high:
-                point[name] = float(value)
+                point[name] = int(value) if name in INTEGER_SETTINGS else float(value)
         return point
 
 

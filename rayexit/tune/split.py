@@ -36,14 +36,41 @@ def split_name(fraction: float, seed: int) -> str:
     return f"tune-validation(fraction={fraction:g}, seed={seed}, stratified by label)"
 
 
-def carve_validation(examples: TextExamples, fraction: float, seed: int) -> Split:
-    """The task's own split (`rayexit.tasks.Task.split`), named and fingerprinted for reports."""
+def carve_validation(examples, fraction: float, seed: int, task: str = "sequence") -> Split:
+    """The task's own split (`rayexit.tasks.Task.split`), named and fingerprinted for reports.
+
+    The token task stratifies sentences by the rarest tag they hold, so rare entity types reach
+    validation too.
+    """
     from rayexit.tasks import task_named
 
-    fit, validation = task_named("sequence").split(examples, fraction, seed)
-    fingerprint = "\n".join(f"{t}\t{label}" for t, label in zip(validation.texts, validation.labels, strict=True))
+    fit, validation = task_named(task).split(examples, fraction, seed)
+    if task == "token":
+        rows = zip(validation.words, validation.tags, strict=True)
+        fingerprint = "\n".join(" ".join(words) + "\t" + " ".join(tags) for words, tags in rows)
+        name = split_name(fraction, seed).replace("stratified by label", "stratified by rarest tag")
+    else:
+        fingerprint = "\n".join(f"{t}\t{label}" for t, label in zip(validation.texts, validation.labels, strict=True))
+        name = split_name(fraction, seed)
     digest = hashlib.sha256(fingerprint.encode()).hexdigest()[:12]
-    return Split(split_name(fraction, seed), fit, validation, digest)
+    return Split(name, fit, validation, digest)
+
+
+def write_conll(sentences, path: str | Path) -> Path:
+    """`word TAG` a line, a blank line after each sentence: what the token trainers read.
+
+    A word with whitespace inside (possible from hub data) would split into columns; its
+    whitespace becomes `_`.
+    """
+
+    def clean(word: str) -> str:
+        return "_".join(word.split()) or "_"
+
+    blocks = []
+    for words, tags in zip(sentences.words, sentences.tags, strict=True):
+        blocks.append("".join(f"{clean(w)} {t}\n" for w, t in zip(words, tags, strict=True)) + "\n")
+    body = "".join(blocks)
+    return write_atomic(path, lambda tmp: tmp.write_text(body, encoding="utf-8"))
 
 
 def write_tsv(examples: TextExamples, path: str | Path) -> Path:

@@ -28,8 +28,13 @@ def train_trial_model(
     use_gpu: bool = False,
     storage_path: str | None = None,
     on_epoch: EpochHook | None = None,
+    task: str = "sequence",
+    init: str | None = None,
 ) -> tuple[Path, dict]:
-    """Train one model into `output`; returns the model directory and what training recorded."""
+    """Train one model into `output`; returns the model directory and what training recorded.
+
+    Token stage 2 (`settings.method` self-sampling) starts from the stage-1 directory `init`.
+    """
     if trainer == "distributed":
         from rayexit.train.distributed import fit_distributed
 
@@ -45,17 +50,19 @@ def train_trial_model(
             storage_path=storage_path,
             name=None,
             show_progress=False,
+            task=task,
+            init=init,
         )
         return Path(result.model_dir), {"seconds": result.seconds, "history": result.history}
-    return _train_local(model_name, train_path, validation_path, settings, output, on_epoch)
+    return _train_local(model_name, train_path, settings, output, on_epoch, task, init)
 
 
-def _train_local(model_name, train_path, validation_path, settings, output, on_epoch) -> tuple[Path, dict]:
+def _train_local(model_name, train_path, settings, output, on_epoch, task, init) -> tuple[Path, dict]:
     from rayexit.train.loop import train_model
     from rayexit.train.recipe import prepare
 
     # No eval set here: the trial measures the validation split itself, on the full cache.
-    run = prepare(model_name, train_path, None, settings)
+    run = prepare(model_name, train_path, None, settings, task=task, init=init)
     hook = None if on_epoch is None else (lambda record: on_epoch(run.model, record))
     result = train_model(run.model, run.train_data, settings, on_epoch_end=hook, show_progress=False)
     run.model.save_pretrained(output, run.tokenizer)

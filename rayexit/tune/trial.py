@@ -90,10 +90,14 @@ def objectives(result: SearchResult, config: TuneConfig) -> dict:
 
 
 def run_trial(params: dict, job: TrialJob) -> None:
-    """The Tune trainable (a function trainable)."""
+    """The Tune trainable (a function trainable); token searches go to `rayexit.tune.token_trial`."""
     from ray import tune
 
     config = job.config
+    if config.tune.task == "token":
+        from rayexit.tune.token_trial import run_token_trial
+
+        return run_token_trial(params, job)
     settings = config.trial_settings(params)
     work = Path(tempfile.mkdtemp(prefix="rayexit-trial-"))
     try:
