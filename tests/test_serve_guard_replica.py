@@ -11,6 +11,7 @@ import httpx
 import pytest
 from test_serve_replica import RecordingMetric
 from test_serve_validation import TEXTS, confident_tiny_model
+from test_token_exits import tiny_tagger
 
 from rayexit.config import ExitPolicy
 
@@ -38,6 +39,10 @@ def make_replica(tmp_path_factory, minilm_tokenizer):
     model.exit_config.policy = ExitPolicy("entropy", TUNED)
     directory = tmp_path_factory.mktemp("guarded") / "model"
     model.save_pretrained(directory, minilm_tokenizer)
+    tagger = tiny_tagger()
+    tagger.exit_config.policy = ExitPolicy("tokee", 0.5, window=3)
+    tagger_dir = tmp_path_factory.mktemp("guarded") / "tagger"
+    tagger.save_pretrained(tagger_dir, minilm_tokenizer)
     context = SimpleNamespace(_deployment_config=SimpleNamespace(max_ongoing_requests=256))
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(ray.serve.api, "get_replica_context", lambda: context)
@@ -45,11 +50,12 @@ def make_replica(tmp_path_factory, minilm_tokenizer):
         for kind in ("Counter", "Gauge", "Histogram"):
             patch.setattr(ray.util.metrics, kind, RecordingMetric)
 
-        def make(**guard):
+        def make(tagging: bool = False, **guard):
             cls = ExitClassifier.func_or_class
             obj = cls.__new__(cls)
-            settings = {"model_dir": str(directory), "max_texts": 8, "adaptive": False, "max_batch_size": 16,
-                        "batch_wait_ms": 5, "max_queue_wait_ms": 5000, "guard_target": 0.99, "guard_sample": 1.0,
+            settings = {"model_dir": str(tagger_dir if tagging else directory), "max_texts": 8, "adaptive": False,
+                        "max_batch_size": 16, "batch_wait_ms": 5, "max_queue_wait_ms": 5000, "guard_target": 0.99,
+                        "guard_sample": 1.0,
                         **guard}
             asyncio.run(cls.__init__(obj, settings))
             return obj
@@ -152,3 +158,23 @@ def test_checks_wait_while_load_relief_is_on(make_replica):
 def test_the_guard_is_off_unless_a_target_is_set(make_replica):
     replica = make_replica(guard_target=None)
     assert replica.guard is None and replica.model_info()["guard"] is None
+
+
+def test_tagging_is_guarded_per_word(make_replica):
+    replica = make_replica(tagging=True, guard_window=400, guard_min_samples=5)
+    bodies = [{"texts": TEXTS[i:i + 2]} for i in range(4)]
+
+    async def scenario():
+        answers = await _post_all(replica, bodies, "/v1/tag")
+        await _until_idle(replica)
+        return answers
+
+    answers = asyncio.run(scenario())
+    assert all(a.status_code == 200 for a in answers)
+    words = sum(len(text.split()) for body in bodies for text in body["texts"])
+    assert replica.guard.samples == words  # one checked unit per word
+    info = replica.model_info()["guard"]
+    assert info["thresholds"] == replica.tagger.policy.per_layer(replica.num_layers)
+    for layer in range(replica.num_layers - 1):  # the rule ran on words: every exit with evidence meets the target
+        count, agreement = replica.guard.layer_agreement(layer)
+        assert count < 5 or agreement >= 0.99

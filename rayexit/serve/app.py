@@ -62,18 +62,16 @@ def _load_tagger(settings: ServeSettings):
     return ServedTagger.from_model_dir(settings.model_dir, settings.device, settings.dtype)
 
 
-def _make_guard(settings: ServeSettings, engine):
-    """The guard over the engine's policy, or None when guard_target is unset; the engine serves its thresholds."""
+def _make_guard(settings: ServeSettings, served):
+    """The guard over the served model's policy (classifier or tagger), or None when guard_target is unset;
+    the model then serves the guard's thresholds."""
     config = settings.guard_config()
     if config is None:
         return None
-    if engine is None:
-        raise RayexitError(f"serve args.guard_target: {settings.model_dir} is a token model; the accuracy guard "
-                           "checks sentence classifiers (/v1/classify) so far")
     from rayexit.serve.guard import AccuracyGuard
 
-    guard = AccuracyGuard(config, engine.policy, engine.num_layers, len(engine.labels))
-    engine.policy = guard.policy()
+    guard = AccuracyGuard(config, served.policy, served.num_layers, len(served.labels))
+    served.policy = guard.policy()
     return guard
 
 
@@ -132,7 +130,7 @@ class ExitClassifier:
         else:
             self.tagger = _load_tagger(self.settings)
             self.num_layers = self.tagger.num_layers
-        self.guard = _make_guard(self.settings, self.engine)
+        self.guard = _make_guard(self.settings, self.engine or self.tagger)
         self._checking: asyncio.Task | None = None
         self.controller = AdaptiveBatchController(self.settings.controller_config())
         self.admission = Admission(self.settings.queue_wait_s(), self.settings.max_queued_texts,
@@ -327,9 +325,12 @@ class ExitClassifier:
 
     async def _tag_run(self, items: list[_Item]) -> list:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
+        results = await loop.run_in_executor(
             self._pool, self.tagger.tag_words, [item.payload for item in items], [item.layer_cap for item in items]
         )
+        if self.guard is not None:
+            self.guard.offer([item.payload for item in items if item.payload])
+        return results
 
     async def _run_batch(self, items: list[_Item], run) -> list:
         """One batch from Serve's queue: skip what is dead or too old, run the rest with failures isolated."""
@@ -379,17 +380,23 @@ class ExitClassifier:
         return self.admission.queued_texts > 0
 
     async def _check(self) -> None:
-        from rayexit.serve.guard import sentence_units
+        from rayexit.serve.guard import sentence_units, word_units
 
         loop = asyncio.get_running_loop()
+        served = self.engine or self.tagger
         try:
             while self.controller.relax_level == 0 and self.guard.may_check(self._busy()):
                 rows = self.guard.take()
                 started = time.perf_counter()
-                logits = await loop.run_in_executor(self._pool, self.engine.exit_logits_encoded, rows)
+                if self.engine is not None:
+                    logits = await loop.run_in_executor(self._pool, self.engine.exit_logits_encoded, rows)
+                    units = sentence_units(logits, self.guard.kind)
+                else:  # /v1/tag: one unit per word
+                    cache = await loop.run_in_executor(self._pool, self.tagger.exit_cache, rows)
+                    units = word_units(cache, self.guard.base_policy)
                 self.guard.budget.checked(time.perf_counter() - started)
-                if self.guard.record(*sentence_units(logits, self.guard.kind)):
-                    self.engine.policy = self.guard.policy()
+                if self.guard.record(*units):
+                    served.policy = self.guard.policy()
                 self._publish_guard_state()
         except Exception:  # noqa: BLE001 - a failed check must never reach a request; its rows are dropped
             log.exception("accuracy guard: a check failed; its rows are dropped")

@@ -45,7 +45,7 @@ from typing import Any
 import torch
 
 from rayexit.errors import RayexitError
-from rayexit.policy import HIGHER_IS_SURER, ExitPolicy, passes, relax
+from rayexit.policy import HIGHER_IS_SURER, ExitPolicy, passes, relax, token_statistic
 
 
 @dataclass
@@ -105,6 +105,18 @@ def sentence_units(logits: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch
 
     cache = ExitCache(logits)
     return cache.statistic(kind), cache.argmax
+
+
+def word_units(cache, policy: ExitPolicy) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every exit's statistic and tag per word, [words, L] each, from a full-depth `TokenCache`.
+
+    Agreement on /v1/tag is per word. TOKEE replays approximately (live, running words attend to
+    halted words' frozen states), as in `rayexit.token_exits.TokenCache`; SENTEE exactly.
+    """
+    layers = cache.uncertainty.shape[2]
+    stats = torch.stack([token_statistic(policy, cache.uncertainty[:, :, k], cache.word_mask) for k in range(layers)],
+                        dim=2)
+    return stats[cache.word_mask], cache.tags[cache.word_mask]
 
 
 def replay(kind: str, stats: torch.Tensor, preds: torch.Tensor, thresholds: Sequence[float]) -> torch.Tensor:
