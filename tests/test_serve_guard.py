@@ -136,16 +136,19 @@ def test_sampling_keeps_about_the_configured_share_and_is_seeded():
     assert len(first.take()) == first.config.rows_per_check
 
 
-def test_checks_take_at_most_their_share_of_model_time_while_requests_wait():
+def test_checks_take_at_most_their_share_of_model_time_on_a_busy_replica():
     now = [0.0]
     budget = CheckBudget(0.05, clock=lambda: now[0])
-    budget.served(1.0)
-    assert budget.allows(busy=True)
+    now[0] = 1.0
+    budget.served(0.9)  # the model thread ran 90% of the last second: busy even with nothing queued
+    assert budget.allows(queued=False)
     budget.checked(0.2)
-    assert not budget.allows(busy=True)  # 0.2 of 1.2 s is over 5%
-    assert budget.allows(busy=False)  # spare capacity: checks are free
+    assert not budget.allows(queued=False) and not budget.allows(queued=True)  # 0.2 of 1.1 s is over 5%
+    now[0] = 100.0  # a long idle spell: spare capacity, checks are free again
+    assert budget.utilisation() < 0.5 and budget.allows(queued=False)
+    assert not budget.allows(queued=True)  # queued requests still come first
     budget.served(5.0)
-    assert budget.allows(busy=True)
+    assert budget.allows(queued=True)
 
 
 def test_a_new_guard_starts_from_the_tuned_thresholds():

@@ -373,10 +373,10 @@ class ExitClassifier:
     def _maybe_check(self) -> None:
         # Load relief wins while it is on: a replica over its latency target gets no extra work from checks,
         # and the guard's thresholds wait (relaxed by the controller's level) until relief ends.
-        if self._checking is None and self.controller.relax_level == 0 and self.guard.may_check(self._busy()):
+        if self._checking is None and self.controller.relax_level == 0 and self.guard.may_check(self._queued()):
             self._checking = asyncio.get_running_loop().create_task(self._check())
 
-    def _busy(self) -> bool:
+    def _queued(self) -> bool:
         return self.admission.queued_texts > 0
 
     async def _check(self) -> None:
@@ -385,7 +385,10 @@ class ExitClassifier:
         loop = asyncio.get_running_loop()
         served = self.engine or self.tagger
         try:
-            while self.controller.relax_level == 0 and self.guard.may_check(self._busy()):
+            while self.guard.pending and self.controller.relax_level == 0:
+                if not self.guard.may_check(self._queued()):
+                    await asyncio.sleep(0.1)  # over budget: wait for capacity, not for the next batch
+                    continue
                 rows = self.guard.take()
                 started = time.perf_counter()
                 if self.engine is not None:

@@ -25,7 +25,7 @@ How it decides (plain Python and torch, no Ray: tests drive it directly):
 
 Rows are sampled uniformly (whatever their exit layer) so the window stays a sample of traffic,
 which replay at looser thresholds needs. Checks prefer spare capacity: with nothing queued they
-run at once; while requests wait they may take at most `max_overhead` of the model's time.
+run at once; on a busy replica they may take at most `max_overhead` of the model's time.
 
 A new replica starts from the tuned thresholds with an empty window (no state is saved): the
 tuned values are the only ones chosen on labelled data, and a window refills within a few
@@ -57,7 +57,7 @@ class GuardConfig:
     relax_margin: float = 0.5
     allow_past_tuned: bool = False
     max_steps: int = 8
-    max_overhead: float = 0.05
+    max_overhead: float = 0.04
     max_pending: int = 64
     rows_per_check: int = 8
 
@@ -129,11 +129,17 @@ def replay(kind: str, stats: torch.Tensor, preds: torch.Tensor, thresholds: Sequ
 
 
 class CheckBudget:
-    """Model time spent serving and checking, decayed over `horizon_s`: checks may take `share` of it when busy."""
+    """Model time spent serving and checking, and wall time, decayed over `horizon_s`.
 
-    def __init__(self, share: float, horizon_s: float = 30.0, clock: Callable[[], float] = time.monotonic) -> None:
-        self.share, self.horizon_s, self.clock = share, horizon_s, clock
-        self.serving_s = self.checking_s = 0.0
+    A replica is busy when requests are queued or its model thread was in use more than `idle_below`
+    of the time: a closed loop of clients leaves the queue empty after every batch, yet the next batch
+    is already on its way. Busy, checks may take `share` of the model's time; otherwise they run freely.
+    """
+
+    def __init__(self, share: float, horizon_s: float = 30.0, idle_below: float = 0.5,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.share, self.horizon_s, self.idle_below, self.clock = share, horizon_s, idle_below, clock
+        self.serving_s = self.checking_s = self.elapsed_s = 0.0
         self._last = clock()
 
     def _decay(self) -> None:
@@ -141,7 +147,12 @@ class CheckBudget:
         factor = math.exp(-(now - self._last) / self.horizon_s)
         self.serving_s *= factor
         self.checking_s *= factor
+        self.elapsed_s = self.elapsed_s * factor + (now - self._last)
         self._last = now
+
+    def utilisation(self) -> float:
+        self._decay()
+        return (self.serving_s + self.checking_s) / self.elapsed_s if self.elapsed_s > 0 else 0.0
 
     def served(self, seconds: float) -> None:
         self._decay()
@@ -151,10 +162,9 @@ class CheckBudget:
         self._decay()
         self.checking_s += seconds
 
-    def allows(self, busy: bool) -> bool:
-        if not busy:
+    def allows(self, queued: bool) -> bool:
+        if not queued and self.utilisation() <= self.idle_below:
             return True
-        self._decay()
         return self.checking_s <= self.share * (self.serving_s + self.checking_s)
 
 
@@ -211,8 +221,8 @@ class AccuracyGuard:
             rows.append(self.pending.popleft())
         return rows
 
-    def may_check(self, busy: bool) -> bool:
-        return bool(self.pending) and self.budget.allows(busy)
+    def may_check(self, queued: bool) -> bool:
+        return bool(self.pending) and self.budget.allows(queued)
 
     # -- evidence and the rule ---------------------------------------------------------------------
 

@@ -54,13 +54,13 @@ class ServeSettings:
     # Accuracy guard (serve/guard.py): off unless guard_target is set. A `guard_sample` share of served texts
     # is checked at full depth off the request path; each exit's threshold tightens while its agreement with
     # full depth is under guard_target and relaxes back toward the tuned value (past it only with
-    # guard_allow_past_tuned). While requests queue, checks take at most guard_max_overhead of model time.
+    # guard_allow_past_tuned). On a busy replica, checks take at most guard_max_overhead of model time.
     guard_target: float | None = None
     guard_sample: float = 0.05
     guard_window: int = 200
     guard_min_samples: int = 20
     guard_allow_past_tuned: bool = False
-    guard_max_overhead: float = 0.05
+    guard_max_overhead: float = 0.04
     device: str = "auto"
     dtype: str = "auto"  # auto: float16 on a GPU, float32 on CPU
     torch_threads: int | None = None
