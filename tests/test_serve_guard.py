@@ -171,3 +171,39 @@ def test_bad_settings_name_the_field(bad, field):
 def test_full_depth_policy_cannot_be_guarded():
     with pytest.raises(RayexitError, match="guard_target"):
         AccuracyGuard(GuardConfig(0.99), ExitPolicy("none", 0.0), 3, 2)
+
+
+def test_serve_command_and_yaml_keys_reach_the_guard(monkeypatch, tmp_path):
+    from test_serve_command import FakeCluster
+
+    import rayexit.cluster
+    import rayexit.serve.run as serve_run
+    from rayexit.cli import build_parser
+    from rayexit.serve.run import free_port
+    from rayexit.serve.settings import ServeSettings
+
+    class Started(Exception):
+        pass
+
+    seen = {}
+
+    def fake_start(settings, **kwargs):
+        seen["settings"] = settings
+        raise Started
+
+    monkeypatch.setattr(serve_run, "start_serving", fake_start)
+    monkeypatch.setattr(rayexit.cluster, "connect", lambda *a, **k: FakeCluster())
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "rayexit.json").write_text("{}")
+    argv = ["serve", str(tmp_path / "m"), "--port", str(free_port()), "--guard-target", "0.98", "--guard-sample",
+            "0.1", "--guard-allow-past-tuned"]
+    args = build_parser().parse_args(argv)
+    with pytest.raises(Started):
+        args.func(args)
+    config = seen["settings"].guard_config()
+    assert (config.target, config.sample, config.allow_past_tuned) == (0.98, 0.1, True)
+    assert ServeSettings.from_args({"model_dir": "m"}).guard_config() is None  # off by default
+    yaml_args = {"model_dir": "m", "guard_target": 0.99, "guard_window": 300, "guard_min_samples": 30}
+    assert ServeSettings.from_args(yaml_args).guard_config().window == 300
+    with pytest.raises(RayexitError, match="guard_target"):
+        ServeSettings.from_args({"model_dir": "m", "guard_target": 1.5})
