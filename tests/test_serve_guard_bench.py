@@ -34,7 +34,8 @@ def test_blocks_count_agreement_accuracy_and_rate_per_500_requests():
 
 
 def test_first_move_counts_requests_after_the_shift():
-    polls = [{"completed": 900, "levels": [1, 0]}, {"completed": 1100, "levels": [0, 0]},
-             {"completed": 1400, "levels": [0, 2]}]
-    assert first_move(polls, 1000)["requests_after_shift"] == 400
+    polls = [{"completed": 900, "levels": [1, 0]}, {"completed": 1100, "levels": [1, 0]},
+             {"completed": 1400, "levels": [1, 2]}]
+    assert first_move(polls, 1000)["requests_after_shift"] == 400  # a move before the shift does not count
     assert first_move(polls[:2], 1000) is None
+    assert first_move([{"completed": 1200, "levels": [0, 1]}], 1000)["requests_after_shift"] == 200

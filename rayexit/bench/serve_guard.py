@@ -148,10 +148,13 @@ def blocks(stream: list[list[tuple[str, str]]], records: list[dict], full: dict[
 
 
 def first_move(polls: list[dict], shift_at: int) -> dict | None:
-    """The first poll after the shift at which some exit had moved: requests since the shift, and the state."""
+    """The first poll after the shift whose thresholds differ from those at the shift (the last poll before it,
+    else the tuned ones): requests since the shift, and the state then."""
+    before = [p for p in polls if p["completed"] < shift_at]
+    at_shift = before[-1]["levels"] if before else None
     for poll in polls:
-        if poll["completed"] >= shift_at and any(level != 0 for level in poll["levels"]):
-            return {"requests_after_shift": poll["completed"] - shift_at, **poll}
+        if poll["completed"] >= shift_at and poll["levels"] != (at_shift or [0] * len(poll["levels"])):
+            return {"requests_after_shift": poll["completed"] - shift_at, "levels_at_shift": at_shift, **poll}
     return None
 
 
