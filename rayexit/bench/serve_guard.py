@@ -238,3 +238,75 @@ def format_overhead(o: dict) -> str:
     m = o["median_requests_per_s"]
     return (f"guard overhead on unshifted traffic: req/s off {m['guard off']} on {m['guard on']} "
             f"(median of {o['repeats']}; all {o['requests_per_s']}) -> {o['overhead_fraction']}")
+
+
+def replay_stream(model_dir: Path, thresholds: float | None, clean: int, shifted: int, per_request: int,
+                  target: float, sample: float, seed: int) -> dict:
+    """The guard's rule on the same stream without Serve: every text's exits computed once at full depth, answers
+    replayed at the thresholds of the moment, checks landing at once. What the rule does, apart from timing."""
+    import torch
+
+    from rayexit.config import ExitPolicy
+    from rayexit.data import load_text_classification
+    from rayexit.serve.engine import ServedClassifier
+    from rayexit.serve.guard import AccuracyGuard, GuardConfig, replay, sentence_units
+
+    test = load_text_classification("atis:test")
+    stream = build_stream(test.texts, test.labels, clean, shifted, per_request, seed)
+    engine = ServedClassifier.from_model_dir(model_dir, None, device="cpu")
+    policy = engine.policy if thresholds is None else ExitPolicy(engine.policy.kind, thresholds)
+    unique = sorted({t for request in stream for t, _ in request})
+    stats, preds = sentence_units(engine.exit_logits_encoded(engine.encode(unique)), policy.kind)
+    row = {t: i for i, t in enumerate(unique)}
+    guard = AccuracyGuard(GuardConfig(target, sample), policy, engine.num_layers, len(engine.labels), seed=seed)
+    fixed = policy.per_layer(engine.num_layers)
+    agree: dict[str, list[bool]] = {"guard off": [], "guard on": []}
+    first = None
+    for n, request in enumerate(stream):
+        index = torch.tensor([row[t] for t, _ in request])
+        for name, served in (("guard off", fixed), ("guard on", guard.thresholds())):
+            exits = replay(policy.kind, stats[index], preds[index], served)
+            agree[name] += (preds[index, exits] == preds[index, -1]).tolist()
+        guard.offer(index.tolist())
+        while guard.pending:
+            checked = torch.tensor(guard.take())
+            if guard.record(stats[checked], preds[checked]) and first is None and n >= clean:
+                first = n - clean
+    per_block = []
+    for start in range(0, len(stream), BLOCK):
+        a, b = start * per_request, min(start + BLOCK, len(stream)) * per_request
+        per_block.append({"requests": f"{start}-{min(start + BLOCK, len(stream)) - 1}",
+                          **{name: round(sum(v[a:b]) / (b - a), 4) for name, v in agree.items()}})
+    return {"stream": SHIFT_NAME, "shift_at_request": clean, "texts_per_request": per_request,
+            "thresholds": policy.per_layer(engine.num_layers), "target": target, "sample": sample,
+            "blocks": per_block, "first_move_requests_after_shift": first,
+            "moves": guard.moves, "final_thresholds": guard.thresholds(), "checked": guard.samples}
+
+
+def main() -> int:
+    """`python -m rayexit.bench.serve_guard --model DIR --json OUT`: the rule replayed on the stream (no Serve)."""
+    from rayexit.files import write_json
+
+    p = argparse.ArgumentParser(description=replay_stream.__doc__)
+    p.add_argument("--model", required=True)
+    p.add_argument("--json", required=True)
+    p.add_argument("--thresholds", type=float)
+    p.add_argument("--clean-requests", type=int, default=1000)
+    p.add_argument("--shifted-requests", type=int, default=2000)
+    p.add_argument("--texts-per-request", type=int, default=2)
+    p.add_argument("--target", type=float, default=0.99)
+    p.add_argument("--sample", type=float, default=0.05)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args()
+    report = replay_stream(Path(a.model), a.thresholds, a.clean_requests, a.shifted_requests, a.texts_per_request,
+                           a.target, a.sample, a.seed)
+    for block in report["blocks"]:
+        print(f"requests {block['requests']:>11}  agreement guard off {block['guard off']}  on {block['guard on']}")
+    print(f"first move {report['first_move_requests_after_shift']} requests after the shift; final thresholds "
+          f"{[round(t, 4) for t in report['final_thresholds']]}; checked {report['checked']}")
+    write_json(a.json, report)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
