@@ -214,7 +214,7 @@ def predict_tags(
     sentences: list[list[str]],
     policy: str = "tokee",
     window: int | None = None,
-    threshold: float | None = None,
+    threshold: float | list[float] | None = None,
     layer_cap: int | None = None,
     batch_size: int = 32,
 ) -> list[dict]:
@@ -231,7 +231,7 @@ def predict_tags(
     else:
         chosen = ExitPolicy(
             policy,
-            saved.thresholds if threshold is None else float(threshold),
+            saved.thresholds if threshold is None else threshold if isinstance(threshold, list) else float(threshold),
             window=saved.window if window is None else int(window),
             reduce=saved.reduce,
         )

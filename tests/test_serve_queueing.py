@@ -158,5 +158,7 @@ def test_metric_names_units_and_labels_are_fixed():
         "rayexit_request_latency_ms": ("route",),
         "rayexit_rejected_requests": ("status", "reason"),
         "rayexit_failed_requests": ("reason",),
+        "rayexit_guard_layer_agreement": ("layer",),  # exit numbers 1 .. L-1: bounded by the model's depth
+        "rayexit_guard_threshold": ("layer",),
     }
     assert "model_error" in REASONS and "internal" in REASONS and len(REASONS) < 20  # a small closed set

@@ -11,6 +11,7 @@ Runs (`--runs`, all by default):
   the shed fraction (503 with Retry-After) and any other 5xx (target 0).
 - poison: a closed loop in which 1 request in 8 carries a text the tokenizer cannot encode
   (a lone surrogate): how many valid requests failed (target 0).
+- guard: the accuracy guard on a stream that shifts (bench/serve_guard.py).
 """
 
 from __future__ import annotations
@@ -26,11 +27,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rayexit.bench import serve_guard
 from rayexit.bench.common import machine_info
 from rayexit.config import ExitPolicy
 from rayexit.errors import RayexitError
 
-RUNS = ("sweep", "fault", "overload", "poison")
+RUNS = ("sweep", "fault", "overload", "poison", "guard")
 # The sweep compares configurations by throughput under closed-loop load, where p99 is clients / rate
 # whatever the batching: shedding (on by default in serving) would turn that comparison into 503 counts.
 SWEEP_NO_SHEDDING = {"max_queue_wait_ms": 600_000.0, "max_queued_texts": 1_000_000}
@@ -62,6 +64,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calibrate-seconds", type=float, default=15.0, help="closed loop measuring the sustainable rate")
     p.add_argument("--poison-requests", type=int, default=160, help="requests in the poisoned-batch run (1 in 8 bad)")
     p.add_argument("--seed", type=int, default=0)
+    serve_guard.add_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -138,6 +141,9 @@ def run(args: argparse.Namespace) -> int:
             ))
             report["overload"]["target_p99_ms"] = args.target_p99_ms
             print(format_overload(report["overload"]), flush=True)
+            write_json(args.json, report)
+        if "guard" in runs:
+            report["guard"] = serve_guard.run(running.url, model_dir, base, args)
             write_json(args.json, report)
         if "fault" in runs and args.fault_seconds > 0:
             redeploy(adaptive)

@@ -27,6 +27,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--target-p99-ms", type=float, help="latency target the adaptive batching steers toward")
     p.add_argument("--relax-under-load", action="store_true", help="relax exit thresholds while p99 is over target")
     p.add_argument("--max-texts", type=int, help="most texts one request may carry")
+    p.add_argument("--guard-target", type=float,
+                   help="accuracy guard: keep early answers agreeing with full depth at least this often (e.g. 0.99)")
+    p.add_argument("--guard-sample", type=float, help="accuracy guard: share of served texts checked at full depth "
+                   "(default 0.05)")
+    p.add_argument("--guard-allow-past-tuned", action="store_true",
+                   help="accuracy guard: may relax thresholds past the tuned values when agreement allows")
     p.set_defaults(func=run)
 
 
@@ -99,6 +105,9 @@ def run(args: argparse.Namespace) -> int:
         "target_p99_ms": args.target_p99_ms,
         "relax_under_load": args.relax_under_load or None,
         "max_texts": args.max_texts,
+        "guard_target": args.guard_target,
+        "guard_sample": args.guard_sample,
+        "guard_allow_past_tuned": args.guard_allow_past_tuned or None,
     }
     settings = ServeSettings.from_args({k: v for k, v in options.items() if v is not None}).resolved()
     app_name = check_app_name(args.app_name or default_app_name(settings.model_dir))

@@ -62,6 +62,19 @@ def _load_tagger(settings: ServeSettings):
     return ServedTagger.from_model_dir(settings.model_dir, settings.device, settings.dtype)
 
 
+def _make_guard(settings: ServeSettings, served):
+    """The guard over the served model's policy (classifier or tagger), or None when guard_target is unset;
+    the model then serves the guard's thresholds."""
+    config = settings.guard_config()
+    if config is None:
+        return None
+    from rayexit.serve.guard import AccuracyGuard
+
+    guard = AccuracyGuard(config, served.policy, served.num_layers, len(served.labels))
+    served.policy = guard.policy()
+    return guard
+
+
 def _encode_checked(encode, texts: list[str]) -> list:
     """`encode(texts)`; when the tokenizer refuses the list, find the text(s) it refuses and answer 422 naming one."""
     try:
@@ -117,11 +130,15 @@ class ExitClassifier:
         else:
             self.tagger = _load_tagger(self.settings)
             self.num_layers = self.tagger.num_layers
+        self.guard = _make_guard(self.settings, self.engine or self.tagger)
+        self._checking: asyncio.Task | None = None
         self.controller = AdaptiveBatchController(self.settings.controller_config())
         self.admission = Admission(self.settings.queue_wait_s(), self.settings.max_queued_texts,
                                    clock=time.perf_counter)
         self.metrics = ServeMetrics(self.num_layers)
         self._publish_controller_state()  # every gauge has a value from the start, not from the first change
+        if self.guard is not None:
+            self._publish_guard_state()
         # One worker thread: batches run one at a time, and torch's own threads do the parallel work.
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rayexit-model")
 
@@ -166,6 +183,7 @@ class ExitClassifier:
                 "estimated_drain_ms": round(self.admission.estimated_wait_s() * 1000, 1),
             },
             "device": str(self.engine.device) if self.engine is not None else None,
+            "guard": self.guard.state() if self.guard is not None else None,
         }
 
     async def classify(self, texts: list[str], max_layers: int | None) -> dict[str, Any]:
@@ -301,13 +319,18 @@ class ExitClassifier:
             self.metrics.padding.observe(1 - stats.real_tokens / stats.padded_tokens)
         for answer in answers:
             self.metrics.exit_layer.observe(answer.exit_layer)
+        if self.guard is not None:
+            self.guard.offer([item.payload for item in items])
         return answers
 
     async def _tag_run(self, items: list[_Item]) -> list:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
+        results = await loop.run_in_executor(
             self._pool, self.tagger.tag_words, [item.payload for item in items], [item.layer_cap for item in items]
         )
+        if self.guard is not None:
+            self.guard.offer([item.payload for item in items if item.payload])
+        return results
 
     async def _run_batch(self, items: list[_Item], run) -> list:
         """One batch from Serve's queue: skip what is dead or too old, run the rest with failures isolated."""
@@ -340,7 +363,59 @@ class ExitClassifier:
         self.metrics.batch_size.observe(len(items))
         if self.controller.maybe_update() is not None:
             self._publish_controller_state()
+        if self.guard is not None:
+            self.guard.budget.served(compute)
+            self._maybe_check()
         return answers
+
+    # -- the accuracy guard (serve/guard.py): checks run after the batch's answers are handed back ---------
+
+    def _maybe_check(self) -> None:
+        # Load relief wins while it is on: a replica over its latency target gets no extra work from checks,
+        # and the guard's thresholds wait (relaxed by the controller's level) until relief ends.
+        if self._checking is None and self.controller.relax_level == 0 and self.guard.may_check(self._queued()):
+            self._checking = asyncio.get_running_loop().create_task(self._check())
+
+    def _queued(self) -> bool:
+        return self.admission.queued_texts > 0
+
+    async def _check(self) -> None:
+        from rayexit.serve.guard import sentence_units, word_units
+
+        loop = asyncio.get_running_loop()
+        served = self.engine or self.tagger
+        try:
+            while self.guard.pending and self.controller.relax_level == 0:
+                if not self.guard.may_check(self._queued()):
+                    await asyncio.sleep(0.1)  # over budget: wait for capacity, not for the next batch
+                    continue
+                rows = self.guard.take()
+                started = time.perf_counter()
+                if self.engine is not None:
+                    logits = await loop.run_in_executor(self._pool, self.engine.exit_logits_encoded, rows)
+                    units = sentence_units(logits, self.guard.kind)
+                else:  # /v1/tag: one unit per word
+                    cache = await loop.run_in_executor(self._pool, self.tagger.exit_cache, rows)
+                    units = word_units(cache, self.guard.base_policy)
+                self.guard.budget.checked(time.perf_counter() - started)
+                if self.guard.record(*units):
+                    served.policy = self.guard.policy()
+                self._publish_guard_state()
+        except Exception:  # noqa: BLE001 - a failed check must never reach a request; its rows are dropped
+            log.exception("accuracy guard: a check failed; its rows are dropped")
+        finally:
+            self._checking = None
+
+    def _publish_guard_state(self) -> None:
+        state = self.guard.state()
+        if state["agreement"] is not None:
+            self.metrics.guard_agreement.set(state["agreement"])
+        for layer, value in state["agreement_by_layer"].items():
+            if value is not None:
+                self.metrics.guard_layer_agreement.set(value, tags={"layer": layer})
+        for layer, value in enumerate(state["thresholds"][:-1], start=1):
+            self.metrics.guard_threshold.set(value, tags={"layer": str(layer)})
+        self.metrics.guard_samples.set(state["samples"])
 
     def _publish_controller_state(self) -> None:
         for batcher in (self._classify_batch, self._tag_batch):

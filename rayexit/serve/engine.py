@@ -140,6 +140,16 @@ class ServedClassifier:
         for j, row in enumerate(rows):
             answers[row] = Answer(self.labels[predictions[j]], confidences[j], layers[j])
 
+    @torch.no_grad()
+    def exit_logits_encoded(self, sequences: list[list[int]]) -> torch.Tensor:
+        """Every exit's logits [N, L, C] at full depth, in the order of `sequences` (the accuracy guard's check)."""
+        out = torch.zeros(len(sequences), self.num_layers, len(self.labels))
+        for chunk in token_budget_chunks(list(range(len(sequences))), [len(s) for s in sequences], self.token_budget):
+            ids, mask = pad_batch([sequences[i] for i in chunk], self.pad_id)
+            logits = self.model(ids.to(self.device), mask.to(self.device))
+            out[chunk] = torch.stack(logits, dim=1).float().cpu()
+        return out
+
     def warm_up(self) -> float:
         """One pass so the first real request does not pay for lazy initialisation; returns its seconds."""
         start = time.perf_counter()

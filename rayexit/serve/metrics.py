@@ -58,6 +58,20 @@ class ServeMetrics:
         self.max_batch_size = Gauge("rayexit_max_batch_size", description="Batch size the controller allows now.")
         self.batch_wait = Gauge("rayexit_batch_wait_ms", description="Batch wait timeout the controller set, in ms.")
         self.relax_level = Gauge("rayexit_relax_level", description="How many steps the exit thresholds are relaxed.")
+        # The accuracy guard (set only when it runs); `layer` takes the model's exit numbers, a fixed set.
+        self.guard_agreement = Gauge(
+            "rayexit_guard_agreement",
+            description="Accuracy guard: share of checked early answers that match full depth, at current thresholds.",
+        )
+        self.guard_layer_agreement = Gauge(
+            "rayexit_guard_layer_agreement", description="Accuracy guard: agreement with full depth per exit.",
+            tag_keys=("layer",),
+        )
+        self.guard_threshold = Gauge(
+            "rayexit_guard_threshold", description="Accuracy guard: the exit threshold served now, per exit.",
+            tag_keys=("layer",),
+        )
+        self.guard_samples = Gauge("rayexit_guard_samples", description="Accuracy guard: rows checked at full depth.")
         self.queued_texts = Gauge(
             "rayexit_queued_texts", description="Texts admitted and not yet taken by a batch (the backlog)."
         )

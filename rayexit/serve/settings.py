@@ -8,6 +8,7 @@ from typing import Any
 
 from rayexit.errors import RayexitError
 from rayexit.serve.controller import ControllerConfig
+from rayexit.serve.guard import GuardConfig
 from rayexit.serve.validation import Limits
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -50,6 +51,16 @@ class ServeSettings:
     # Exit policy override; `policy_kind: none` serves full depth.
     policy_kind: str | None = None
     thresholds: float | list[float] | None = None
+    # Accuracy guard (serve/guard.py): off unless guard_target is set. A `guard_sample` share of served texts
+    # is checked at full depth off the request path; each exit's threshold tightens while its agreement with
+    # full depth is under guard_target and relaxes back toward the tuned value (past it only with
+    # guard_allow_past_tuned). On a busy replica, checks take at most guard_max_overhead of model time.
+    guard_target: float | None = None
+    guard_sample: float = 0.05
+    guard_window: int = 200
+    guard_min_samples: int = 20
+    guard_allow_past_tuned: bool = False
+    guard_max_overhead: float = 0.04
     device: str = "auto"
     dtype: str = "auto"  # auto: float16 on a GPU, float32 on CPU
     torch_threads: int | None = None
@@ -76,6 +87,10 @@ class ServeSettings:
             raise RayexitError(f"serve args.dtype: got {self.dtype!r}, expected one of {', '.join(DTYPES)}")
         if self.overload_layer_cap is not None and self.overload_layer_cap < 1:
             raise RayexitError(f"serve args.overload_layer_cap: got {self.overload_layer_cap}, expected >= 1")
+        if not isinstance(self.guard_allow_past_tuned, bool):
+            raise RayexitError(f"serve args.guard_allow_past_tuned: got {self.guard_allow_past_tuned!r}, "
+                               "expected true or false")
+        self.guard_config()  # checks the guard's settings, named, before a replica starts
         if self.max_batch_size > self.max_batch_size_limit:
             raise RayexitError(
                 f"serve args.max_batch_size: got {self.max_batch_size}, more than max_batch_size_limit "
@@ -132,6 +147,15 @@ class ServeSettings:
             relax=self.relax_under_load,
             max_relax_level=self.max_relax_level,
         )
+
+    def guard_config(self) -> GuardConfig | None:
+        """The accuracy guard's settings; None when guard_target is not set (the guard is off)."""
+        if self.guard_target is None:
+            GuardConfig(0.5, self.guard_sample, self.guard_window, self.guard_min_samples,
+                        max_overhead=self.guard_max_overhead)  # still refuse bad values early
+            return None
+        return GuardConfig(self.guard_target, self.guard_sample, self.guard_window, self.guard_min_samples,
+                           allow_past_tuned=self.guard_allow_past_tuned, max_overhead=self.guard_max_overhead)
 
     def limits(self) -> Limits:
         return Limits(self.max_texts, self.max_text_chars, self.max_body_bytes, self.max_text_tokens,

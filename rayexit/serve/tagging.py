@@ -12,8 +12,11 @@ from pathlib import Path
 
 class ServedTagger:
     def __init__(self, model, tokenizer) -> None:
+        from rayexit.token_exits import saved_token_policy
+
         self.model = model.eval()
         self.tokenizer = tokenizer
+        self.policy = saved_token_policy(model)  # the accuracy guard replaces it with its own thresholds
 
     @classmethod
     def from_model_dir(cls, directory: str | Path, device: str = "auto", dtype: str = "auto") -> ServedTagger:
@@ -27,6 +30,18 @@ class ServedTagger:
     @property
     def num_layers(self) -> int:
         return self.model.num_layers
+
+    @property
+    def labels(self) -> list[str]:
+        return self.model.labels
+
+    def exit_cache(self, sentences: list[list[str]]):
+        """Every exit's per-word uncertainty and tag at full depth (the accuracy guard's check)."""
+        from rayexit.data.conll import encode_tagged
+        from rayexit.token_exits import cache_token_exits
+
+        data = encode_tagged(self.tokenizer, sentences, None, self.model.exit_config.max_length)
+        return cache_token_exits(self.model, data)
 
     def count_tokens(self, sentences: list[list[str]]) -> list[int]:
         """Word-pieces per sentence before any window split, with the special tokens: the cost of tagging it.
@@ -47,7 +62,8 @@ class ServedTagger:
         for i, cap in enumerate(layer_caps):
             by_cap.setdefault(cap, []).append(i)
         for cap, rows in by_cap.items():
-            tagged = predict_tags(self.model, self.tokenizer, [sentences[i] for i in rows], layer_cap=cap)
+            tagged = predict_tags(self.model, self.tokenizer, [sentences[i] for i in rows], self.policy.kind,
+                                  self.policy.window, self.policy.thresholds, layer_cap=cap)
             for i, result in zip(rows, tagged, strict=True):
                 out[i] = {
                     "words": sentences[i],

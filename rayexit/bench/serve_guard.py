@@ -1,0 +1,312 @@
+"""`rayexit bench serve --runs guard`: the accuracy guard on a stream that starts like the data and then shifts.
+
+The stream ("atis-concat shift"): requests carry ATIS test sentences as they are, then, from request
+`--guard-clean-requests` on, each sentence followed by another ATIS test sentence of a different
+intent, as a client that batches two utterances into one text would send (seeded). The label stays
+the first sentence's intent, so accuracy is reported beside agreement, though a joined text no
+longer has one right answer. Word noise and truncation were tried first on the bench's model and
+moved agreement less: its confident early exits stayed right on them.
+
+`--guard-thresholds` serves other thresholds than the model directory's (as serve's `thresholds`):
+with thresholds chosen on validation at a strict accuracy budget, early answers may agree with full
+depth on this stream whatever it does, and the guard has nothing to correct.
+
+The same stream is sent twice, closed loop, in request order: guard off (the tuned thresholds, fixed)
+and guard on. Per block of 500 requests: agreement of served answers with the full-depth answers
+(computed once in this process with `policy: none`), accuracy, req/s, p99 and the mean exit layer.
+The guard's state is polled from /v1/model, which dates its first move in requests after the shift.
+The steady-state overhead is req/s on unshifted traffic, guard on against off, in interleaved repeats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+BLOCK = 500
+SHIFT_NAME = "atis-concat shift: ATIS test sentences, then each followed by another ATIS test sentence of a " \
+             "different intent"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--guard-target", type=float, default=0.99, help="guard run: agreement target")
+    p.add_argument("--guard-sample", type=float, default=0.05, help="guard run: share of texts checked")
+    p.add_argument("--guard-clean-requests", type=int, default=1000, help="guard run: requests before the shift")
+    p.add_argument("--guard-shifted-requests", type=int, default=3000, help="guard run: requests after the shift")
+    p.add_argument("--guard-concurrency", type=int, default=8, help="guard run: closed-loop clients")
+    p.add_argument("--guard-overhead-requests", type=int, default=600,
+                   help="guard run: requests per overhead repeat (unshifted traffic, guard on vs off)")
+    p.add_argument("--guard-overhead-repeats", type=int, default=3, help="guard run: interleaved overhead pairs")
+    p.add_argument("--guard-thresholds", type=float, help="guard run: serve this entropy/policy threshold instead "
+                   "of the model directory's")
+
+
+def joined(pair: tuple[str, str], pairs: list[tuple[str, str]], rng: random.Random) -> str:
+    text, label = pair
+    while True:
+        other, other_label = rng.choice(pairs)
+        if other_label != label:
+            return f"{text} {other}"
+
+
+def build_stream(texts: list[str], labels: list[str], clean: int, shifted: int, per_request: int,
+                 seed: int) -> list[list[tuple[str, str]]]:
+    """Requests of (text, gold label): `clean` from the sentences as they are, then `shifted` noisy ones."""
+    rng = random.Random(seed)
+    pairs = list(zip(texts, labels, strict=True))
+    stream = [rng.sample(pairs, per_request) for _ in range(clean)]
+    for _ in range(shifted):
+        stream.append([(joined(p, pairs, rng), p[1]) for p in rng.sample(pairs, per_request)])
+    return stream
+
+
+def full_depth_labels(model_dir: Path, texts: list[str]) -> dict[str, str]:
+    from rayexit.config import ExitPolicy
+    from rayexit.serve.engine import ServedClassifier
+
+    engine = ServedClassifier.from_model_dir(model_dir, ExitPolicy("none", 0.0), device="cpu")
+    unique = sorted(set(texts))
+    out: dict[str, str] = {}
+    for start in range(0, len(unique), 64):
+        chunk = unique[start:start + 64]
+        answers, _ = engine.classify(chunk)
+        out.update({t: a.label for t, a in zip(chunk, answers, strict=True)})
+    return out
+
+
+async def send_stream(url: str, stream: list[list[tuple[str, str]]], concurrency: int,
+                      poll_s: float = 0.5) -> tuple[list[dict], list[dict]]:
+    """Closed loop in stream order; every answer kept, and /v1/model polled for the guard's state."""
+    import aiohttp
+
+    records: list[dict] = [{} for _ in stream]
+    polls: list[dict] = []
+    next_index = 0
+    done = 0
+
+    async def client(session) -> None:
+        nonlocal next_index, done
+        while next_index < len(stream):
+            index = next_index
+            next_index += 1
+            start = time.perf_counter()
+            async with session.post(url + "/v1/classify", json={"texts": [t for t, _ in stream[index]]}) as response:
+                body = await response.json(content_type=None)
+                records[index] = {"status": response.status, "latency": time.perf_counter() - start,
+                                  "finished": time.perf_counter(), "results": body.get("results")}
+            done += 1
+
+    async def poller(session) -> None:
+        while done < len(stream):
+            async with session.get(url + "/v1/model") as response:
+                guard = (await response.json()).get("guard")
+            if guard is not None:
+                polls.append({"completed": done, "time": time.perf_counter(), "levels": guard["levels"],
+                              "thresholds": guard["thresholds"], "agreement": guard["agreement"],
+                              "samples": guard["samples"]})
+            await asyncio.sleep(poll_s)
+
+    timeout = aiohttp.ClientTimeout(total=120)
+    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=concurrency + 1)) as s:
+        await asyncio.gather(poller(s), *(client(s) for _ in range(concurrency)))
+    return records, polls
+
+
+def blocks(stream: list[list[tuple[str, str]]], records: list[dict], full: dict[str, str]) -> list[dict]:
+    from rayexit.serve.controller import quantile
+
+    out = []
+    previous_end = None
+    for start in range(0, len(stream), BLOCK):
+        rows = range(start, min(start + BLOCK, len(stream)))
+        ok = [i for i in rows if records[i].get("status") == 200]
+        agree = correct = texts = layers = 0
+        for i in ok:
+            for (text, gold), result in zip(stream[i], records[i]["results"], strict=True):
+                texts += 1
+                agree += result["label"] == full[text]
+                correct += result["label"] == gold
+                layers += result["exit_layer"]
+        finished = [records[i]["finished"] for i in ok]
+        span = max(finished) - (previous_end if previous_end is not None else min(finished)) if finished else 0.0
+        previous_end = max(finished) if finished else previous_end
+        out.append({
+            "requests": f"{start}-{rows[-1]}",
+            "errors": len(rows) - len(ok),
+            "agreement": round(agree / texts, 4) if texts else None,
+            "accuracy": round(correct / texts, 4) if texts else None,
+            "mean_exit_layer": round(layers / texts, 3) if texts else None,
+            "requests_per_s": round(len(ok) / span, 2) if span > 0 else None,
+            "p99_ms": round(quantile([records[i]["latency"] for i in ok], 0.99) * 1000, 1),
+        })
+    return out
+
+
+def first_move(polls: list[dict], shift_at: int) -> dict | None:
+    """The first poll after the shift whose thresholds differ from those at the shift (the last poll before it,
+    else the tuned ones): requests since the shift, and the state then."""
+    before = [p for p in polls if p["completed"] < shift_at]
+    at_shift = before[-1]["levels"] if before else None
+    for poll in polls:
+        if poll["completed"] >= shift_at and poll["levels"] != (at_shift or [0] * len(poll["levels"])):
+            return {"requests_after_shift": poll["completed"] - shift_at, "levels_at_shift": at_shift, **poll}
+    return None
+
+
+def run(url: str, model_dir: Path, base: dict[str, Any], args: argparse.Namespace) -> dict:
+    from rayexit.bench.serve import SWEEP_NO_SHEDDING, load, redeploy
+    from rayexit.data import load_text_classification
+    from rayexit.serve.settings import ServeSettings
+
+    test = load_text_classification("atis:test")
+    per_request = args.texts_per_request
+    stream = build_stream(test.texts, test.labels, args.guard_clean_requests, args.guard_shifted_requests,
+                          per_request, args.seed)
+    print(f"guard run: {len(stream)} requests of {per_request} texts; full-depth answers ...", flush=True)
+    full = full_depth_labels(model_dir, [t for request in stream for t, _ in request])
+    common = {**base, "adaptive": True, **SWEEP_NO_SHEDDING}
+    if args.guard_thresholds is not None:
+        common["thresholds"] = args.guard_thresholds
+    guard_keys = {"guard_target": args.guard_target, "guard_sample": args.guard_sample}
+    off, on = ServeSettings.from_args(common), ServeSettings.from_args({**common, **guard_keys})
+    report: dict[str, Any] = {
+        "stream": SHIFT_NAME, "requests": len(stream), "shift_at_request": args.guard_clean_requests,
+        "texts_per_request": per_request, "concurrency": args.guard_concurrency, "block_requests": BLOCK,
+        "guard": guard_keys, "seed": args.seed, "thresholds": common.get("thresholds", "model directory's"),
+    }
+    warm = [{"texts": [t for t, _ in r]} for r in stream[:20]]
+    for name, settings in (("guard off", off), ("guard on", on)):
+        redeploy(settings)
+        asyncio.run(load(url, warm, concurrency=2, count=20, timeout_s=30))
+        records, polls = asyncio.run(send_stream(url, stream, args.guard_concurrency))
+        run_report = {"blocks": blocks(stream, records, full),
+                      "server_errors_5xx": sum(1 for r in records if r.get("status", 0) >= 500)}
+        if name == "guard on":
+            run_report["first_move"] = first_move(polls, args.guard_clean_requests)
+            run_report["final"] = polls[-1] if polls else None
+        report[name] = run_report
+        print(format_run(name, run_report), flush=True)
+    report["overhead"] = overhead(url, stream[: args.guard_clean_requests], off, on, args)
+    print(format_overhead(report["overhead"]), flush=True)
+    return report
+
+
+def overhead(url: str, clean: list[list[tuple[str, str]]], off, on, args: argparse.Namespace) -> dict:
+    """req/s on unshifted traffic, guard off and on alternately; each repeat after a warm-up on the fresh replica."""
+    from rayexit.bench.serve import load, redeploy
+
+    payloads = [{"texts": [t for t, _ in r]} for r in clean]
+    rates: dict[str, list[float]] = {"guard off": [], "guard on": []}
+    p99: dict[str, list[float]] = {"guard off": [], "guard on": []}
+    for _ in range(args.guard_overhead_repeats):
+        for name, settings in (("guard off", off), ("guard on", on)):
+            redeploy(settings)
+            asyncio.run(load(url, payloads, concurrency=args.guard_concurrency, count=200, timeout_s=60))  # settle
+            result = asyncio.run(load(url, payloads, args.guard_concurrency, args.guard_overhead_requests, 120))
+            rates[name].append(result["requests_per_s"])
+            p99[name].append(result["p99_ms"])
+    off_rate, on_rate = statistics.median(rates["guard off"]), statistics.median(rates["guard on"])
+    return {
+        "requests_per_repeat": args.guard_overhead_requests, "repeats": args.guard_overhead_repeats,
+        "requests_per_s": rates, "p99_ms": p99,
+        "median_requests_per_s": {"guard off": off_rate, "guard on": on_rate},
+        "overhead_fraction": round(1 - on_rate / off_rate, 4) if off_rate else None,
+    }
+
+
+def format_run(name: str, r: dict) -> str:
+    lines = [f"{name}: 5xx {r['server_errors_5xx']}"]
+    for b in r["blocks"]:
+        lines.append(f"  requests {b['requests']:>11}  agreement {b['agreement']}  accuracy {b['accuracy']}  "
+                     f"exit {b['mean_exit_layer']}  req/s {b['requests_per_s']}  p99 {b['p99_ms']} ms")
+    move = r.get("first_move")
+    if move is not None:
+        lines.append(f"  first threshold move seen {move['requests_after_shift']} requests after the shift "
+                     f"(levels {move['levels']})")
+    if r.get("final"):
+        lines.append(f"  final thresholds {[round(t, 4) for t in r['final']['thresholds']]}, "
+                     f"checked rows {r['final']['samples']}")
+    return "\n".join(lines)
+
+
+def format_overhead(o: dict) -> str:
+    m = o["median_requests_per_s"]
+    return (f"guard overhead on unshifted traffic: req/s off {m['guard off']} on {m['guard on']} "
+            f"(median of {o['repeats']}; all {o['requests_per_s']}) -> {o['overhead_fraction']}")
+
+
+def replay_stream(model_dir: Path, thresholds: float | None, clean: int, shifted: int, per_request: int,
+                  target: float, sample: float, seed: int) -> dict:
+    """The guard's rule on the same stream without Serve: every text's exits computed once at full depth, answers
+    replayed at the thresholds of the moment, checks landing at once. What the rule does, apart from timing."""
+    import torch
+
+    from rayexit.config import ExitPolicy
+    from rayexit.data import load_text_classification
+    from rayexit.serve.engine import ServedClassifier
+    from rayexit.serve.guard import AccuracyGuard, GuardConfig, replay, sentence_units
+
+    test = load_text_classification("atis:test")
+    stream = build_stream(test.texts, test.labels, clean, shifted, per_request, seed)
+    engine = ServedClassifier.from_model_dir(model_dir, None, device="cpu")
+    policy = engine.policy if thresholds is None else ExitPolicy(engine.policy.kind, thresholds)
+    unique = sorted({t for request in stream for t, _ in request})
+    stats, preds = sentence_units(engine.exit_logits_encoded(engine.encode(unique)), policy.kind)
+    row = {t: i for i, t in enumerate(unique)}
+    guard = AccuracyGuard(GuardConfig(target, sample), policy, engine.num_layers, len(engine.labels), seed=seed)
+    fixed = policy.per_layer(engine.num_layers)
+    agree: dict[str, list[bool]] = {"guard off": [], "guard on": []}
+    first = None
+    for n, request in enumerate(stream):
+        index = torch.tensor([row[t] for t, _ in request])
+        for name, served in (("guard off", fixed), ("guard on", guard.thresholds())):
+            exits = replay(policy.kind, stats[index], preds[index], served)
+            agree[name] += (preds[index, exits] == preds[index, -1]).tolist()
+        guard.offer(index.tolist())
+        while guard.pending:
+            checked = torch.tensor(guard.take())
+            if guard.record(stats[checked], preds[checked]) and first is None and n >= clean:
+                first = n - clean
+    per_block = []
+    for start in range(0, len(stream), BLOCK):
+        a, b = start * per_request, min(start + BLOCK, len(stream)) * per_request
+        per_block.append({"requests": f"{start}-{min(start + BLOCK, len(stream)) - 1}",
+                          **{name: round(sum(v[a:b]) / (b - a), 4) for name, v in agree.items()}})
+    return {"stream": SHIFT_NAME, "shift_at_request": clean, "texts_per_request": per_request,
+            "thresholds": policy.per_layer(engine.num_layers), "target": target, "sample": sample,
+            "blocks": per_block, "first_move_requests_after_shift": first,
+            "moves": guard.moves, "final_thresholds": guard.thresholds(), "checked": guard.samples}
+
+
+def main() -> int:
+    """`python -m rayexit.bench.serve_guard --model DIR --json OUT`: the rule replayed on the stream (no Serve)."""
+    from rayexit.files import write_json
+
+    p = argparse.ArgumentParser(description=replay_stream.__doc__)
+    p.add_argument("--model", required=True)
+    p.add_argument("--json", required=True)
+    p.add_argument("--thresholds", type=float)
+    p.add_argument("--clean-requests", type=int, default=1000)
+    p.add_argument("--shifted-requests", type=int, default=2000)
+    p.add_argument("--texts-per-request", type=int, default=2)
+    p.add_argument("--target", type=float, default=0.99)
+    p.add_argument("--sample", type=float, default=0.05)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args()
+    report = replay_stream(Path(a.model), a.thresholds, a.clean_requests, a.shifted_requests, a.texts_per_request,
+                           a.target, a.sample, a.seed)
+    for block in report["blocks"]:
+        print(f"requests {block['requests']:>11}  agreement guard off {block['guard off']}  on {block['guard on']}")
+    print(f"first move {report['first_move_requests_after_shift']} requests after the shift; final thresholds "
+          f"{[round(t, 4) for t in report['final_thresholds']]}; checked {report['checked']}")
+    write_json(a.json, report)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

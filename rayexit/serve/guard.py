@@ -1,0 +1,327 @@
+"""The accuracy guard: exits that watch their own agreement with full depth on live traffic.
+
+Thresholds are tuned on validation data; when live traffic drifts away from it, early answers
+can stop matching what the full network would say. The guard (after Apparate, SOSP 2024) checks
+a sampled fraction of served rows at full depth, off the request's path, and moves each exit's
+threshold so that early answers keep agreeing with the final layer's at least `target` of the time.
+
+How it decides (plain Python and torch, no Ray: tests drive it directly):
+
+- A checked row keeps, for every exit, the policy's statistic and the exit's prediction. The
+  sliding window holds the last `window` checked rows. Agreement is *replayed*: for any set of
+  thresholds the window says where each row would have left and whether that answer equals
+  the final layer's (the same criterion as the live runner, `rayexit.policy.passes`). So the
+  evidence stays valid when thresholds move, and a looser threshold can be judged before it is
+  served.
+- Tighten: an exit whose replayed agreement (at least `min_samples` rows leaving there) is below
+  `target` moves one step toward never exiting, repeated on the same window until it meets the
+  target; a step halves the distance to "never" on the criterion's own scale.
+- Relax: an exit tightened earlier moves one step back toward its tuned value when the window
+  says the looser threshold would still agree comfortably (`target + relax_margin * (1 - target)`),
+  at most one step per `min_samples` new rows. Past the tuned value only with `allow_past_tuned`
+  (then a step is load relief's step, `rayexit.policy.relax`).
+- Tightening is quick and relaxing slow on purpose: a false alarm costs speed for a while, a
+  missed one costs accuracy.
+
+Rows are sampled uniformly (whatever their exit layer) so the window stays a sample of traffic,
+which replay at looser thresholds needs. Checks prefer spare capacity: with nothing queued they
+run at once; on a busy replica they may take at most `max_overhead` of the model's time.
+
+A new replica starts from the tuned thresholds with an empty window (no state is saved): the
+tuned values are the only ones chosen on labelled data, and a window refills within a few
+hundred checked rows.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+
+from rayexit.errors import RayexitError
+from rayexit.policy import HIGHER_IS_SURER, ExitPolicy, passes, relax, token_statistic
+
+
+@dataclass
+class GuardConfig:
+    target: float
+    sample: float = 0.05
+    window: int = 200
+    min_samples: int = 20
+    relax_margin: float = 0.5
+    allow_past_tuned: bool = False
+    max_steps: int = 8
+    max_overhead: float = 0.04
+    max_pending: int = 64
+    rows_per_check: int = 8
+
+    def __post_init__(self) -> None:
+        for name in ("target", "sample"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value <= 1:
+                raise RayexitError(f"serve args.guard_{name}: got {value!r}, expected a number in (0, 1]")
+        if self.target == 1:
+            raise RayexitError("serve args.guard_target: got 1, expected a number below 1 (1 means never exit early)")
+        for name in ("window", "min_samples", "max_steps", "max_pending", "rows_per_check"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise RayexitError(f"serve args.guard_{name}: got {value!r}, expected a whole number >= 1")
+        if self.min_samples > self.window:
+            raise RayexitError(
+                f"serve args.guard_min_samples: got {self.min_samples}, more than guard_window ({self.window})"
+            )
+        for name in ("relax_margin", "max_overhead"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 1:
+                raise RayexitError(f"serve args.guard_{name}: got {value!r}, expected a number in [0, 1]")
+
+    @property
+    def relax_at(self) -> float:
+        return self.target + self.relax_margin * (1 - self.target)
+
+
+def stepped(kind: str, tuned: float, level: int, num_labels: int) -> float:
+    """`tuned` moved `level` steps: > 0 tighter (each halves the distance to never exiting), < 0 looser."""
+    if level == 0 or kind == "none":
+        return tuned
+    if level < 0:
+        return float(relax(ExitPolicy(kind, tuned), -level, num_labels).thresholds)
+    if kind == "patience":  # one more agreeing layer per step
+        return float(tuned + level)
+    if kind in HIGHER_IS_SURER:  # maxprob: leaves when p >= t; never at t > 1
+        return 1.0 - (1.0 - min(tuned, 1.0)) / 2**level
+    return tuned / 2**level  # uncertainties leave when below t; never at 0
+
+
+def sentence_units(logits: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every exit's statistic and prediction, [N, L] each, from full-depth logits [N, L, C]."""
+    from rayexit.exits import ExitCache
+
+    cache = ExitCache(logits)
+    return cache.statistic(kind), cache.argmax
+
+
+def word_units(cache, policy: ExitPolicy) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every exit's statistic and tag per word, [words, L] each, from a full-depth `TokenCache`.
+
+    Agreement on /v1/tag is per word. TOKEE replays approximately (live, running words attend to
+    halted words' frozen states), as in `rayexit.token_exits.TokenCache`; SENTEE exactly.
+    """
+    layers = cache.uncertainty.shape[2]
+    stats = torch.stack([token_statistic(policy, cache.uncertainty[:, :, k], cache.word_mask) for k in range(layers)],
+                        dim=2)
+    return stats[cache.word_mask], cache.tags[cache.word_mask]
+
+
+def replay(kind: str, stats: torch.Tensor, preds: torch.Tensor, thresholds: Sequence[float]) -> torch.Tensor:
+    """0-based exit index per row [N] under `thresholds` (the last exit always answers)."""
+    layers = stats.shape[1]
+    leave = passes(kind, stats, torch.tensor(list(thresholds), dtype=stats.dtype)).clone()
+    leave[:, layers - 1] = True
+    positions = torch.arange(layers, 0, -1)
+    return (leave.int() * positions).argmax(1)
+
+
+class CheckBudget:
+    """Model time spent serving and checking, and wall time, decayed over `horizon_s`.
+
+    A replica is busy when requests are queued or its model thread was in use more than `idle_below`
+    of the time: a closed loop of clients leaves the queue empty after every batch, yet the next batch
+    is already on its way. Busy, checks may take `share` of the model's time; otherwise they run freely.
+    """
+
+    def __init__(self, share: float, horizon_s: float = 30.0, idle_below: float = 0.5,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.share, self.horizon_s, self.idle_below, self.clock = share, horizon_s, idle_below, clock
+        self.serving_s = self.checking_s = self.elapsed_s = 0.0
+        self._last = clock()
+
+    def _decay(self) -> None:
+        now = self.clock()
+        factor = math.exp(-(now - self._last) / self.horizon_s)
+        self.serving_s *= factor
+        self.checking_s *= factor
+        self.elapsed_s = self.elapsed_s * factor + (now - self._last)
+        self._last = now
+
+    def utilisation(self) -> float:
+        self._decay()
+        return (self.serving_s + self.checking_s) / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    def served(self, seconds: float) -> None:
+        self._decay()
+        self.serving_s += seconds
+
+    def checked(self, seconds: float) -> None:
+        self._decay()
+        self.checking_s += seconds
+
+    def allows(self, queued: bool) -> bool:
+        if not queued and self.utilisation() <= self.idle_below:
+            return True
+        return self.checking_s <= self.share * (self.serving_s + self.checking_s)
+
+
+class AccuracyGuard:
+    """Per-exit threshold state, the window of checked rows and the tighten/relax rule."""
+
+    def __init__(self, config: GuardConfig, policy: ExitPolicy, num_layers: int, num_labels: int,
+                 seed: int = 0, clock: Callable[[], float] = time.monotonic) -> None:
+        if policy.kind == "none":
+            raise RayexitError("serve args.guard_target: the served policy is `none` (full depth); nothing to guard")
+        self.config = config
+        self.base_policy = policy
+        self.kind = policy.kind
+        self.num_layers = num_layers
+        self.num_labels = num_labels
+        self.tuned = policy.per_layer(num_layers)
+        self.levels = [0] * (num_layers - 1)  # the last exit always answers: nothing to move there
+        self._since_move = [0] * (num_layers - 1)  # rows checked since each exit last moved
+        self._stats: deque[torch.Tensor] = deque(maxlen=config.window)
+        self._preds: deque[torch.Tensor] = deque(maxlen=config.window)
+        self.pending: deque[Any] = deque(maxlen=config.max_pending)
+        self.samples = 0  # rows checked since start
+        self.dropped = 0  # rows sampled but pushed out of `pending` before a check reached them
+        self.moves: list[dict[str, Any]] = []
+        self.budget = CheckBudget(config.max_overhead, clock=clock)
+        self._random = random.Random(seed)
+
+    # -- thresholds ------------------------------------------------------------------------------
+
+    def thresholds(self, levels: Sequence[int] | None = None) -> list[float]:
+        levels = self.levels if levels is None else levels
+        moved = [stepped(self.kind, t, lv, self.num_labels) for t, lv in zip(self.tuned, levels, strict=False)]
+        return moved + self.tuned[len(moved):]
+
+    def policy(self) -> ExitPolicy:
+        return replace(self.base_policy, thresholds=self.thresholds())
+
+    # -- sampling --------------------------------------------------------------------------------
+
+    def offer(self, payloads: Sequence[Any]) -> int:
+        """Keep each served row for a check with probability `sample`; returns how many were kept."""
+        kept = 0
+        for payload in payloads:
+            if self._random.random() < self.config.sample:
+                if len(self.pending) == self.pending.maxlen:
+                    self.dropped += 1
+                self.pending.append(payload)
+                kept += 1
+        return kept
+
+    def take(self) -> list[Any]:
+        rows = []
+        while self.pending and len(rows) < self.config.rows_per_check:
+            rows.append(self.pending.popleft())
+        return rows
+
+    def may_check(self, queued: bool) -> bool:
+        return bool(self.pending) and self.budget.allows(queued)
+
+    # -- evidence and the rule ---------------------------------------------------------------------
+
+    def record(self, stats: torch.Tensor, preds: torch.Tensor) -> list[dict[str, Any]]:
+        """Add checked rows (per-exit statistic and prediction, [N, L]); returns the moves this made."""
+        if stats.shape != preds.shape or stats.dim() != 2 or stats.shape[1] != self.num_layers:
+            raise ValueError(f"expected [N, {self.num_layers}] statistics and predictions, got "
+                             f"{tuple(stats.shape)} and {tuple(preds.shape)}")
+        for row in range(stats.shape[0]):
+            self._stats.append(stats[row].float())
+            self._preds.append(preds[row].long())
+        self.samples += stats.shape[0]
+        self._since_move = [n + stats.shape[0] for n in self._since_move]
+        return self._decide()
+
+    def _window(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self._stats:
+            return torch.zeros(0, self.num_layers), torch.zeros(0, self.num_layers, dtype=torch.long)
+        return torch.stack(list(self._stats)), torch.stack(list(self._preds))
+
+    def layer_agreement(self, layer: int, levels: Sequence[int] | None = None,
+                        window: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[int, float | None]:
+        """Rows of the window leaving at exit `layer` (0-based) under `levels`, and their agreement with full depth."""
+        stats, preds = window if window is not None else self._window()
+        if stats.shape[0] == 0:
+            return 0, None
+        exits = replay(self.kind, stats, preds, self.thresholds(levels))
+        here = exits == layer
+        count = int(here.sum())
+        if count == 0:
+            return 0, None
+        agree = preds[here, layer] == preds[here, -1]
+        return count, float(agree.double().mean())
+
+    def _decide(self) -> list[dict[str, Any]]:
+        cfg = self.config
+        window = self._window()
+        floor = -cfg.max_steps if cfg.allow_past_tuned else 0
+        moves: list[dict[str, Any]] = []
+        for layer in range(self.num_layers - 1):
+            tightened = False
+            while self.levels[layer] < cfg.max_steps:
+                count, agreement = self.layer_agreement(layer, window=window)
+                if count < cfg.min_samples or agreement is None or agreement >= cfg.target:
+                    break
+                self.levels[layer] += 1
+                tightened = True
+                moves.append(self._moved(layer, "tighten", count, agreement))
+            if tightened or self.levels[layer] <= floor or self._since_move[layer] < cfg.min_samples:
+                continue
+            looser = list(self.levels)
+            looser[layer] -= 1
+            count, agreement = self.layer_agreement(layer, looser, window)
+            if count >= cfg.min_samples and agreement is not None and agreement >= cfg.relax_at:
+                self.levels[layer] -= 1
+                moves.append(self._moved(layer, "relax", count, agreement))
+        self.moves += moves
+        return moves
+
+    def _moved(self, layer: int, direction: str, count: int, agreement: float) -> dict[str, Any]:
+        self._since_move[layer] = 0
+        return {"layer": layer + 1, "direction": direction, "level": self.levels[layer], "rows": count,
+                "agreement": round(agreement, 4), "threshold": self.thresholds()[layer], "samples": self.samples}
+
+    # -- what /v1/model and the metrics show --------------------------------------------------------
+
+    def agreement_by_layer(self) -> dict[str, float | None]:
+        """Replayed agreement at the current thresholds per exit (1-based keys), None where no row leaves."""
+        window = self._window()
+        return {str(layer + 1): self.layer_agreement(layer, window=window)[1] for layer in range(self.num_layers - 1)}
+
+    def agreement(self) -> float | None:
+        """Share of the window's early-leaving rows whose answer matches full depth, at the current thresholds."""
+        stats, preds = self._window()
+        if stats.shape[0] == 0:
+            return None
+        exits = replay(self.kind, stats, preds, self.thresholds())
+        early = exits < self.num_layers - 1
+        if not bool(early.any()):
+            return None
+        rows = torch.nonzero(early).squeeze(1)
+        return float((preds[rows, exits[rows]] == preds[rows, -1]).double().mean())
+
+    def state(self) -> dict[str, Any]:
+        def rounded(value: float | None) -> float | None:
+            return None if value is None else round(value, 6)
+
+        return {
+            "target": self.config.target,
+            "sample": self.config.sample,
+            "agreement": rounded(self.agreement()),
+            "agreement_by_layer": {k: rounded(v) for k, v in self.agreement_by_layer().items()},
+            "samples": self.samples,
+            "window": len(self._stats),
+            "pending": len(self.pending),
+            "dropped": self.dropped,
+            "thresholds": self.thresholds(),
+            "tuned_thresholds": list(self.tuned),
+            "levels": list(self.levels),
+            "allow_past_tuned": self.config.allow_past_tuned,
+            "moves": len(self.moves),
+        }

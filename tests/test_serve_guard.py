@@ -1,0 +1,209 @@
+"""The accuracy guard's rule on constructed agreement streams (serve/guard.py, no Ray, no model).
+
+Rows are built by hand: a 3-exit entropy policy tuned at 0.3 everywhere, with "easy" rows (entropy 0.05 at
+exit 1, always right) and "shaky" rows (entropy 0.2 at exit 1, wrong there a given share of the time).
+At 0.3 both leave at exit 1; one tightening step (0.15) keeps the shaky ones for deeper exits.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from rayexit.config import ExitPolicy
+from rayexit.errors import RayexitError
+from rayexit.policy import relax
+from rayexit.serve.guard import AccuracyGuard, CheckBudget, GuardConfig, replay, sentence_units, stepped
+
+LAYERS = 3
+TUNED = 0.3
+
+
+def rows(count: int, shaky_share: float, wrong_share: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """[count, 3] statistics and predictions; the final exit always says label 1."""
+    rng = random.Random(seed)
+    stats = torch.full((count, LAYERS), 0.01)
+    preds = torch.ones((count, LAYERS), dtype=torch.long)
+    for i in range(count):
+        if rng.random() < shaky_share:
+            stats[i, 0] = 0.2
+            if rng.random() < wrong_share:
+                preds[i, 0] = 0
+        else:
+            stats[i, 0] = 0.05
+    return stats, preds
+
+
+def make_guard(**overrides) -> AccuracyGuard:
+    config = GuardConfig(**{"target": 0.99, "sample": 1.0, "window": 200, "min_samples": 20, **overrides})
+    return AccuracyGuard(config, ExitPolicy("entropy", TUNED), LAYERS, num_labels=2)
+
+
+def feed(guard: AccuracyGuard, stats: torch.Tensor, preds: torch.Tensor, per_call: int = 4) -> int | None:
+    """Record rows a few at a time, as checks arrive; returns the row count at the first move (None if none)."""
+    first = None
+    for start in range(0, stats.shape[0], per_call):
+        moves = guard.record(stats[start:start + per_call], preds[start:start + per_call])
+        if moves and first is None:
+            first = start + per_call
+    return first
+
+
+def test_agreement_under_target_tightens_the_exit_until_the_window_meets_it():
+    guard = make_guard()
+    stats, preds = rows(200, shaky_share=0.5, wrong_share=0.2)  # ~10% of exit-1 answers wrong at 0.3
+    assert guard.layer_agreement(0, window=(stats, preds))[1] < 0.99  # the tuned threshold misses the target
+    first = feed(guard, stats, preds)
+    assert first is not None and first <= 60  # reacts within a few dozen checked rows
+    assert guard.levels[0] >= 1 and guard.thresholds()[0] < TUNED
+    assert guard.moves[0]["direction"] == "tighten" and guard.moves[0]["layer"] == 1
+    count, agreement = guard.layer_agreement(0)
+    assert count >= 20 and agreement >= 0.99  # the easy rows still leave at exit 1, now all correct
+    assert guard.state()["agreement"] >= 0.99
+
+
+def test_in_distribution_traffic_leaves_the_tuned_thresholds_alone():
+    guard = make_guard()
+    feed(guard, *rows(400, shaky_share=0.5, wrong_share=0.0))
+    assert guard.levels == [0, 0] and guard.thresholds() == [TUNED] * LAYERS and guard.moves == []
+
+
+def test_after_the_shift_ends_thresholds_relax_back_to_tuned_and_never_past():
+    guard = make_guard()
+    feed(guard, *rows(200, shaky_share=0.5, wrong_share=0.3, seed=1))
+    assert guard.levels[0] >= 1
+    feed(guard, *rows(600, shaky_share=0.5, wrong_share=0.0, seed=2))  # clean traffic again
+    assert guard.levels[0] == 0 and guard.thresholds()[0] == pytest.approx(TUNED)
+    assert [m["direction"] for m in guard.moves][-1] == "relax"
+    assert all(level >= 0 for level in guard.levels)  # never past tuned without the operator's flag
+
+
+def test_relaxing_is_one_step_per_min_samples_new_rows():
+    guard = make_guard(min_samples=20)
+    guard.levels[0] = 3  # as if an earlier shift had tightened it three steps
+    feed(guard, *rows(60, shaky_share=0.5, wrong_share=0.0), per_call=1)
+    relaxes = [m for m in guard.moves if m["direction"] == "relax"]
+    assert len(relaxes) == 3 - guard.levels[0]
+    gaps = [b["samples"] - a["samples"] for a, b in zip(relaxes, relaxes[1:], strict=False)]
+    assert relaxes and all(gap >= 20 for gap in gaps)
+
+
+def test_the_operator_may_allow_relaxing_past_tuned():
+    guard = make_guard(allow_past_tuned=True, max_steps=2)
+    feed(guard, *rows(400, shaky_share=0.5, wrong_share=0.0))
+    assert guard.levels[0] < 0 and guard.thresholds()[0] > TUNED
+    assert guard.thresholds()[0] == pytest.approx(relax(ExitPolicy("entropy", TUNED), -guard.levels[0], 2).thresholds)
+
+
+def test_only_the_exit_that_disagrees_is_tightened():
+    guard = make_guard()
+    stats, preds = rows(200, shaky_share=0.0, wrong_share=0.0)  # exit 1: easy rows only, always right
+    hard = torch.arange(200) % 2 == 0  # half the rows pass exit 1 and leave at exit 2, wrong there 1 in 5
+    stats[hard, 0], stats[hard, 1] = 0.6, 0.1
+    preds[torch.arange(200) % 10 == 0, 1] = 0
+    feed(guard, stats, preds)
+    assert guard.levels[0] == 0 and guard.levels[1] >= 1
+    assert {m["layer"] for m in guard.moves} == {2}
+
+
+def test_steps_move_toward_never_exiting_on_each_criterion():
+    assert stepped("entropy", 0.4, 1, 2) == pytest.approx(0.2)
+    assert stepped("maxprob", 0.9, 1, 2) == pytest.approx(0.95)
+    assert stepped("patience", 2.0, 2, 2) == 4.0
+    assert stepped("tokee", 0.2, 2, 9) == pytest.approx(0.05)
+    assert stepped("maxprob", 0.9, -1, 2) == pytest.approx(relax(ExitPolicy("maxprob", 0.9), 1, 2).thresholds)
+    assert stepped("entropy", 0.4, 0, 2) == 0.4
+
+
+def test_replay_matches_the_live_runner_on_the_same_logits():
+    from rayexit.exits import ExitCache
+
+    torch.manual_seed(0)
+    logits = torch.randn(50, 4, 3) * 2
+    policy = ExitPolicy("entropy", [0.5, 0.6, 0.7])
+    stats, preds = sentence_units(logits, "entropy")
+    expected = ExitCache(logits).simulate(policy).exit_layers - 1
+    assert torch.equal(replay("entropy", stats, preds, policy.per_layer(4)), expected)
+
+
+def test_sampling_keeps_about_the_configured_share_and_is_seeded():
+    first, second = make_guard(sample=0.05, max_pending=10_000), make_guard(sample=0.05, max_pending=10_000)
+    kept = first.offer(list(range(4000)))
+    assert 140 <= kept <= 260
+    assert second.offer(list(range(4000))) == kept and list(first.pending) == list(second.pending)
+    assert len(first.take()) == first.config.rows_per_check
+
+
+def test_checks_take_at_most_their_share_of_model_time_on_a_busy_replica():
+    now = [0.0]
+    budget = CheckBudget(0.05, clock=lambda: now[0])
+    now[0] = 1.0
+    budget.served(0.9)  # the model thread ran 90% of the last second: busy even with nothing queued
+    assert budget.allows(queued=False)
+    budget.checked(0.2)
+    assert not budget.allows(queued=False) and not budget.allows(queued=True)  # 0.2 of 1.1 s is over 5%
+    now[0] = 100.0  # a long idle spell: spare capacity, checks are free again
+    assert budget.utilisation() < 0.5 and budget.allows(queued=False)
+    assert not budget.allows(queued=True)  # queued requests still come first
+    budget.served(5.0)
+    assert budget.allows(queued=True)
+
+
+def test_a_new_guard_starts_from_the_tuned_thresholds():
+    guard = make_guard()
+    assert guard.thresholds() == [TUNED] * LAYERS and guard.policy().thresholds == [TUNED] * LAYERS
+    state = guard.state()
+    assert state["samples"] == 0 and state["agreement"] is None and state["target"] == 0.99
+
+
+@pytest.mark.parametrize("bad, field", [
+    ({"target": 1.5}, "guard_target"), ({"target": 1.0}, "guard_target"), ({"sample": 0}, "guard_sample"),
+    ({"window": 0}, "guard_window"), ({"min_samples": 500}, "guard_min_samples"),
+    ({"max_overhead": -1}, "guard_max_overhead"),
+])
+def test_bad_settings_name_the_field(bad, field):
+    with pytest.raises(RayexitError, match=field):
+        GuardConfig(**{"target": 0.99, **bad})
+
+
+def test_full_depth_policy_cannot_be_guarded():
+    with pytest.raises(RayexitError, match="guard_target"):
+        AccuracyGuard(GuardConfig(0.99), ExitPolicy("none", 0.0), 3, 2)
+
+
+def test_serve_command_and_yaml_keys_reach_the_guard(monkeypatch, tmp_path):
+    from test_serve_command import FakeCluster
+
+    import rayexit.cluster
+    import rayexit.serve.run as serve_run
+    from rayexit.cli import build_parser
+    from rayexit.serve.run import free_port
+    from rayexit.serve.settings import ServeSettings
+
+    class Started(Exception):
+        pass
+
+    seen = {}
+
+    def fake_start(settings, **kwargs):
+        seen["settings"] = settings
+        raise Started
+
+    monkeypatch.setattr(serve_run, "start_serving", fake_start)
+    monkeypatch.setattr(rayexit.cluster, "connect", lambda *a, **k: FakeCluster())
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "rayexit.json").write_text("{}")
+    argv = ["serve", str(tmp_path / "m"), "--port", str(free_port()), "--guard-target", "0.98", "--guard-sample",
+            "0.1", "--guard-allow-past-tuned"]
+    args = build_parser().parse_args(argv)
+    with pytest.raises(Started):
+        args.func(args)
+    config = seen["settings"].guard_config()
+    assert (config.target, config.sample, config.allow_past_tuned) == (0.98, 0.1, True)
+    assert ServeSettings.from_args({"model_dir": "m"}).guard_config() is None  # off by default
+    yaml_args = {"model_dir": "m", "guard_target": 0.99, "guard_window": 300, "guard_min_samples": 30}
+    assert ServeSettings.from_args(yaml_args).guard_config().window == 300
+    with pytest.raises(RayexitError, match="guard_target"):
+        ServeSettings.from_args({"model_dir": "m", "guard_target": 1.5})

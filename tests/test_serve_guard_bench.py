@@ -1,0 +1,41 @@
+"""The guard benchmark's stream and bookkeeping on constructed answers (no Serve, no model)."""
+
+from __future__ import annotations
+
+from rayexit.bench.serve_guard import BLOCK, blocks, build_stream, first_move
+
+TEXTS = [f"sentence {i}" for i in range(40)]
+LABELS = [f"intent{i % 4}" for i in range(40)]
+
+
+def test_the_stream_is_seeded_and_shifts_where_asked():
+    stream = build_stream(TEXTS, LABELS, clean=5, shifted=7, per_request=2, seed=3)
+    assert stream == build_stream(TEXTS, LABELS, clean=5, shifted=7, per_request=2, seed=3)
+    assert len(stream) == 12 and all(len(r) == 2 for r in stream)
+    assert all(text in TEXTS for r in stream[:5] for text, _ in r)
+    for request in stream[5:]:
+        for text, label in request:
+            second = text.split(" ", 2)[2]
+            assert text not in TEXTS and LABELS[TEXTS.index(second)] != label  # joined to another intent
+
+
+def test_blocks_count_agreement_accuracy_and_rate_per_500_requests():
+    stream = [[("a", "x")]] * (BLOCK + 10)
+    full = {"a": "x"}
+    records = []
+    for i in range(len(stream)):
+        label = "x" if i % 10 else "y"  # one answer in ten differs from full depth (and from the gold label)
+        records.append({"status": 200, "latency": 0.01, "finished": i * 0.01,
+                        "results": [{"label": label, "exit_layer": 2}]})
+    first, second = blocks(stream, records, full)
+    assert first["agreement"] == 0.9 and first["accuracy"] == 0.9 and first["mean_exit_layer"] == 2
+    assert first["requests_per_s"] == round(BLOCK / ((BLOCK - 1) * 0.01), 2)
+    assert second["requests"] == f"{BLOCK}-{BLOCK + 9}" and second["requests_per_s"] == 100.0
+
+
+def test_first_move_counts_requests_after_the_shift():
+    polls = [{"completed": 900, "levels": [1, 0]}, {"completed": 1100, "levels": [1, 0]},
+             {"completed": 1400, "levels": [1, 2]}]
+    assert first_move(polls, 1000)["requests_after_shift"] == 400  # a move before the shift does not count
+    assert first_move(polls[:2], 1000) is None
+    assert first_move([{"completed": 1200, "levels": [0, 1]}], 1000)["requests_after_shift"] == 200
