@@ -40,6 +40,9 @@ class TrainSettings:
     max_examples: int | None = None
     seed: int = 42
     gamma: float = 0.9
+    # RomeBERT: fraction of training over which gamma ramps from 0 (no distillation: the final
+    # exit, the teacher, is still uninformed) up to `gamma`; 0 distils at full weight from step 0
+    gamma_warmup: float = 0.0
     temperature: float = 3.0
     gr_direction: str = "reverse"
     gr_scope: str = "encoder"
@@ -72,6 +75,9 @@ class TrainSettings:
             _positive("max_examples", self.max_examples)
         if not 0.0 <= self.gamma <= 1.0:
             raise RayexitError(f"gamma: got {self.gamma}, expected a value in [0, 1]")
+        warmup = self.gamma_warmup
+        if isinstance(warmup, bool) or not isinstance(warmup, (int, float)) or not 0.0 <= warmup <= 1.0:
+            raise RayexitError(f"gamma_warmup: got {self.gamma_warmup!r}, expected a fraction of training in [0, 1]")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise RayexitError(f"warmup_ratio: got {self.warmup_ratio}, expected a value in [0, 1)")
         if not self.sampling_windows or any(

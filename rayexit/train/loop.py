@@ -130,6 +130,7 @@ def train_model(
                 # Dropout masks depend on where the step is, not on what ran before: a resumed
                 # run draws exactly what the uninterrupted one drew.
                 torch.manual_seed(step_seed(settings.seed, stage_index, step, rank))
+                stage.progress = step / total  # read by steps that follow a schedule (RomeBERT's gamma warm-up)
                 with _autocast(device, autocast_dtype):
                     flat, loss_value, combine = stage.step(model, _to(batch, device), stage.params, settings, epoch)
                 grads, conflict = combine(average(flat))

@@ -39,6 +39,7 @@ class Stage:
     head_params: set[int]
     step: Callable
     frozen_backbone: bool = False
+    progress: float = 0.0  # fraction of this stage's steps already taken; the loop sets it before each step
 
 
 def build_stages(model, settings: TrainSettings, train_data=None) -> list[Stage]:
@@ -61,7 +62,12 @@ def build_stages(model, settings: TrainSettings, train_data=None) -> list[Stage]
             Stage("deebert-1", settings.epochs, backbone + final_head, final_ids, final_only_step),
             Stage("deebert-2", stage2_epochs, inner, {id(p) for p in inner}, frozen_exits_step, frozen_backbone=True),
         ]
-    step = {"joint": joint_step, "pabee": pabee_step, "romebert": romebert_step}[settings.method]
+    if settings.method == "romebert":
+        stage = Stage("romebert", settings.epochs, backbone + heads, head_ids, romebert_step)
+        # The gamma warm-up needs to know how far training is; only the stage (set by the loop) knows.
+        stage.step = lambda *args: romebert_step(*args, progress=stage.progress)
+        return [stage]
+    step = {"joint": joint_step, "pabee": pabee_step}[settings.method]
     return [Stage(settings.method, settings.epochs, backbone + heads, head_ids, step)]
 
 
@@ -105,10 +111,26 @@ def frozen_exits_step(model, batch, params, settings, epoch):
     return grads_of(loss, params), loss.item(), as_is
 
 
-def romebert_step(model, batch, params, settings, epoch):
-    """Both gradients go out in one flat list (one all-reduce); `combine` projects after averaging."""
+def distillation_weight(gamma: float, warmup: float, progress: float) -> float:
+    """RomeBERT's gamma at `progress` (fraction of training done) under a linear warm-up.
+
+    0 at the start (the inner exits learn from the labels alone while the teacher, the final
+    exit, is no better than chance), rising linearly to `gamma` at `warmup`, then constant.
+    """
+    if warmup <= 0.0 or progress >= warmup:
+        return gamma
+    return gamma * max(progress, 0.0) / warmup
+
+
+def romebert_step(model, batch, params, settings, epoch, progress: float = 1.0):
+    """Both gradients go out in one flat list (one all-reduce); `combine` projects after averaging.
+
+    `progress` (fraction of the stage done) only matters with a gamma warm-up; a bare call is
+    treated as past it.
+    """
     ids, mask, labels = batch
-    final, exits = romebert_losses(model(ids, mask), labels, settings.gamma, settings.temperature)
+    gamma = distillation_weight(settings.gamma, settings.gamma_warmup, progress)
+    final, exits = romebert_losses(model(ids, mask), labels, gamma, settings.temperature)
     total = (final + exits).item()
     if settings.gr_direction == "none":
         return grads_of(final + exits, params), total, as_is

@@ -1,0 +1,72 @@
+"""RomeBERT's recipe knobs: the gamma warm-up (schedule, loss at step 0, the loop driving it)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_sequence_model
+from test_train import toy_data
+
+from rayexit.config import TrainSettings
+from rayexit.errors import RayexitError
+from rayexit.train import train_model
+from rayexit.train.steps import build_stages, distillation_weight
+
+
+def batch_of(size=8):
+    data = toy_data(size)
+    ids = torch.tensor(data.input_ids)
+    return ids, torch.ones_like(ids), torch.tensor(data.labels)
+
+
+@pytest.mark.parametrize(
+    ("progress", "expected"),
+    [(0.0, 0.0), (0.1, 0.3), (0.15, 0.45), (0.3, 0.9), (0.31, 0.9), (0.99, 0.9)],
+)
+def test_gamma_ramps_linearly_over_the_warmup(progress, expected):
+    assert distillation_weight(0.9, 0.3, progress) == pytest.approx(expected)
+
+
+def test_no_warmup_distils_at_full_weight_from_the_start():
+    assert distillation_weight(0.7, 0.0, 0.0) == 0.7
+
+
+def test_loss_at_step_zero_has_no_distillation_term():
+    model = tiny_sequence_model(layers=3)
+    ids, mask, labels = batch_of()
+    settings = TrainSettings(gamma=0.9, temperature=3.0, gamma_warmup=0.3)
+    stage = build_stages(model, settings)[0]
+    stage.progress = 0.0
+    _, loss, _ = stage.step(model, (ids, mask, labels), stage.params, settings, 0)
+    with torch.no_grad():
+        logits = model(ids, mask)
+    plain_ce = sum(F.cross_entropy(z, labels).item() for z in logits)  # every exit on the labels alone
+    assert math.isclose(loss, plain_ce, rel_tol=1e-5)
+    stage.progress = 0.5  # past the warm-up: the KL term is back, at gamma 0.9
+    _, later, _ = stage.step(model, (ids, mask, labels), stage.params, settings, 0)
+    assert not math.isclose(later, plain_ce, rel_tol=1e-3)
+
+
+def test_the_loop_drives_the_warmup_step_by_step(monkeypatch):
+    import rayexit.train.steps as steps
+
+    seen = []
+    original = steps.romebert_losses
+
+    def spy(logits, labels, gamma, temperature):
+        seen.append(gamma)
+        return original(logits, labels, gamma, temperature)
+
+    monkeypatch.setattr(steps, "romebert_losses", spy)
+    model = tiny_sequence_model(layers=3)
+    # 16 examples, batch 4: 4 steps, progress 0, 1/4, 2/4, 3/4 against a warm-up of half the run
+    settings = TrainSettings(epochs=1, batch_size=4, lr=1e-3, gamma=0.8, gamma_warmup=0.5, warmup_ratio=0.0)
+    train_model(model, toy_data(16), settings, show_progress=False)
+    assert seen == pytest.approx([0.0, 0.4, 0.8, 0.8])
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5, "x", True])
+def test_gamma_warmup_must_be_a_fraction(bad):
+    with pytest.raises(RayexitError, match="gamma_warmup"):
+        TrainSettings(gamma_warmup=bad)
