@@ -198,3 +198,27 @@ def test_a_sentence_policy_is_refused_for_a_token_model(tagger_dir):
     with pytest.raises(RayexitError, match="policy_kind.*token model.*not a token policy"):
         with replica(tagger_dir, policy_kind="entropy"):
             pass
+
+
+@pytest.mark.parametrize("device, dtype", [("cpu", "bfloat16"), ("cuda", "float16")])
+def test_the_tagger_runs_on_the_model_device_in_half_precision(tagger_and_policy, minilm_tokenizer, device, dtype):
+    """The token runner builds its tensors on the model's device; answers come back as plain lists."""
+    import copy
+
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no GPU here")
+    model, policy = tagger_and_policy
+    half = ServedTagger(copy.deepcopy(model), minilm_tokenizer, ExitPolicy("none"), device, getattr(torch, dtype))
+    assert next(half.model.parameters()).device.type == device and half.dtype == getattr(torch, dtype)
+    full = ServedTagger(model, minilm_tokenizer, ExitPolicy("none"))
+    sentences = [t.split() for t in TEXTS]
+    ours, _ = half.tag_words(sentences)
+    reference, _ = full.tag_words(sentences)
+    pairs = [(a, b) for r, f in zip(ours, reference, strict=True) for a, b in zip(r["tags"], f["tags"], strict=True)]
+    assert len(pairs) == sum(len(s) for s in sentences)
+    assert sum(a == b for a, b in pairs) >= 0.9 * len(pairs)  # half precision: the same tags, near enough
+    assert all(layer == model.num_layers for r in ours for layer in r["exit_layers"])
+    early, _ = half.tag_words(sentences, [2] * len(sentences), relax_level=0)
+    assert {layer for r in early for layer in r["exit_layers"]} == {2}
