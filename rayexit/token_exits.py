@@ -99,29 +99,35 @@ def partial_layer(layer, hidden: torch.Tensor, valid: torch.Tensor, active: torc
 
 @torch.no_grad()
 def run_token_exit(model, batch: TokenBatch, policy: ExitPolicy, layer_cap: int | None = None) -> TokenExitResult:
-    """SENTEE/TOKEE (or full depth with kind `none`) on one right-padded batch."""
+    """SENTEE/TOKEE (or full depth with kind `none`) on one right-padded batch.
+
+    Runs on the model's device (the batch is moved there); the result's tensors come back on the CPU.
+    """
     policy.check_task("token")
     num_layers = model.num_layers
     last = num_layers if layer_cap is None else max(1, min(int(layer_cap), num_layers))
     hidden_size, intermediate = sizes(model)
     thresholds = policy.per_layer(num_layers)
+    device = next(model.parameters()).device
+    if batch.input_ids.device != device:
+        batch = batch.to(device)
 
     valid_all = batch.attention_mask.bool()
     total, words = batch.word_mask.shape
-    predictions = torch.zeros(total, words, dtype=torch.long)
-    exit_layers = torch.zeros(total, words, dtype=torch.long)
+    predictions = torch.zeros(total, words, dtype=torch.long, device=device)
+    exit_layers = torch.zeros(total, words, dtype=torch.long, device=device)
     full = full_depth_flops(model, valid_all.sum(1), batch.word_mask.sum(1))
 
-    rows = torch.arange(total)
+    rows = torch.arange(total, device=device)
     hidden = model.embed(batch.input_ids)
     valid = valid_all
     piece_word = batch.piece_word
     starts = batch.word_starts
     word_mask = batch.word_mask
     word_active = word_mask.clone()
-    uncertainty = torch.zeros(total, words)
-    local_pred = torch.zeros(total, words, dtype=torch.long)
-    local_exit = torch.zeros(total, words, dtype=torch.long)
+    uncertainty = torch.zeros(total, words, device=device)  # float32 whatever the model's dtype
+    local_pred = torch.zeros(total, words, dtype=torch.long, device=device)
+    local_exit = torch.zeros(total, words, dtype=torch.long, device=device)
     flops = 0
 
     for layer in range(last):
@@ -158,7 +164,7 @@ def run_token_exit(model, batch: TokenBatch, policy: ExitPolicy, layer_cap: int 
             width = int(valid.sum(1).max())  # right padding: columns past the longest left are dead
             hidden, valid, piece_word = hidden[:, :width], valid[:, :width], piece_word[:, :width]
     predictions[~batch.word_mask] = 0
-    return TokenExitResult(predictions, exit_layers, flops, full)
+    return TokenExitResult(predictions.cpu(), exit_layers.cpu(), flops, full)
 
 
 # -- over a data set ------------------------------------------------------------------------

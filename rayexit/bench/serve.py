@@ -12,6 +12,8 @@ Runs (`--runs`, all by default):
 - poison: a closed loop in which 1 request in 8 carries a text the tokenizer cannot encode
   (a lone surrogate): how many valid requests failed (target 0).
 - guard: the accuracy guard on a stream that shifts (bench/serve_guard.py).
+- tag (opt-in, needs `--tag-model`): the sweep's configurations on `/v1/tag` with a token model,
+  CoNLL-2003 test sentences as requests, the served answers scored for entity F1 (bench/serve_tag.py).
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ from rayexit.bench.common import machine_info
 from rayexit.config import ExitPolicy
 from rayexit.errors import RayexitError
 
-RUNS = ("sweep", "fault", "overload", "poison", "guard")
+RUNS = ("sweep", "fault", "overload", "poison", "guard", "tag")
+DEFAULT_RUNS = ("sweep", "fault", "overload", "poison", "guard")  # the tag run needs a token model: asked for by name
 # The sweep compares configurations by throughput under closed-loop load, where p99 is clients / rate
 # whatever the batching: shedding (on by default in serving) would turn that comparison into 503 counts.
 SWEEP_NO_SHEDDING = {"max_queue_wait_ms": 600_000.0, "max_queued_texts": 1_000_000}
@@ -58,13 +61,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--target-p99-ms", type=float, default=250.0)
     p.add_argument("--fault-seconds", type=float, default=25.0, help="length of the fault run (0 skips it)")
     p.add_argument("--configs", help="comma-separated subset of: " + ", ".join(CONFIGS))
-    p.add_argument("--runs", default=",".join(RUNS), help="comma-separated subset of: " + ", ".join(RUNS))
+    p.add_argument("--runs", default=",".join(DEFAULT_RUNS), help="comma-separated subset of: " + ", ".join(RUNS))
     p.add_argument("--overload-seconds", type=float, default=60.0, help="length of the open-loop overload run")
     p.add_argument("--overload-factor", type=float, default=2.0, help="offered rate as a multiple of the sustainable")
     p.add_argument("--calibrate-seconds", type=float, default=15.0, help="closed loop measuring the sustainable rate")
     p.add_argument("--poison-requests", type=int, default=160, help="requests in the poisoned-batch run (1 in 8 bad)")
     p.add_argument("--seed", type=int, default=0)
     serve_guard.add_arguments(p)
+    p.add_argument("--tag-model", help="token model directory for the tag run (its policy is re-chosen on valid.txt)")
+    p.add_argument("--datasets", help="folder holding conll2003/{valid,test}.txt (default ../shared/datasets)")
+    p.add_argument("--tag-max-drop", type=float, default=0.005,
+                   help="largest entity-F1 drop (0-1 scale, bootstrap bound on valid) the tag run's policy may cost")
     p.set_defaults(func=run)
 
 
@@ -78,6 +85,11 @@ def run(args: argparse.Namespace) -> int:
     bad_runs = [r for r in runs if r not in RUNS]
     if bad_runs:
         raise RayexitError(f"--runs: unknown {', '.join(bad_runs)}; known: {', '.join(RUNS)}")
+    if "tag" in runs and not args.tag_model:
+        raise RayexitError("--runs tag: give --tag-model DIR, a token model directory")
+    levels = [int(x) for x in args.concurrency.split(",")]
+    if runs == ["tag"]:
+        return run_tag_only(args, levels)
     model_dir = Path(args.model) if args.model else train_quick_model(Path(args.work))
     levels = [int(x) for x in args.concurrency.split(",")]
     names = [n.strip() for n in args.configs.split(",")] if args.configs else list(CONFIGS)
@@ -153,6 +165,9 @@ def run(args: argparse.Namespace) -> int:
             except RayexitError as exc:
                 report["fault"] = {"error": str(exc)}
                 print(f"fault run failed: {exc}", flush=True)
+        if "tag" in runs:
+            report["tag"] = tag_run(args, levels, running)
+            write_json(args.json, report)
     finally:
         if running is not None:
             running.stop()
@@ -162,6 +177,90 @@ def run(args: argparse.Namespace) -> int:
     write_json(args.json, report)
     print(f"report -> {args.json}")
     return 0
+
+
+def run_tag_only(args: argparse.Namespace, levels: list[int]) -> int:
+    """`--runs tag`: no sequence model is trained or served."""
+    from rayexit.files import write_json
+
+    report: dict[str, Any] = {"machine": machine_info(), "runs_done": ["tag"], "requests_per_level": args.requests,
+                              "texts_per_request": args.texts_per_request, "target_p99_ms": args.target_p99_ms,
+                              "concurrency": levels}
+    report["tag"] = tag_run(args, levels, None)
+    write_json(args.json, report)
+    print(f"report -> {args.json}")
+    return 0
+
+
+def tag_run(args: argparse.Namespace, levels: list[int], running) -> dict:
+    """The sweep's configurations on /v1/tag (see bench/serve_tag.py); full depth last, so every row can be
+    scored against what full depth served for the same sentences."""
+    from rayexit.bench.common import datasets_dir
+    from rayexit.bench.serve_tag import (
+        choose_token_policy,
+        conll_file,
+        format_tag_row,
+        format_tag_summary,
+        score_rows,
+        served_tags,
+        summarize_tag,
+        tag_payloads,
+    )
+    from rayexit.data.conll import read_conll
+    from rayexit.models import read_exit_config
+    from rayexit.serve.run import start_serving
+    from rayexit.serve.settings import ServeSettings
+
+    datasets = datasets_dir(args.datasets)
+    valid, test_path = conll_file(datasets, "valid.txt"), conll_file(datasets, "test.txt")
+    model_dir = choose_token_policy(Path(args.tag_model), valid, Path(args.work) / "tag-model", args.tag_max_drop)
+    exit_config = read_exit_config(model_dir)
+    test = read_conll(test_path)
+    payloads, groups = tag_payloads(test.words, args.texts_per_request, args.seed)
+    names = [n.strip() for n in args.configs.split(",")] if args.configs else list(CONFIGS)
+    names = sorted(names, key=lambda n: n == "full depth adaptive")
+    base = {"model_dir": str(model_dir), "target_p99_ms": args.target_p99_ms, "max_texts": args.texts_per_request}
+    rows: list[dict] = []
+    tags: dict[tuple[str, int], dict[int, list[str]]] = {}
+    controller: dict[str, list] = {}
+    started_here = running is None
+    try:
+        for name in names:
+            settings = ServeSettings.from_args({**base, **CONFIGS[name], **SWEEP_NO_SHEDDING})
+            if running is None:
+                running = start_serving(settings)
+            else:
+                redeploy(settings)
+            for level in levels:
+                asyncio.run(load(running.url, payloads[:20], 2, 20, 30, "/v1/tag"))  # warm
+                answers: dict[int, bytes] = {}
+                result = asyncio.run(
+                    load(running.url, payloads, level, args.requests, args.level_timeout, "/v1/tag", answers)
+                )
+                result.update(config=name, concurrency=level)
+                tags[(name, level)] = served_tags(answers, groups)
+                rows.append(result)
+                print("tag " + format_row(result), flush=True)
+            controller[name] = controller_history()
+    finally:
+        if started_here and running is not None:
+            running.stop()
+    score_rows(rows, tags, test.tags)
+    for row in rows:
+        print(format_tag_row(row), flush=True)
+    summary = summarize_tag(rows, levels)
+    print(format_tag_summary(summary), flush=True)
+    return {
+        "model": str(model_dir),
+        "source_model": str(args.tag_model),
+        "policy": exit_config.policy.to_dict(),
+        "policy_choice": exit_config.extra.get("policy_choice"),
+        "requests_from": f"{test_path.name}: {len(test)} sentences, {args.texts_per_request} per request, "
+        f"seed {args.seed}",
+        "runs": rows,
+        "controller": controller,
+        "summary": summary,
+    }
 
 
 def train_quick_model(work: Path) -> Path:
@@ -238,8 +337,13 @@ def controller_history() -> list[dict]:
     return [{k: d[k] for k in ("max_batch_size", "batch_wait_timeout_s", "relax_level", "p99_s")} for d in history]
 
 
-async def load(url: str, payloads: list[dict], concurrency: int, count: int, timeout_s: float) -> dict:
-    """Closed loop: `concurrency` clients, each sending its next request when the last one answers."""
+async def load(
+    url: str, payloads: list[dict], concurrency: int, count: int, timeout_s: float, route: str = "/v1/classify",
+    answers: dict[int, bytes] | None = None,
+) -> dict:
+    """Closed loop: `concurrency` clients, each sending its next request when the last one answers.
+
+    `answers`, when given, collects the body of every 200 answer by request number."""
     import aiohttp
 
     latencies: list[float] = []
@@ -250,13 +354,16 @@ async def load(url: str, payloads: list[dict], concurrency: int, count: int, tim
     async def client(session) -> None:
         nonlocal next_index
         while next_index < count and time.perf_counter() < deadline:
-            payload = payloads[next_index % len(payloads)]
+            index = next_index
+            payload = payloads[index % len(payloads)]
             next_index += 1
             start = time.perf_counter()
             try:
-                async with session.post(url + "/v1/classify", json=payload) as response:
-                    await response.read()
+                async with session.post(url + route, json=payload) as response:
+                    body = await response.read()
                     key = str(response.status)
+                if answers is not None and key == "200":
+                    answers[index] = body
             except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
                 key = type(exc).__name__
             statuses[key] = statuses.get(key, 0) + 1

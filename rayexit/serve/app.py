@@ -26,6 +26,7 @@ from typing import Any
 from ray import serve
 
 from rayexit.errors import RayexitError
+from rayexit.serve.controller import relax_policy
 from rayexit.serve.queueing import Admission, ItemFailed, Overloaded, Shed, Skipped, run_isolated, waves
 from rayexit.serve.settings import ServeSettings
 from rayexit.serve.validation import RequestError
@@ -54,12 +55,21 @@ class _Item:
 
 # Helpers sit above the deployment class: Serve captures the ingress class when it is decorated,
 # and a module-level name defined after it was missing in the replica (NameError at request time).
-def _load_tagger(settings: ServeSettings):
+def _load_tagger(settings: ServeSettings, saved_policy):
+    """The token model on the settings' device and dtype, serving its saved token policy (or the override)."""
     try:
-        from rayexit.serve.tagging import ServedTagger
+        from rayexit.serve.tagging import ServedTagger, served_token_policy
     except ImportError as exc:
         raise RayexitError(f"{settings.model_dir}: token models cannot be served yet ({exc})") from None
-    return ServedTagger.from_model_dir(settings.model_dir, settings.device, settings.dtype)
+    try:
+        policy = served_token_policy(saved_policy, settings.policy_kind, settings.thresholds)
+    except RayexitError as exc:
+        raise RayexitError(f"serve args (policy_kind / thresholds) for a token model: {exc}") from None
+    tagger = ServedTagger.from_model_dir(
+        settings.model_dir, policy, settings.device, settings.dtype, settings.token_budget, settings.overload_layer_cap
+    )
+    tagger.warm_up()
+    return tagger
 
 
 def _make_guard(settings: ServeSettings, served):
@@ -128,7 +138,7 @@ class ExitClassifier:
             self.engine.warm_up()
             self.num_layers = self.engine.num_layers
         else:
-            self.tagger = _load_tagger(self.settings)
+            self.tagger = _load_tagger(self.settings, self.exit_config.policy)
             self.num_layers = self.tagger.num_layers
         self.guard = _make_guard(self.settings, self.engine or self.tagger)
         self._checking: asyncio.Task | None = None
@@ -150,7 +160,9 @@ class ExitClassifier:
     # -- what the routes call --------------------------------------------------------------------
 
     def model_info(self) -> dict[str, Any]:
-        policy = self.engine.policy if self.engine is not None else self.exit_config.policy
+        model = self.engine if self.engine is not None else self.tagger
+        policy = model.policy
+        in_force = relax_policy(policy, self.controller.relax_level, len(self.exit_config.labels))
         limits = self.limits
         return {
             "task": self.exit_config.task,
@@ -158,6 +170,8 @@ class ExitClassifier:
             "layers": self.num_layers,
             "method": self.exit_config.method,
             "policy": {"kind": policy.kind, "thresholds": policy.per_layer(self.num_layers)},
+            # What requests get now: the policy above relaxed `batching.relax_level` steps under load.
+            "policy_in_force": {"kind": in_force.kind, "thresholds": in_force.per_layer(self.num_layers)},
             "max_length": self.exit_config.max_length,
             "limits": {
                 "max_texts": limits.max_texts,
@@ -182,7 +196,8 @@ class ExitClassifier:
                 "head_wait_ms": round(self.admission.head_wait_s * 1000, 1),
                 "estimated_drain_ms": round(self.admission.estimated_wait_s() * 1000, 1),
             },
-            "device": str(self.engine.device) if self.engine is not None else None,
+            "device": str(model.device),
+            "dtype": str(model.dtype).removeprefix("torch."),
             "guard": self.guard.state() if self.guard is not None else None,
         }
 
@@ -325,9 +340,19 @@ class ExitClassifier:
 
     async def _tag_run(self, items: list[_Item]) -> list:
         loop = asyncio.get_running_loop()
-        results = await loop.run_in_executor(
-            self._pool, self.tagger.tag_words, [item.payload for item in items], [item.layer_cap for item in items]
+        results, stats = await loop.run_in_executor(
+            self._pool,
+            self.tagger.tag_words,
+            [item.payload for item in items],
+            [item.layer_cap for item in items],
+            self.controller.relax_level,
         )
+        if stats.padded_tokens:
+            self.metrics.padding.observe(1 - stats.real_tokens / stats.padded_tokens)
+        for result in results:
+            # A sentence leaves the network with its last word: one observation per text, as for /v1/classify.
+            if result["exit_layers"]:
+                self.metrics.exit_layer.observe(max(result["exit_layers"]))
         if self.guard is not None:
             self.guard.offer([item.payload for item in items if item.payload])
         return results

@@ -48,7 +48,8 @@ class ServeSettings:
     relax_under_load: bool = False
     max_relax_level: int = 3
     overload_layer_cap: int | None = None
-    # Exit policy override; `policy_kind: none` serves full depth.
+    # Exit policy override; `policy_kind: none` serves full depth. A token model takes tokee or sentee
+    # (its window / reduce stay the model directory's), a sequence model entropy, maxprob or patience.
     policy_kind: str | None = None
     thresholds: float | list[float] | None = None
     # Accuracy guard (serve/guard.py): off unless guard_target is set. A `guard_sample` share of served texts
