@@ -11,6 +11,7 @@ Runs (`--runs`, all by default):
   the shed fraction (503 with Retry-After) and any other 5xx (target 0).
 - poison: a closed loop in which 1 request in 8 carries a text the tokenizer cannot encode
   (a lone surrogate): how many valid requests failed (target 0).
+- rebatch: layer-level rebatching on against off at every concurrency level (serve_rebatch.py).
 """
 
 from __future__ import annotations
@@ -26,11 +27,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rayexit.bench import serve_rebatch
 from rayexit.bench.common import machine_info
 from rayexit.config import ExitPolicy
 from rayexit.errors import RayexitError
 
-RUNS = ("sweep", "fault", "overload", "poison")
+RUNS = ("sweep", "fault", "overload", "poison", "rebatch")
 # The sweep compares configurations by throughput under closed-loop load, where p99 is clients / rate
 # whatever the batching: shedding (on by default in serving) would turn that comparison into 503 counts.
 SWEEP_NO_SHEDDING = {"max_queue_wait_ms": 600_000.0, "max_queued_texts": 1_000_000}
@@ -62,6 +64,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calibrate-seconds", type=float, default=15.0, help="closed loop measuring the sustainable rate")
     p.add_argument("--poison-requests", type=int, default=160, help="requests in the poisoned-batch run (1 in 8 bad)")
     p.add_argument("--seed", type=int, default=0)
+    serve_rebatch.add_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -120,6 +123,11 @@ def run(args: argparse.Namespace) -> int:
                 report.setdefault("controller", {})[name] = controller_history()
         if running is None:
             running = start_serving(adaptive, include_dashboard="fault" in runs)
+        if "rebatch" in runs:
+            report["rebatch"] = serve_rebatch.compare(running.url, base, payloads, levels, args.requests,
+                                                      args.level_timeout, args.rebatch_repeats)
+            print(serve_rebatch.format_summary(report["rebatch"]["levels"]), flush=True)
+            write_json(args.json, report)
         unshed = ServeSettings.from_args({**base, **CONFIGS["early-exit adaptive"], **SWEEP_NO_SHEDDING})
         if "poison" in runs and args.poison_requests > 0:
             # Shedding off: this run measures isolation, and a 503 from load would blur the count it reports.

@@ -27,6 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--target-p99-ms", type=float, help="latency target the adaptive batching steers toward")
     p.add_argument("--relax-under-load", action="store_true", help="relax exit thresholds while p99 is over target")
     p.add_argument("--max-texts", type=int, help="most texts one request may carry")
+    p.add_argument("--rebatch", action="store_true",
+                   help="layer-level rebatching: texts that survive a layer in different batches share the next")
     p.set_defaults(func=run)
 
 
@@ -99,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
         "target_p99_ms": args.target_p99_ms,
         "relax_under_load": args.relax_under_load or None,
         "max_texts": args.max_texts,
+        "rebatch": args.rebatch or None,
     }
     settings = ServeSettings.from_args({k: v for k, v in options.items() if v is not None}).resolved()
     app_name = check_app_name(args.app_name or default_app_name(settings.model_dir))
