@@ -216,3 +216,25 @@ def test_rebatcher_thread_answers_concurrent_callers():
         expected = reference(MODEL, batch, [None] * len(batch), policy)
         assert [(a.prediction, a.exit_layer) for a in got] == [(e[0], e[1]) for e in expected]
         assert [a.confidence for a in got] == pytest.approx([e[2] for e in expected], abs=1e-5)
+
+
+def test_rows_of_an_abandoned_request_stop_computing():
+    policy = ExitPolicy("none", 0.0)
+    scheduler = LayerScheduler(MODEL, full_rows=1)
+    kept = scheduler.add([[101, 2000, 102]], [None], policy)
+    dropped = scheduler.add([[101, 3000, 3001, 102]] * 2, [None, None], policy)
+    scheduler.step()  # layer 1 for all three rows
+    for future in dropped:
+        future.cancel()
+    scheduler.run_until_idle()
+    assert kept[0].result(timeout=0).exit_layer == MODEL.num_layers
+    assert scheduler.layer_rows == 3 + (MODEL.num_layers - 1)
+
+
+def test_rebatch_setting_must_be_a_boolean():
+    from rayexit.errors import RayexitError
+    from rayexit.serve.settings import ServeSettings
+
+    assert ServeSettings.from_args({"model_dir": "m", "rebatch": True}).rebatch is True
+    with pytest.raises(RayexitError, match="serve args.rebatch: got 'yes', expected true or false"):
+        ServeSettings.from_args({"model_dir": "m", "rebatch": "yes"})

@@ -238,6 +238,11 @@ class LayerScheduler:
                 for future in group.futures:
                     _fail(future, exc)
             return True
+        alive = [not future.cancelled() for future in batch.futures]
+        if not all(alive):  # their requests were abandoned: stop computing for them
+            if not any(alive):
+                return True
+            batch = batch.select(torch.tensor(alive, device=batch.mask.device))
         self._run(layer, batch)
         return True
 
