@@ -81,19 +81,19 @@ def assert_same(futures, expected) -> None:
 MODEL = varied_model()
 BATCHES = request_batches()
 POLICIES = policies(MODEL, [s for b in BATCHES for s in b])
-SCHEDULES = {  # (full_rows, max_hold_s): three different orders of the same work
-    "fullest-deepest": (1, 1e9),
-    "shallowest-first": (10_000, 1e9),
-    "hold-every-step": (10_000, 0.0),
+SCHEDULES = {  # (full_rows, max_hold_s, pad_slack): different orders and mergings of the same work
+    "fullest-deepest": (1, 1e9, 1.25),
+    "shallowest-first": (10_000, 1e9, 100.0),
+    "hold-every-step": (10_000, 0.0, 100.0),
 }
 
 
 @pytest.mark.parametrize("schedule", list(SCHEDULES))
 @pytest.mark.parametrize("name", list(POLICIES))
 def test_rebatched_answers_equal_the_runner_per_batch(name, schedule):
-    full_rows, hold = SCHEDULES[schedule]
+    full_rows, hold, slack = SCHEDULES[schedule]
     policy = POLICIES[name]
-    scheduler = LayerScheduler(MODEL, full_rows=full_rows, max_hold_s=hold, token_budget=10_000)
+    scheduler = LayerScheduler(MODEL, full_rows=full_rows, max_hold_s=hold, token_budget=10_000, pad_slack=slack)
     rng = random.Random(1)
     submitted = []
     runs_alone = 0
@@ -161,6 +161,18 @@ def test_new_requests_start_at_once_and_stragglers_are_not_starved():
     assert scheduler.pick() == 0  # a full queue goes first
     clock.now += 0.06  # everything has now waited past the hold: the deepest goes first
     assert scheduler.pick() == 2
+
+
+def test_groups_merge_only_when_padding_stays_bounded():
+    policy = ExitPolicy("none", 0.0)
+    scheduler = LayerScheduler(MODEL, full_rows=1, pad_slack=1.25)
+    short = scheduler.add([[101] + [2000] * 8 + [102]] * 2, [None] * 2, policy)  # width 10
+    scheduler.add([[101] + [2000] * 38 + [102]], [None], policy)  # width 40: would quadruple the short rows' cost
+    similar = scheduler.add([[101] + [2000] * 9 + [102]] * 2, [None] * 2, policy)  # width 11
+    scheduler.step()
+    assert scheduler.layer_rows == 4 and scheduler.waiting()[0] == 1  # the two narrow groups merged, the wide waits
+    scheduler.run_until_idle()
+    assert all(f.result(timeout=0).exit_layer == MODEL.num_layers for f in short + similar)
 
 
 def test_a_failing_row_fails_alone_at_entry_and_deep_layers(monkeypatch):

@@ -127,6 +127,7 @@ class LayerScheduler:
         full_rows: int = 16,
         max_hold_s: float = 0.01,
         token_budget: int = 4096,
+        pad_slack: float = 1.25,
         clock: Callable[[], float] = time.perf_counter,
         on_layer: Callable[[int, int], None] | None = None,
     ) -> None:
@@ -136,6 +137,7 @@ class LayerScheduler:
         self.full_rows = max(1, full_rows)
         self.max_hold_s = max_hold_s
         self.token_budget = token_budget
+        self.pad_slack = pad_slack
         self.clock = clock
         self.on_layer = on_layer
         self._queues: list[deque[_Group]] = [deque() for _ in range(self.num_layers)]
@@ -210,17 +212,24 @@ class LayerScheduler:
         return waiting[0]
 
     def _take(self, layer: int) -> list[_Group]:
-        """Groups from the head of `layer`'s queue, as many as fit the token budget (at least one) and share a kind."""
+        """The oldest group at `layer` and every other there that fits beside it: the same kind, the token
+        budget, and at most `pad_slack` times the padded tokens the groups would compute apart (on a CPU,
+        compute grows with padded tokens, so merging a short group into a long one must not double its cost)."""
         queue = self._queues[layer]
         taken = [queue.popleft()]
-        rows, width = taken[0].rows, taken[0].mask.shape[1]
-        while queue and queue[0].kind == taken[0].kind:
-            head = queue[0]
-            wider = max(width, head.mask.shape[1])
-            if (rows + head.rows) * wider > self.token_budget:
-                break
-            taken.append(queue.popleft())
-            rows, width = rows + head.rows, wider
+        rows, width, apart = taken[0].rows, taken[0].mask.shape[1], taken[0].mask.numel()
+        kept: list[_Group] = []
+        while queue:
+            group = queue.popleft()
+            wider = max(width, group.mask.shape[1])
+            merged = (rows + group.rows) * wider
+            fits = merged <= self.token_budget and merged <= self.pad_slack * (apart + group.mask.numel())
+            if group.kind != taken[0].kind or not fits:
+                kept.append(group)
+                continue
+            taken.append(group)
+            rows, width, apart = rows + group.rows, wider, apart + group.mask.numel()
+        queue.extend(kept)
         self._rows[layer] -= rows
         return taken
 
