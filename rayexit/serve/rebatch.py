@@ -7,8 +7,9 @@ travelling with it: its hidden states, its own exit thresholds (a row keeps the 
 level it was admitted under), its depth cap and its patience state (last argmax, agreeing
 layers so far). One `step()` picks a layer, merges the groups waiting there into one working
 batch (re-padded to the longest row among them; the attention mask hides the new columns,
-so every row's numbers are what it would get alone), runs that layer and its exit, answers
-the rows that leave and queues the rest for the next layer.
+so every row's numbers are what it would get alone; a group joins only while the padding
+stays within `pad_slack` of computing the groups apart), runs that layer and its exit,
+answers the rows that leave and queues the rest for the next layer.
 
 Which layer runs next (`LayerScheduler.pick`):
 1. a queue whose oldest group has waited `max_hold_s` or more, deepest first: nobody starves;
@@ -203,7 +204,7 @@ class LayerScheduler:
         waiting = [k for k in range(self.num_layers) if self._queues[k]]
         if not waiting:
             return None
-        overdue = [k for k in waiting if now - self._queues[k][0].ready_at >= self.max_hold_s]
+        overdue = [k for k in waiting if now - min(g.ready_at for g in self._queues[k]) >= self.max_hold_s]
         if overdue:
             return max(overdue)
         full = [k for k in waiting if self._rows[k] >= self.full_rows]
