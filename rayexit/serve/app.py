@@ -34,7 +34,8 @@ log = logging.getLogger(__name__)
 
 DEPLOYMENT_NAME = "ExitClassifier"
 # With rebatching, this many entry batches may be inside the layer scheduler at once: the merging happens there.
-REBATCH_BATCHES = 4
+# More than a few, because the controller may shrink entry batches (their time now includes the layer queues).
+REBATCH_BATCHES = 8
 
 
 @dataclass
@@ -381,8 +382,6 @@ class ExitClassifier:
         for batcher in (self._classify_batch, self._classify_batch_rebatched, self._tag_batch):
             batcher.set_max_batch_size(self.controller.max_batch_size)
             batcher.set_batch_wait_timeout_s(self.controller.batch_wait_timeout_s)
-        if self.rebatched is not None:  # a layer's queue counts as full at the batch size the controller allows
-            self.rebatched.scheduler.full_rows = self.controller.max_batch_size
         self.metrics.max_batch_size.set(self.controller.max_batch_size)
         self.metrics.batch_wait.set(self.controller.batch_wait_timeout_s * 1000)
         self.metrics.relax_level.set(self.controller.relax_level)
