@@ -250,3 +250,28 @@ def test_rebatch_setting_must_be_a_boolean():
     assert ServeSettings.from_args({"model_dir": "m", "rebatch": True}).rebatch is True
     with pytest.raises(RayexitError, match="serve args.rebatch: got 'yes', expected true or false"):
         ServeSettings.from_args({"model_dir": "m", "rebatch": "yes"})
+
+
+def test_rows_per_layer_execution_are_counted_as_computed(monkeypatch, minilm_tokenizer):
+    """The metric both ways: the runner's pass statistics and the scheduler's callback see what run_layer saw."""
+    from rayexit.serve.engine import ServedClassifier
+
+    computed: list[int] = []
+    run_layer = MODEL.run_layer
+
+    def counting(index, hidden, mask):
+        computed.append(hidden.shape[0])
+        return run_layer(index, hidden, mask)
+
+    monkeypatch.setattr(MODEL, "run_layer", counting)
+    engine = ServedClassifier(MODEL, minilm_tokenizer, POLICIES["entropy"], token_budget=64)
+    sequences = [s for b in BATCHES for s in b]
+    _, stats = engine.classify_encoded(sequences)
+    assert stats.passes > 1 and stats.layer_rows == computed
+    computed.clear()
+    seen: list[int] = []
+    scheduler = LayerScheduler(MODEL, full_rows=4, on_layer=lambda layer, rows: seen.append(rows))
+    for batch in BATCHES:
+        scheduler.add(batch, [None] * len(batch), POLICIES["entropy"])
+    scheduler.run_until_idle()
+    assert seen == computed and scheduler.layer_rows == sum(computed) and scheduler.layer_runs == len(computed)
