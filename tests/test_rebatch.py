@@ -275,3 +275,34 @@ def test_rows_per_layer_execution_are_counted_as_computed(monkeypatch, minilm_to
         scheduler.add(batch, [None] * len(batch), POLICIES["entropy"])
     scheduler.run_until_idle()
     assert seen == computed and scheduler.layer_rows == sum(computed) and scheduler.layer_runs == len(computed)
+
+
+@pytest.mark.parametrize("flags, expected", [([], False), (["--rebatch"], True)])
+def test_serve_command_flag_reaches_the_settings(monkeypatch, tmp_path, flags, expected):
+    import rayexit.cluster
+    import rayexit.serve.run as serve_run
+    from rayexit.cli import build_parser
+
+    class Started(Exception):
+        pass
+
+    seen = {}
+
+    def fake_start(settings, **kwargs):
+        seen["rebatch"] = settings.rebatch
+        raise Started
+
+    class Cluster:
+        started, metrics_export_port, metrics_url = True, 1, None
+
+        def shutdown(self):
+            pass
+
+    monkeypatch.setattr(serve_run, "start_serving", fake_start)
+    monkeypatch.setattr(rayexit.cluster, "connect", lambda *a, **k: Cluster())  # no real Ray
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "rayexit.json").write_text("{}")
+    args = build_parser().parse_args(["serve", str(tmp_path / "model"), "--port", str(serve_run.free_port()), *flags])
+    with pytest.raises(Started):
+        args.func(args)
+    assert seen == {"rebatch": expected}
