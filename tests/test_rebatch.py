@@ -306,3 +306,20 @@ def test_serve_command_flag_reaches_the_settings(monkeypatch, tmp_path, flags, e
     with pytest.raises(Started):
         args.func(args)
     assert seen == {"rebatch": expected}
+
+
+def test_bench_summary_takes_medians_per_side_and_level():
+    from rayexit.bench.serve_rebatch import format_summary, summarize
+
+    def sample(side, rate, p99, rows, repeat):
+        return {"side": side, "concurrency": 16, "repeat": repeat, "requests_per_s": rate, "p50_ms": p99 / 2,
+                "p99_ms": p99, "rows_per_layer_run": rows, "server_errors_5xx": 0, "requests": 100}
+
+    samples = [sample("off", 10.0, 200.0, 3.0, 0), sample("on", 13.0, 150.0, 9.0, 0),
+               sample("off", 12.0, 220.0, 3.5, 1), sample("on", 12.0, 170.0, 8.0, 1),
+               sample("off", 11.0, 210.0, 3.2, 2), sample("on", 14.0, 160.0, 10.0, 2)]
+    (row,) = summarize(samples, [16])
+    assert row["off"]["requests_per_s"] == 11.0 and row["on"]["requests_per_s"] == 13.0
+    assert row["on"]["requests_per_s_spread"] == 2.0 and row["on"]["rows_per_layer_run"] == 9.0
+    assert row["ratio"] == round(13 / 11, 3) and row["p99_ratio"] == round(160 / 210, 3)
+    assert "(1.182)" in format_summary([row])
