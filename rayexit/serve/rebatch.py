@@ -28,12 +28,13 @@ runs it in one worker thread of the replica.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
 
 import torch
@@ -314,12 +315,12 @@ class LayerScheduler:
 
 
 def _resolve(future: Future, value: Exited) -> None:
-    if not future.done():  # a caller may have given up on it (cancelled request)
+    with contextlib.suppress(InvalidStateError):  # its caller gave up on it (cancelled request), maybe just now
         future.set_result(value)
 
 
 def _fail(future: Future, exc: BaseException) -> None:
-    if not future.done():
+    with contextlib.suppress(InvalidStateError):
         future.set_exception(exc)
 
 
