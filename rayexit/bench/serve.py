@@ -14,6 +14,7 @@ Runs (`--runs`, all by default):
 - guard: the accuracy guard on a stream that shifts (bench/serve_guard.py).
 - tag (opt-in, needs `--tag-model`): the sweep's configurations on `/v1/tag` with a token model,
   CoNLL-2003 test sentences as requests, the served answers scored for entity F1 (bench/serve_tag.py).
+- rebatch: layer-level rebatching on against off at every concurrency level (serve_rebatch.py).
 """
 
 from __future__ import annotations
@@ -29,13 +30,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rayexit.bench import serve_guard
+from rayexit.bench import serve_guard, serve_rebatch
 from rayexit.bench.common import machine_info
 from rayexit.config import ExitPolicy
 from rayexit.errors import RayexitError
 
-RUNS = ("sweep", "fault", "overload", "poison", "guard", "tag")
-DEFAULT_RUNS = ("sweep", "fault", "overload", "poison", "guard")  # the tag run needs a token model: asked for by name
+RUNS = ("sweep", "fault", "overload", "poison", "guard", "rebatch", "tag")
+# the tag run needs a token model: asked for by name
+DEFAULT_RUNS = ("sweep", "fault", "overload", "poison", "guard", "rebatch")
 # The sweep compares configurations by throughput under closed-loop load, where p99 is clients / rate
 # whatever the batching: shedding (on by default in serving) would turn that comparison into 503 counts.
 SWEEP_NO_SHEDDING = {"max_queue_wait_ms": 600_000.0, "max_queued_texts": 1_000_000}
@@ -72,6 +74,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--datasets", help="folder holding conll2003/{valid,test}.txt (default ../shared/datasets)")
     p.add_argument("--tag-max-drop", type=float, default=0.005,
                    help="largest entity-F1 drop (0-1 scale, bootstrap bound on valid) the tag run's policy may cost")
+    serve_rebatch.add_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -135,6 +138,11 @@ def run(args: argparse.Namespace) -> int:
                 report.setdefault("controller", {})[name] = controller_history()
         if running is None:
             running = start_serving(adaptive, include_dashboard="fault" in runs)
+        if "rebatch" in runs:
+            report["rebatch"] = serve_rebatch.compare(running.url, base, payloads, levels, args.requests,
+                                                      args.level_timeout, args.rebatch_repeats)
+            print(serve_rebatch.format_summary(report["rebatch"]["levels"]), flush=True)
+            write_json(args.json, report)
         unshed = ServeSettings.from_args({**base, **CONFIGS["early-exit adaptive"], **SWEEP_NO_SHEDDING})
         if "poison" in runs and args.poison_requests > 0:
             # Shedding off: this run measures isolation, and a 503 from load would blur the count it reports.

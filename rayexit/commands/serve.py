@@ -33,6 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "(default 0.05)")
     p.add_argument("--guard-allow-past-tuned", action="store_true",
                    help="accuracy guard: may relax thresholds past the tuned values when agreement allows")
+    p.add_argument("--rebatch", action="store_true",
+                   help="layer-level rebatching: texts that survive a layer in different batches share the next")
     p.set_defaults(func=run)
 
 
@@ -108,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
         "guard_target": args.guard_target,
         "guard_sample": args.guard_sample,
         "guard_allow_past_tuned": args.guard_allow_past_tuned or None,
+        "rebatch": args.rebatch or None,
     }
     settings = ServeSettings.from_args({k: v for k, v in options.items() if v is not None}).resolved()
     app_name = check_app_name(args.app_name or default_app_name(settings.model_dir))

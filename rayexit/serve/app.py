@@ -34,6 +34,9 @@ from rayexit.serve.validation import RequestError
 log = logging.getLogger(__name__)
 
 DEPLOYMENT_NAME = "ExitClassifier"
+# With rebatching, this many entry batches may be inside the layer scheduler at once: the merging happens there.
+# More than a few, because the controller may shrink entry batches (their time now includes the layer queues).
+REBATCH_BATCHES = 8
 
 
 @dataclass
@@ -118,7 +121,8 @@ class ExitClassifier:
             torch.set_num_threads(self.settings.torch_threads)
         self.exit_config = read_exit_config(self.settings.model_dir)
         self.limits = self.settings.limits()
-        self.engine = self.tagger = None
+        self.engine = self.tagger = self.rebatched = None
+        self.layer_runs = self.layer_rows = 0  # layer executions and the rows they computed (rows per run)
         if self.exit_config.task == "sequence":
             policy = None
             if self.settings.policy_kind is not None or self.settings.thresholds is not None:
@@ -137,6 +141,12 @@ class ExitClassifier:
             )
             self.engine.warm_up()
             self.num_layers = self.engine.num_layers
+            if self.settings.rebatch:
+                from rayexit.serve.rebatch import RebatchedClassifier
+
+                self.rebatched = RebatchedClassifier(self.engine, self.settings.max_batch_size,
+                                                     self.settings.rebatch_hold_ms / 1000,
+                                                     lambda layer, rows: self._count_layer(rows))
         else:
             self.tagger = _load_tagger(self.settings, self.exit_config.policy)
             self.num_layers = self.tagger.num_layers
@@ -187,6 +197,10 @@ class ExitClassifier:
                 "target_p99_ms": self.settings.target_p99_ms,
                 "relax_level": self.controller.relax_level,
                 "wave_tokens": self.settings.wave_tokens,
+                "rebatch": self.rebatched is not None,
+                "layer_runs": self.layer_runs,
+                "layer_rows": self.layer_rows,
+                "rows_per_layer_run": round(self.layer_rows / self.layer_runs, 3) if self.layer_runs else None,
             },
             "queue": {
                 "queued_texts": self.admission.queued_texts,
@@ -211,7 +225,8 @@ class ExitClassifier:
         self._check_depth(max_layers)
         sequences = _encode_checked(self.engine.encode, texts)
         items = self._items(sequences, [len(s) for s in sequences], max_layers)
-        answers = await self._submit(self._classify_batch, items)
+        batcher = self._classify_batch if self.rebatched is None else self._classify_batch_rebatched
+        answers = await self._submit(batcher, items)
         self._record_latency(started, "classify")
         return {"results": [a.to_json() for a in answers], "layers": self.num_layers}
 
@@ -317,11 +332,27 @@ class ExitClassifier:
     async def _classify_batch(self, items: list[_Item]) -> list:
         return await self._run_batch(items, self._classify_run)
 
+    # Several entry batches at once, so the layer scheduler has rows from different batches to merge.
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002, max_concurrent_batches=REBATCH_BATCHES)
+    async def _classify_batch_rebatched(self, items: list[_Item]) -> list:
+        return await self._run_batch(items, self._classify_run)
+
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
     async def _tag_batch(self, items: list[_Item]) -> list:
         return await self._run_batch(items, self._tag_run)
 
     async def _classify_run(self, items: list[_Item]) -> list:
+        if self.rebatched is not None:  # failures come back per row (ItemFailed), already isolated
+            answers = await self.rebatched.classify_encoded(
+                [item.payload for item in items], [item.layer_cap for item in items], self.controller.relax_level
+            )
+            for answer in answers:
+                if not isinstance(answer, ItemFailed):
+                    self.metrics.exit_layer.observe(answer.exit_layer)
+            if self.guard is not None:  # the guard samples rebatched traffic too
+                served = [item.payload for item, answer in zip(items, answers) if not isinstance(answer, ItemFailed)]
+                self.guard.offer(served)
+            return answers
         loop = asyncio.get_running_loop()
         answers, stats = await loop.run_in_executor(
             self._pool,
@@ -336,7 +367,15 @@ class ExitClassifier:
             self.metrics.exit_layer.observe(answer.exit_layer)
         if self.guard is not None:
             self.guard.offer([item.payload for item in items])
+        for rows in stats.layer_rows:
+            self._count_layer(rows)
         return answers
+
+    def _count_layer(self, rows: int) -> None:
+        """One execution of an encoder layer on `rows` texts (the rebatching worker thread calls it too)."""
+        self.layer_runs += 1
+        self.layer_rows += rows
+        self.metrics.layer_rows.observe(rows)
 
     async def _tag_run(self, items: list[_Item]) -> list:
         loop = asyncio.get_running_loop()
@@ -443,7 +482,7 @@ class ExitClassifier:
         self.metrics.guard_samples.set(state["samples"])
 
     def _publish_controller_state(self) -> None:
-        for batcher in (self._classify_batch, self._tag_batch):
+        for batcher in (self._classify_batch, self._classify_batch_rebatched, self._tag_batch):
             batcher.set_max_batch_size(self.controller.max_batch_size)
             batcher.set_batch_wait_timeout_s(self.controller.batch_wait_timeout_s)
         self.metrics.max_batch_size.set(self.controller.max_batch_size)

@@ -9,7 +9,7 @@ replica; Ray stays in app.py.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -37,6 +37,7 @@ class PassStats:
     passes: int = 0
     real_tokens: int = 0
     padded_tokens: int = 0
+    layer_rows: list[int] = field(default_factory=list)  # rows computed by each layer execution
 
 
 def pick_device(device: str) -> torch.device:
@@ -112,10 +113,7 @@ class ServedClassifier:
         self, sequences: list[list[int]], layer_caps: list[int | None] | None = None, relax_level: int = 0
     ) -> tuple[list[Answer], PassStats]:
         """As classify, on token ids already made by `encode` (the replica encodes once, to check texts early)."""
-        caps = layer_caps or [None] * len(sequences)
-        policy = relax_policy(self.policy, relax_level, len(self.labels))
-        if relax_level > 0 and self.overload_layer_cap is not None:
-            caps = [min(c or self.num_layers, self.overload_layer_cap) for c in caps]
+        caps, policy = self.plan(len(sequences), layer_caps, relax_level)
         answers: list[Answer | None] = [None] * len(sequences)
         stats = PassStats()
         by_cap: dict[int | None, list[int]] = {}
@@ -125,6 +123,16 @@ class ServedClassifier:
             for chunk in token_budget_chunks(rows, [len(sequences[i]) for i in rows], self.token_budget):
                 self._run_pass([sequences[i] for i in chunk], chunk, cap, policy, answers, stats)
         return answers, stats  # type: ignore[return-value]
+
+    def plan(
+        self, count: int, layer_caps: list[int | None] | None, relax_level: int
+    ) -> tuple[list[int | None], ExitPolicy]:
+        """Each text's depth cap and the policy they run under, load relief applied (shared with rebatching)."""
+        caps = list(layer_caps or [None] * count)
+        policy = relax_policy(self.policy, relax_level, len(self.labels))
+        if relax_level > 0 and self.overload_layer_cap is not None:
+            caps = [min(c or self.num_layers, self.overload_layer_cap) for c in caps]
+        return caps, policy
 
     def _run_pass(self, sequences, rows, cap, policy, answers, stats: PassStats) -> None:
         ids, mask = pad_batch(sequences, self.pad_id)
@@ -137,6 +145,8 @@ class ServedClassifier:
         predictions = result.predictions.tolist()
         confidences = result.confidences.float().tolist()
         layers = result.exit_layers.tolist()
+        # A row runs layer k iff it exits at k or later; the runner stops after the deepest exit.
+        stats.layer_rows += [sum(exit_layer > k for exit_layer in layers) for k in range(max(layers))]
         for j, row in enumerate(rows):
             answers[row] = Answer(self.labels[predictions[j]], confidences[j], layers[j])
 

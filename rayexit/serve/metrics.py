@@ -45,6 +45,11 @@ class ServeMetrics:
             description="Share of computed tokens that were padding, per batch.",
             boundaries=[0.05, 0.1, 0.2, 0.3, 0.5, 0.75],
         )
+        self.layer_rows = Histogram(
+            "rayexit_layer_rows",
+            description="Rows (texts) computed by each execution of one encoder layer; rebatching makes them fuller.",
+            boundaries=BATCH_SIZES,
+        )
         self.rejected = Counter(
             "rayexit_rejected_requests",
             description="Requests refused: 4xx for bad input, 503 when shed under load (reason: a fixed set).",

@@ -44,6 +44,11 @@ class ServeSettings:
     target_p99_ms: float = 250.0
     window_s: float = 1.0
     token_budget: int = 4096  # padded tokens per forward pass; a batch is split to stay under it
+    # Layer-level rebatching (classification): rows that survive a layer in different batches run the next
+    # layer together (rayexit/serve/rebatch.py). A layer's queue runs once it holds max_batch_size rows, or
+    # once its oldest rows waited rebatch_hold_ms; otherwise the shallowest queue runs, so new texts start at once.
+    rebatch: bool = False
+    rebatch_hold_ms: float = 10.0
     # Load relief (METHODS section 7): relax thresholds while p99 is over target, optionally cap depth.
     relax_under_load: bool = False
     max_relax_level: int = 3
@@ -73,7 +78,9 @@ class ServeSettings:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "max_relax_level" else 1):
                 raise RayexitError(f"serve args.{name}: got {value!r}, expected a whole number >= 1")
-        for name in ("batch_wait_ms", "max_batch_wait_ms", "target_p99_ms", "window_s"):
+        if not isinstance(self.rebatch, bool):
+            raise RayexitError(f"serve args.rebatch: got {self.rebatch!r}, expected true or false")
+        for name in ("batch_wait_ms", "max_batch_wait_ms", "target_p99_ms", "window_s", "rebatch_hold_ms"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
                 raise RayexitError(f"serve args.{name}: got {value!r}, expected a number >= 0")

@@ -1,0 +1,110 @@
+"""The real deployment class with `rebatch: true`, in this process (no Ray cluster), driven over ASGI:
+same answers as the runner, per-request depth caps, rows per layer execution reported, and a model
+failure inside a merged working batch failing only its own request."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+
+import httpx
+import pytest
+from test_serve_replica import RecordingMetric
+from test_serve_validation import TEXTS, confident_tiny_model
+
+
+@pytest.fixture(scope="module")
+def replica(tmp_path_factory, minilm_tokenizer):
+    import ray.serve
+    import ray.serve.api
+    import ray.util.metrics
+
+    from rayexit.serve.app import ExitClassifier
+
+    directory = tmp_path_factory.mktemp("rebatch-replica") / "model"
+    confident_tiny_model().save_pretrained(directory, minilm_tokenizer)
+    context = SimpleNamespace(_deployment_config=SimpleNamespace(max_ongoing_requests=256))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ray.serve.api, "get_replica_context", lambda: context)
+        patch.setattr(ray.serve, "get_replica_context", lambda: context)
+        for kind in ("Counter", "Gauge", "Histogram"):
+            patch.setattr(ray.util.metrics, kind, RecordingMetric)
+        cls = ExitClassifier.func_or_class
+        obj = cls.__new__(cls)
+        settings = {"model_dir": str(directory), "max_texts": 8, "adaptive": False, "max_batch_size": 4,
+                    "batch_wait_ms": 5, "max_queue_wait_ms": 5000, "rebatch": True, "policy_kind": "entropy",
+                    "thresholds": 0.15}
+        # One event loop for every request: @serve.batch binds its queue to the loop of its first call.
+        obj.test_loop = asyncio.new_event_loop()
+        obj.test_loop.run_until_complete(cls.__init__(obj, settings))
+        yield obj
+        obj.rebatched.close()
+        obj.test_loop.close()
+
+
+def post_all(replica, bodies):
+    async def send_all():
+        api = replica.__serve_build_asgi_app__()
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=api), base_url="http://replica") as client:
+            return await asyncio.gather(*(client.post("/v1/classify", json=b) for b in bodies))
+
+    return replica.test_loop.run_until_complete(asyncio.wait_for(send_all(), timeout=120))
+
+
+def test_rebatched_replica_answers_as_the_runner_does(replica):
+    bodies = [{"texts": TEXTS[i % 5: i % 5 + 1 + i % 3]} for i in range(12)]
+    for i in (2, 7):
+        bodies[i]["max_layers"] = 2
+    before = replica.layer_runs
+    answers = post_all(replica, bodies)
+    layers_seen = set()
+    for body, answer in zip(bodies, answers, strict=True):
+        assert answer.status_code == 200, answer.text
+        expected, _ = replica.engine.classify(body["texts"], [body.get("max_layers")] * len(body["texts"]))
+        results = answer.json()["results"]
+        assert [(r["label"], r["exit_layer"]) for r in results] == [(a.label, a.exit_layer) for a in expected]
+        assert [r["probability"] for r in results] == pytest.approx([a.probability for a in expected], abs=1e-5)
+        layers_seen |= {r["exit_layer"] for r in results}
+        if "max_layers" in body:
+            assert all(r["exit_layer"] <= 2 for r in results)
+    assert len(layers_seen) > 1, "the test needs texts leaving at different layers"
+    assert replica.layer_runs > before and replica.rebatched.scheduler.pending() == 0
+    info = replica.model_info()["batching"]
+    assert info["rebatch"] is True and info["rows_per_layer_run"] > 1
+    assert replica.metrics.layer_rows.values  # the metric saw every layer execution
+    assert replica.admission.queued_texts == 0
+
+
+def test_a_model_failure_in_a_merged_batch_fails_only_its_request(replica, minilm_tokenizer, monkeypatch):
+    poison_id = minilm_tokenizer("poison", add_special_tokens=False)["input_ids"][0]
+    model = replica.engine.model
+    embed = model.embed
+
+    def fragile(ids):
+        if (ids == poison_id).any():
+            raise RuntimeError("simulated kernel failure")
+        return embed(ids)
+
+    bodies = [{"texts": TEXTS[i % 5: i % 5 + 2]} for i in range(8)]
+    bodies[3] = {"texts": ["fine text", "poison pill"]}
+    monkeypatch.setattr(model, "embed", fragile)
+    answers = post_all(replica, bodies)
+    monkeypatch.undo()
+    for body, answer in zip(bodies, answers, strict=True):
+        if body is bodies[3]:
+            error = answer.json()["error"]
+            assert answer.status_code == 500 and error["reason"] == "model_error" and error["field"] == "texts[1]"
+        else:
+            expected, _ = replica.engine.classify(body["texts"])
+            assert answer.status_code == 200
+            assert [r["label"] for r in answer.json()["results"]] == [a.label for a in expected]
+    assert replica.admission.queued_texts == 0
+    assert any(t == {"reason": "model_error"} for t in replica.metrics.failed.tags)
+
+
+def test_load_relief_applies_per_row(replica):
+    """Rows admitted under a relaxed policy exit by it, as the runner's relaxed batches do."""
+    sequences = replica.engine.encode(TEXTS)
+    relaxed = replica.test_loop.run_until_complete(replica.rebatched.classify_encoded(sequences, None, relax_level=3))
+    expected, _ = replica.engine.classify_encoded(sequences, None, relax_level=3)
+    assert [(a.label, a.exit_layer) for a in relaxed] == [(a.label, a.exit_layer) for a in expected]
