@@ -141,6 +141,7 @@ def test_remaining_time_is_measured_step_time_times_steps_plus_measured_overhead
     assert remaining_seconds([("joint", [200]), ("romebert", [100])], runs) == pytest.approx(190.0)
     now = {"method": "romebert", "rate": 1.0, "steps_left": 30}
     assert remaining_seconds([], runs, now) == pytest.approx(30.0 + 20.0)
+    assert remaining_seconds([("joint", [200])], {}) is None  # nothing measured: no made-up estimate
 
 
 # -- end to end on a tiny encoder ---------------------------------------------------------------

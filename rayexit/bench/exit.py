@@ -305,9 +305,19 @@ def write_plot(output: dict, path: Path) -> None:
     plot_methods(output, path)
 
 
+def step_times(r: dict) -> str:
+    """Seconds per optimizer step of each stage trained in this run (a reused stage is left out)."""
+    parts = []
+    for index, (name, steps, seconds) in enumerate(zip(r["stage_names"], r["stage_steps"], r["stage_seconds"])):
+        if steps and not (index == 0 and r.get("stage1_from")):
+            parts.append(f"{name} {seconds / steps:.3f}s/step x {steps}")
+    return ", ".join(parts)
+
+
 def format_run(key: str, r: dict) -> str:
     if r.get("single_exit"):
-        return f"{key}: full {r['full']:.4f} (validation {r['validation_full']:.4f}); train {r['train_seconds']:.0f}s"
+        return (f"{key}: full {r['full']:.4f} (validation {r['validation_full']:.4f}); train {r['train_seconds']:.0f}s "
+                f"({step_times(r)}); run {r['wall_seconds']:.0f}s in all")
     exits = " ".join(f"{a:.3f}" for a in r["exit_accuracy"])
     parts = [f"{key}: exits {exits}"]
     for point in ("at_1.5x", "at_2x", "at_3x", "within_reference"):
@@ -319,5 +329,6 @@ def format_run(key: str, r: dict) -> str:
     if ttq:
         parts.append(f"to DeeBERT's 2x accuracy {ttq['bar']:.4f}: "
                      + (f"{ttq['seconds']:.0f}s" if ttq["reached"] else "not reached"))
-    parts.append(f"oracle {r['oracle_layer_speedup']:.2f}x; train {r['train_seconds']:.0f}s")
+    parts.append(f"oracle {r['oracle_layer_speedup']:.2f}x; train {r['train_seconds']:.0f}s ({step_times(r)}); "
+                 f"snapshots {r['snapshot_seconds']:.0f}s; run {r['wall_seconds']:.0f}s in all")
     return "; ".join(parts)

@@ -200,12 +200,12 @@ def targets(runs: dict[str, dict], speedups: tuple[float, ...] = (1.5, 2.0, 3.0)
 
 def remaining_seconds(
     pending: list[tuple[str, list[int]]], runs: dict[str, dict], current: dict | None = None
-) -> float:
+) -> float | None:
     """Measured seconds per step (per method and stage) x steps still to run, plus each run's measured overhead.
 
     `pending` lists (method, steps per stage to train) for runs not started; `current` is the
     run in progress: {method, rate (seconds per step now), steps_left}. A method not measured
-    yet borrows the mean rate of those that are.
+    yet borrows the mean rate of those that are. None before any step has been measured.
     """
     rates: dict[tuple[str, int], list[float]] = {}
     overheads: list[float] = []
@@ -218,7 +218,9 @@ def remaining_seconds(
     fallback = [statistics.fmean(v) for v in rates.values()]
     if current is not None and current.get("rate"):
         fallback.append(current["rate"])
-    default_rate = statistics.fmean(fallback) if fallback else 0.0
+    if not fallback:
+        return None  # nothing measured yet: no honest estimate
+    default_rate = statistics.fmean(fallback)
     overhead = statistics.fmean(overheads) if overheads else 0.0
     total = 0.0
     if current is not None:
@@ -231,7 +233,9 @@ def remaining_seconds(
     return total
 
 
-def clock(seconds: float) -> str:
+def clock(seconds: float | None) -> str:
+    if seconds is None:
+        return "unknown (no step measured yet)"
     seconds = max(0, int(math.ceil(seconds)))
     if seconds >= 3600:
         return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
