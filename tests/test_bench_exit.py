@@ -223,3 +223,38 @@ def test_bench_refuses_to_mix_budgets_in_one_json(bench_inputs, capsys):
     assert "train_slice" in capsys.readouterr().err
     assert main(bench_args(root, encoder, **{"--json": root / "x.json", "--methods": "joint,tokee"})) == 2
     assert "--methods" in capsys.readouterr().err
+
+
+def test_snapshots_leave_training_unchanged_and_stay_off_its_clock(monkeypatch):
+    """A snapshot switches the model to eval mode and costs time; neither may leak into training."""
+    import time
+
+    from conftest import tiny_sequence_model
+    from test_finetune import encoded_pairs
+
+    from rayexit.bench import exit_training
+    from rayexit.config import TrainSettings
+    from rayexit.train.loop import train_model
+
+    data, task = encoded_pairs(16), task_named("sequence")
+    settings = TrainSettings(method="joint", epochs=2, batch_size=4, lr=1e-3, seed=4)
+    plain = tiny_sequence_model(layers=3, seed=2)
+    train_model(plain, data, settings, show_progress=False)
+
+    real = exit_training.evaluate_snapshot
+
+    def slow(*args, **kwargs):
+        time.sleep(0.3)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(exit_training, "evaluate_snapshot", slow)
+    snapped = tiny_sequence_model(layers=3, seed=2)
+    run = exit_training.train_with_snapshots(task, snapped, data, settings, data, data, count=3, batch_size=8,
+                                             show_progress=False)
+    assert [s["step"] for s in run.snapshots] == [3, 6, 8]  # 4 steps an epoch, 2 epochs: stride 3, and the last
+    assert run.eval_seconds >= 0.9
+    assert run.train_seconds == pytest.approx(run.result.seconds - run.eval_seconds)
+    assert run.snapshots[-1]["train_seconds"] < run.result.seconds - 0.9
+    assert [s["train_seconds"] for s in run.snapshots] == sorted(s["train_seconds"] for s in run.snapshots)
+    for a, b in zip(plain.parameters(), snapped.parameters()):
+        assert torch.equal(a, b)
