@@ -144,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
         left = remaining_seconds([(method, planned_steps(method, seed, len(fit), base, order, args.reuse_finetune)),
                                   *pending], output["runs"])
         print(f"== {key} ({index + 1}/{len(order)}): training on {len(fit)} examples, choosing on {len(valid)}; "
-              f"benchmark about {clock(left)} left (measured step times x remaining steps)", flush=True)
+              f"benchmark time left ~{clock(left)} (measured step times x remaining steps)", flush=True)
         figures = measure_run(args, task, output, seed, method, fit_path, valid, sst2, work, base, pending)
         output.pop("in_progress", None)
         output["runs"][key] = figures

@@ -235,7 +235,7 @@ def remaining_seconds(
 
 def clock(seconds: float | None) -> str:
     if seconds is None:
-        return "unknown (no step measured yet)"
+        return "? (no step measured yet)"
     seconds = max(0, int(math.ceil(seconds)))
     if seconds >= 3600:
         return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
