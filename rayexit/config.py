@@ -17,8 +17,10 @@ from rayexit.reading import one_line, read_text
 
 CONFIG_LIMIT = 1 << 20  # a settings file is a few hundred bytes; anything near this is not one
 
-# self-sampling is stage 2 of token-level early exit (sequence labeling only).
-METHODS = ("romebert", "deebert", "pabee", "joint", "self-sampling")
+# self-sampling is stage 2 of token-level early exit (sequence labeling only). finetune is the
+# plain single-exit fine-tune (backbone and final classifier only): the reference early-exit
+# papers report against; its intermediate heads stay untrained.
+METHODS = ("romebert", "deebert", "pabee", "joint", "finetune", "self-sampling")
 GR_DIRECTIONS = ("reverse", "final", "none")
 GR_SCOPES = ("encoder", "shared", "per_tensor")
 HEADS = ("pooler", "shared-pooler")

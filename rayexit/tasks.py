@@ -196,8 +196,12 @@ class SentenceTask(Task):
 
         return ExitConfig(
             task=self.name, labels=labels, head=settings.head, pooling=settings.pooling, dropout=settings.dropout,
-            max_length=settings.max_length, method=settings.method, policy=settings.policy.check_task(self.name),
+            max_length=settings.max_length, method=settings.method, policy=self._saved_policy(settings),
         )
+
+    def _saved_policy(self, settings) -> ExitPolicy:
+        # A single-exit fine-tune's intermediate heads never trained: it answers at full depth only.
+        return FULL_DEPTH if settings.method == "finetune" else settings.policy.check_task(self.name)
 
     def score_of(self, stats):
         return stats[..., 0].double().mean(-1)

@@ -38,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
     from rayexit.api import load
     from rayexit.errors import RayexitError
     from rayexit.files import write_json
+    from rayexit.policy import FULL_DEPTH
     from rayexit.sweep import evaluate, format_report
     from rayexit.tasks import task_named
 
@@ -55,6 +56,11 @@ def run(args: argparse.Namespace) -> int:
     def encoded(examples):
         return task.encode(tokenizer, examples, model.labels, max_length)
 
+    policy, select_on, time_front = given_policy(args), args.select_on, args.time_front
+    note = single_exit_note(model.exit_config.method, policy is not None)
+    if note and policy is None:
+        # Choosing exit points among heads that never trained would report noise as a speed-up.
+        policy, select_on, time_front = FULL_DEPTH, None, 0
     data = task.load(args.data, known=model.labels)
     timing = evenly_spread(task, data, args.time_examples)
     report = evaluate(
@@ -62,17 +68,21 @@ def run(args: argparse.Namespace) -> int:
         model,
         encoded(data),
         time_on=encoded(timing) if timing is not None else None,
-        select_on=encoded(task.load(args.select_on, known=model.labels)) if args.select_on else None,
-        policy=given_policy(args),
+        select_on=encoded(task.load(select_on, known=model.labels)) if select_on else None,
+        policy=policy,
         max_drop=args.max_drop,
         min_speedup=args.min_speedup,
         batch_size=args.batch_size,
         repeats=args.repeats,
-        time_front=args.time_front,
+        time_front=time_front,
     )
     report.update(model=str(args.model), data=args.data, select_on=args.select_on)
+    if note:
+        report["note"] = note
     write_json(args.json, report)
     print(format_report(report))
+    if note:
+        print(f"note: {note}")
     if args.plot:
         from rayexit.plots import plot_curve
 
@@ -92,6 +102,16 @@ def evenly_spread(task, examples, count: int):
         return None
     step = len(examples) / count
     return task.subset(examples, [int(i * step) for i in range(count)], "timing")
+
+
+def single_exit_note(method: str, policy_given: bool) -> str | None:
+    """What `rayexit eval` says about a single-exit fine-tune (None for a multi-exit model)."""
+    if method != "finetune":
+        return None
+    said = "a single-exit fine-tune (method finetune): only the final exit was trained; exits 1 to L-1 are untrained"
+    if policy_given:
+        return said + " heads, so the early exits measured here for the given --policy are not meaningful"
+    return said + " heads, so the policy is full depth (no exit point was chosen; --select-on, if given, is unused)"
 
 
 def given_policy(args: argparse.Namespace):

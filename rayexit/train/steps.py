@@ -51,11 +51,13 @@ def build_stages(model, settings: TrainSettings, train_data=None) -> list[Stage]
             step = SelfSamplingStep(model, train_data, settings)
             return [Stage("self-sampling", settings.epochs, backbone + heads, head_ids, step)]
         return [Stage("joint", settings.epochs, backbone + heads, head_ids, token_joint_step)]
-    if settings.method == "deebert":
+    if settings.method in ("deebert", "finetune"):
         final_head = list(model.heads.exits[-1].parameters())
         if settings.head == "shared-pooler":
             final_head += list(model.heads.shared_pooler.parameters())
         final_ids = {id(p) for p in final_head}
+        if settings.method == "finetune":  # DeeBERT's stage 1 alone: the intermediate heads never train
+            return [Stage("finetune", settings.epochs, backbone + final_head, final_ids, final_only_step)]
         inner = [p for p in heads if id(p) not in final_ids]
         stage2_epochs = settings.deebert_stage2_epochs or settings.epochs
         return [
