@@ -45,7 +45,8 @@ class TrainSettings:
     gr_scope: str = "encoder"
     deebert_stage2_epochs: float | None = None  # None: the same as `epochs`
     head: str = "pooler"
-    pooling: str = "cls"
+    # None: chosen from the backbone when the model is built (`rayexit.tasks.SentenceTask.default_settings`)
+    pooling: str | None = None
     dropout: float = 0.1
     policy: ExitPolicy = field(default_factory=ExitPolicy)
     log_every: int = 20
@@ -60,7 +61,8 @@ class TrainSettings:
         _choice("gr_direction", self.gr_direction, GR_DIRECTIONS)
         _choice("gr_scope", self.gr_scope, GR_SCOPES)
         _choice("head", self.head, HEADS)
-        _choice("pooling", self.pooling, POOLINGS)
+        if self.pooling is not None:
+            _choice("pooling", self.pooling, POOLINGS)
         _positive("epochs", self.epochs)
         _positive("batch_size", self.batch_size)
         _positive("lr", self.lr)

@@ -110,6 +110,13 @@ class Task:
     def exit_config(self, labels: list[str], settings):
         raise NotImplementedError
 
+    backbone_defaults: tuple[str, ...] = ()  # settings whose default depends on the backbone
+
+    def default_settings(self, facts) -> dict[str, tuple]:
+        """Settings this task chooses for a backbone (`rayexit.models.backbone.BackboneFacts`)
+        when the user left them unset: {name: (value, why)}. Measured in docs/defaults.md."""
+        return {}
+
     def new_model(self, base_model: str, labels: list[str], settings):
         torch.manual_seed(settings.seed)  # heads are initialised here: the run's seed must cover them
         return self.model_class().from_backbone(base_model, self.exit_config(labels, settings))
@@ -149,6 +156,7 @@ class SentenceTask(Task):
     metric = "accuracy"
     cost = "layer_speedup"
     exit_key = "exit_accuracy"
+    backbone_defaults = ("pooling",)
 
     def load(self, source, max_examples=None, known=None):
         from rayexit.data import load_text_classification
@@ -186,6 +194,19 @@ class SentenceTask(Task):
 
         return iterate_batches(data, batch_size, shuffle_seed=shuffle_seed, rank=rank, world_size=world_size)
 
+    def default_settings(self, facts):
+        # The first token is a sentence summary only where something trained it (BERT's NSP pooler);
+        # elsewhere the mean of the tokens is what carries meaning (docs/defaults.md measures both).
+        if facts.pooling is not None:
+            return {"pooling": (facts.pooling, f"{facts.pooling_source} says {facts.pooling}")}
+        if facts.trained_pooler:
+            return {"pooling": ("cls", "its pooler was trained (non-zero bias): its first token summarises the text")}
+        if facts.trained_pooler is False:
+            why = "its pooler was never trained (bias still zero: random-initialised or distilled encoder)"
+        else:
+            why = "it has no pooler weights, so nothing trained its first token to summarise the text"
+        return {"pooling": ("mean", why)}
+
     def model_class(self):
         from rayexit.models import MultiExitForSequenceClassification
 
@@ -194,6 +215,8 @@ class SentenceTask(Task):
     def exit_config(self, labels, settings):
         from rayexit.models import ExitConfig
 
+        if settings.pooling is None:  # `rayexit.train.recipe.prepare` chooses it from the backbone
+            raise RayexitError("pooling: not chosen; expected cls or mean (prepare() picks one from the backbone)")
         return ExitConfig(
             task=self.name, labels=labels, head=settings.head, pooling=settings.pooling, dropout=settings.dropout,
             max_length=settings.max_length, method=settings.method, policy=settings.policy.check_task(self.name),

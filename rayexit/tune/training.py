@@ -57,6 +57,6 @@ def _train_local(model_name, train_path, validation_path, settings, output, on_e
     # No eval set here: the trial measures the validation split itself, on the full cache.
     run = prepare(model_name, train_path, None, settings)
     hook = None if on_epoch is None else (lambda record: on_epoch(run.model, record))
-    result = train_model(run.model, run.train_data, settings, on_epoch_end=hook, show_progress=False)
+    result = train_model(run.model, run.train_data, run.settings, on_epoch_end=hook, show_progress=False)
     run.model.save_pretrained(output, run.tokenizer)
     return Path(output), {"seconds": result.seconds, "history": result.history}
