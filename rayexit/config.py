@@ -32,8 +32,10 @@ class TrainSettings:
     method: str = "romebert"
     epochs: float = 3.0
     batch_size: int = 32
-    lr: float = 2e-5
-    head_lr: float | None = None  # exit heads start from scratch; a larger rate helps short runs
+    # None: chosen for the backbone and task when the run is prepared (`Task.default_settings`,
+    # measured in docs/defaults.md); the loop itself reads an unset head_lr as `lr`
+    lr: float | None = None
+    head_lr: float | None = None  # exit heads start from scratch: a larger rate than the encoder's
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
     max_length: int = 128
@@ -65,7 +67,8 @@ class TrainSettings:
             _choice("pooling", self.pooling, POOLINGS)
         _positive("epochs", self.epochs)
         _positive("batch_size", self.batch_size)
-        _positive("lr", self.lr)
+        if self.lr is not None:
+            _positive("lr", self.lr)
         _positive("temperature", self.temperature)
         _positive("max_length", self.max_length)
         if self.head_lr is not None:

@@ -29,6 +29,15 @@ SENTENCE_GRID_QUANTILES = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 TOKEN_GRID_QUANTILES = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 TOKEE_WINDOWS = (1, 3, 5)
 
+# Learning rates (encoder, exit heads) when the user sets none: measured in docs/defaults.md on
+# the packaged MiniLM and a random-initialised BERT, on SST-2 and ATIS / CoNLL-2003 slices.
+SENTENCE_RATES = (1e-4, 1e-3)
+TOKEN_RATES = (1e-4, 1e-3)
+# An encoder whose pooler was trained (BERT-base and kin, pretrained with next-sentence
+# prediction) keeps RomeBERT's published setting: not measurable here (no hub), and 1e-4 is
+# above the range BERT's authors recommend for fine-tuning it (2e-5 to 5e-5).
+PAPER_RATES = (2e-5, 2e-5)  # heads at the encoder's rate, as in RomeBERT
+
 
 @dataclass
 class Outcome:
@@ -110,12 +119,20 @@ class Task:
     def exit_config(self, labels: list[str], settings):
         raise NotImplementedError
 
-    backbone_defaults: tuple[str, ...] = ()  # settings whose default depends on the backbone
+    backbone_defaults: tuple[str, ...] = ("lr", "head_lr")  # settings whose default depends on the backbone
+    rates: tuple[float, float] = SENTENCE_RATES
 
-    def default_settings(self, facts) -> dict[str, tuple]:
+    def default_settings(self, facts, settings) -> dict[str, tuple]:
         """Settings this task chooses for a backbone (`rayexit.models.backbone.BackboneFacts`)
         when the user left them unset: {name: (value, why)}. Measured in docs/defaults.md."""
-        return {}
+        if facts.trained_pooler:
+            why = "RomeBERT's setting for BERT-base-like encoders (pooler trained in pretraining)"
+            return {"lr": (PAPER_RATES[0], why), "head_lr": (settings.lr or PAPER_RATES[1], f"the encoder's; {why}")}
+        lr, head_lr = self.rates
+        return {
+            "lr": (lr, f"measured for {self.name} exits on MiniLM-sized and random-initialised encoders"),
+            "head_lr": (head_lr, "exit heads start from scratch and learn little at the encoder's rate"),
+        }
 
     def new_model(self, base_model: str, labels: list[str], settings):
         torch.manual_seed(settings.seed)  # heads are initialised here: the run's seed must cover them
@@ -156,7 +173,7 @@ class SentenceTask(Task):
     metric = "accuracy"
     cost = "layer_speedup"
     exit_key = "exit_accuracy"
-    backbone_defaults = ("pooling",)
+    backbone_defaults = ("pooling", "lr", "head_lr")
 
     def load(self, source, max_examples=None, known=None):
         from rayexit.data import load_text_classification
@@ -194,18 +211,8 @@ class SentenceTask(Task):
 
         return iterate_batches(data, batch_size, shuffle_seed=shuffle_seed, rank=rank, world_size=world_size)
 
-    def default_settings(self, facts):
-        # The first token is a sentence summary only where something trained it (BERT's NSP pooler);
-        # elsewhere the mean of the tokens is what carries meaning (docs/defaults.md measures both).
-        if facts.pooling is not None:
-            return {"pooling": (facts.pooling, f"{facts.pooling_source} says {facts.pooling}")}
-        if facts.trained_pooler:
-            return {"pooling": ("cls", "its pooler was trained (non-zero bias): its first token summarises the text")}
-        if facts.trained_pooler is False:
-            why = "its pooler was never trained (bias still zero: random-initialised or distilled encoder)"
-        else:
-            why = "it has no pooler weights, so nothing trained its first token to summarise the text"
-        return {"pooling": ("mean", why)}
+    def default_settings(self, facts, settings):
+        return {**super().default_settings(facts, settings), "pooling": _pooling(facts)}
 
     def model_class(self):
         from rayexit.models import MultiExitForSequenceClassification
@@ -258,6 +265,18 @@ class SentenceTask(Task):
         return grid
 
 
+def _pooling(facts) -> tuple[str, str]:
+    """The first token is a sentence summary only where something trained it (BERT's NSP pooler);
+    elsewhere the mean of the tokens carries the meaning (docs/defaults.md measures both)."""
+    if facts.pooling is not None:
+        return facts.pooling, f"{facts.pooling_source} says {facts.pooling}"
+    if facts.trained_pooler:
+        return "cls", "its pooler was trained (non-zero bias): its first token summarises the text"
+    if facts.trained_pooler is False:
+        return "mean", "its pooler was never trained (bias still zero: random-initialised or distilled encoder)"
+    return "mean", "it has no pooler weights, so nothing trained its first token to summarise the text"
+
+
 class SentenceReplay:
     """A sentence set's full pass: every exit's logits, replayed exactly for any policy."""
 
@@ -294,6 +313,7 @@ class TokenTask(Task):
     metric = "f1"
     cost = "flops_speedup"
     exit_key = "exit_f1"
+    rates = TOKEN_RATES
 
     def load(self, source, max_examples=None, known=None):
         from rayexit.data.conll import load_tagged

@@ -27,7 +27,10 @@ from rayexit.reading import read_text
 
 log = logging.getLogger(__name__)
 
-POOLER_BIAS_KEYS = ("pooler.dense.bias", "bert.pooler.dense.bias", "roberta.pooler.dense.bias")
+# an encoder's own checkpoint, a task model's (BertFor...), a rayexit model directory's backbone
+POOLER_BIAS_KEYS = (
+    "pooler.dense.bias", "bert.pooler.dense.bias", "roberta.pooler.dense.bias", "backbone.pooler.dense.bias"
+)
 JSON_LIMIT = 1 << 20  # these JSON files are a few hundred bytes
 
 # sentence-transformers' Pooling modes (the boolean each older config sets) -> what rayexit's exit heads do
@@ -59,10 +62,9 @@ def describe_backbone(name_or_path: str) -> BackboneFacts:
     from rayexit.data.packaged import resolve_model_name
 
     resolved = resolve_model_name(name_or_path)
-    rayexit_dir = _rayexit_pooling(resolved)
-    if rayexit_dir is not None:
-        return BackboneFacts(resolved, rayexit_dir, "rayexit.json", None)
-    pooling, source = _sentence_transformers_pooling(resolved)
+    pooling, source = _rayexit_pooling(resolved), "rayexit.json"
+    if pooling is None:
+        pooling, source = _sentence_transformers_pooling(resolved)
     return BackboneFacts(resolved, pooling, source, _pooler_trained(resolved))
 
 
@@ -115,7 +117,7 @@ def _sentence_transformers_pooling(resolved: str) -> tuple[str | None, str]:
     mode = _pooling_mode(config) if isinstance(config, dict) else None
     if mode is None:
         return None, ""
-    return _ST_MODES[mode][1], f"sentence-transformers {where} (pooling mode {mode})"
+    return _ST_MODES[mode][1], f"its sentence-transformers {where} (mode {mode})"
 
 
 def _pooling_mode(config: dict) -> str | None:

@@ -50,10 +50,11 @@ def fill_defaults(settings: TrainSettings, task: Task, base: str) -> tuple[Train
     unset = [name for name in task.backbone_defaults if getattr(settings, name) is None]
     choices = {}
     if unset:  # the encoder's files are read only when there is something to choose
-        choices = {k: v for k, v in task.default_settings(describe_backbone(base)).items() if k in unset}
+        choices = {k: v for k, v in task.default_settings(describe_backbone(base), settings).items() if k in unset}
     chosen = {name: {"value": value, "why": why} for name, (value, why) in choices.items()}
-    for name, entry in chosen.items():
-        log.info("%s: %s for %s, because %s (set `%s` to choose)", name, entry["value"], base, entry["why"], name)
+    if chosen:
+        said = "; ".join(f"{name} {entry['value']} ({entry['why']})" for name, entry in chosen.items())
+        log.info("defaults for %s: %s; a setting you give replaces its default", base, said)
     return dataclasses.replace(settings, **{k: v["value"] for k, v in chosen.items()}), chosen
 
 

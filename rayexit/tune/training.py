@@ -7,6 +7,7 @@ also lets the trial report after every epoch so that ASHA can stop poor trials e
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -46,7 +47,9 @@ def train_trial_model(
             name=None,
             show_progress=False,
         )
-        return Path(result.model_dir), {"seconds": result.seconds, "history": result.history}
+        recorded = json.loads((Path(result.model_dir) / "training.json").read_text())
+        chosen = {"settings": recorded["settings"], "defaults": recorded.get("defaults", {})}
+        return Path(result.model_dir), {"seconds": result.seconds, "history": result.history, **chosen}
     return _train_local(model_name, train_path, validation_path, settings, output, on_epoch)
 
 
@@ -59,4 +62,5 @@ def _train_local(model_name, train_path, validation_path, settings, output, on_e
     hook = None if on_epoch is None else (lambda record: on_epoch(run.model, record))
     result = train_model(run.model, run.train_data, run.settings, on_epoch_end=hook, show_progress=False)
     run.model.save_pretrained(output, run.tokenizer)
-    return Path(output), {"seconds": result.seconds, "history": result.history}
+    chosen = {"settings": run.settings.to_dict(), "defaults": run.defaults}  # what trained, unset ones chosen
+    return Path(output), {"seconds": result.seconds, "history": result.history, **chosen}

@@ -1,4 +1,4 @@
-"""Pooling chosen from the encoder's own files when the user leaves it unset, and recorded."""
+"""Settings chosen from the encoder's own files when the user leaves them unset (pooling, rates), and recorded."""
 
 from __future__ import annotations
 
@@ -89,7 +89,7 @@ def test_explicit_pooling_wins_from_python_yaml_and_flags(tmp_path, sentences):
     folder = sentence_transformers_folder(tmp_path / "st", "mean")
     run = prepare(str(folder), str(sentences), None, TrainSettings(max_length=16, pooling="cls"))
     assert run.model.exit_config.pooling == "cls"
-    assert run.defaults == {}
+    assert "pooling" not in run.defaults
     config = tmp_path / "c.yaml"
     config.write_text("train:\n  pooling: cls\n")
     assert train_settings(config, {}).pooling == "cls"
@@ -110,3 +110,25 @@ def test_choice_and_reason_recorded_in_training_and_rayexit_json(tmp_path, sente
     assert record["pooling"] == "mean"
     assert record["extra"]["defaults"]["pooling"]["value"] == "mean"
     assert settings.pooling is None  # the caller's settings object is left as it was
+
+
+def test_rates_follow_the_backbone_and_the_users_own_win(tmp_path):
+    from rayexit.tasks import PAPER_RATES, SENTENCE_RATES, TOKEN_RATES, task_named
+    from rayexit.train.recipe import fill_defaults
+
+    sentence, token = task_named("sequence"), task_named("token")
+    bert = str(encoder_folder(tmp_path / "bert", trained_pooler=True))
+    fresh = str(encoder_folder(tmp_path / "fresh", trained_pooler=False))
+    settings, chosen = fill_defaults(TrainSettings(), sentence, fresh)
+    assert (settings.lr, settings.head_lr) == SENTENCE_RATES
+    settings, _ = fill_defaults(TrainSettings(), token, fresh)
+    assert (settings.lr, settings.head_lr) == TOKEN_RATES
+    assert settings.pooling is None  # token exits read every word: no pooling to choose
+    # A pretrained BERT keeps RomeBERT's rate, heads at the encoder's rate (the user's if given).
+    settings, chosen = fill_defaults(TrainSettings(), sentence, bert)
+    assert (settings.lr, settings.head_lr) == PAPER_RATES
+    settings, chosen = fill_defaults(TrainSettings(lr=3e-5), sentence, bert)
+    assert (settings.lr, settings.head_lr) == (3e-5, 3e-5)
+    assert "lr" not in chosen
+    settings, chosen = fill_defaults(TrainSettings(lr=5e-5, head_lr=5e-4, pooling="cls"), sentence, fresh)
+    assert (settings.lr, settings.head_lr, settings.pooling, chosen) == (5e-5, 5e-4, "cls", {})
