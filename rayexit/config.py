@@ -34,8 +34,10 @@ class TrainSettings:
     method: str = "romebert"
     epochs: float = 3.0
     batch_size: int = 32
-    lr: float = 2e-5
-    head_lr: float | None = None  # exit heads start from scratch; a larger rate helps short runs
+    # None: chosen for the backbone and task when the run is prepared (`Task.default_settings`,
+    # measured in docs/defaults.md); the loop itself reads an unset head_lr as `lr`
+    lr: float | None = None
+    head_lr: float | None = None  # exit heads start from scratch: a larger rate than the encoder's
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
     max_length: int = 128
@@ -50,7 +52,8 @@ class TrainSettings:
     gr_scope: str = "encoder"
     deebert_stage2_epochs: float | None = None  # None: the same as `epochs`
     head: str = "pooler"
-    pooling: str = "cls"
+    # None: chosen from the backbone when the model is built (`rayexit.tasks.SentenceTask.default_settings`)
+    pooling: str | None = None
     dropout: float = 0.1
     policy: ExitPolicy = field(default_factory=ExitPolicy)
     log_every: int = 20
@@ -65,10 +68,12 @@ class TrainSettings:
         _choice("gr_direction", self.gr_direction, GR_DIRECTIONS)
         _choice("gr_scope", self.gr_scope, GR_SCOPES)
         _choice("head", self.head, HEADS)
-        _choice("pooling", self.pooling, POOLINGS)
+        if self.pooling is not None:
+            _choice("pooling", self.pooling, POOLINGS)
         _positive("epochs", self.epochs)
         _positive("batch_size", self.batch_size)
-        _positive("lr", self.lr)
+        if self.lr is not None:
+            _positive("lr", self.lr)
         _positive("temperature", self.temperature)
         _positive("max_length", self.max_length)
         if self.head_lr is not None:

@@ -29,6 +29,15 @@ SENTENCE_GRID_QUANTILES = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 TOKEN_GRID_QUANTILES = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 TOKEE_WINDOWS = (1, 3, 5)
 
+# Learning rates (encoder, exit heads) when the user sets none: measured in docs/defaults.md on
+# the packaged MiniLM and a random-initialised BERT, on SST-2 and ATIS / CoNLL-2003 slices.
+SENTENCE_RATES = (1e-4, 1e-3)
+TOKEN_RATES = (1e-4, 1e-3)
+# An encoder whose pooler was trained (BERT-base and kin, pretrained with next-sentence
+# prediction) keeps RomeBERT's published setting: not measurable here (no hub), and 1e-4 is
+# above the range BERT's authors recommend for fine-tuning it (2e-5 to 5e-5).
+PAPER_RATES = (2e-5, 2e-5)  # heads at the encoder's rate, as in RomeBERT
+
 
 @dataclass
 class Outcome:
@@ -110,6 +119,21 @@ class Task:
     def exit_config(self, labels: list[str], settings):
         raise NotImplementedError
 
+    backbone_defaults: tuple[str, ...] = ("lr", "head_lr")  # settings whose default depends on the backbone
+    rates: tuple[float, float] = SENTENCE_RATES
+
+    def default_settings(self, facts, settings) -> dict[str, tuple]:
+        """Settings this task chooses for a backbone (`rayexit.models.backbone.BackboneFacts`)
+        when the user left them unset: {name: (value, why)}. Measured in docs/defaults.md."""
+        if facts.trained_pooler:
+            why = "RomeBERT's setting for BERT-base-like encoders (pooler trained in pretraining)"
+            return {"lr": (PAPER_RATES[0], why), "head_lr": (settings.lr or PAPER_RATES[1], f"the encoder's; {why}")}
+        lr, head_lr = self.rates
+        return {
+            "lr": (lr, f"measured for {self.name} exits on MiniLM-sized and random-initialised encoders"),
+            "head_lr": (head_lr, "exit heads start from scratch and learn little at the encoder's rate"),
+        }
+
     def new_model(self, base_model: str, labels: list[str], settings):
         torch.manual_seed(settings.seed)  # heads are initialised here: the run's seed must cover them
         return self.model_class().from_backbone(base_model, self.exit_config(labels, settings))
@@ -149,6 +173,7 @@ class SentenceTask(Task):
     metric = "accuracy"
     cost = "layer_speedup"
     exit_key = "exit_accuracy"
+    backbone_defaults = ("pooling", "lr", "head_lr")
 
     def load(self, source, max_examples=None, known=None):
         from rayexit.data import load_text_classification
@@ -186,6 +211,9 @@ class SentenceTask(Task):
 
         return iterate_batches(data, batch_size, shuffle_seed=shuffle_seed, rank=rank, world_size=world_size)
 
+    def default_settings(self, facts, settings):
+        return {**super().default_settings(facts, settings), "pooling": _pooling(facts)}
+
     def model_class(self):
         from rayexit.models import MultiExitForSequenceClassification
 
@@ -194,6 +222,8 @@ class SentenceTask(Task):
     def exit_config(self, labels, settings):
         from rayexit.models import ExitConfig
 
+        if settings.pooling is None:  # `rayexit.train.recipe.prepare` chooses it from the backbone
+            raise RayexitError("pooling: not chosen; expected cls or mean (prepare() picks one from the backbone)")
         return ExitConfig(
             task=self.name, labels=labels, head=settings.head, pooling=settings.pooling, dropout=settings.dropout,
             max_length=settings.max_length, method=settings.method, policy=self._saved_policy(settings),
@@ -239,6 +269,18 @@ class SentenceTask(Task):
         return grid
 
 
+def _pooling(facts) -> tuple[str, str]:
+    """The first token is a sentence summary only where something trained it (BERT's NSP pooler);
+    elsewhere the mean of the tokens carries the meaning (docs/defaults.md measures both)."""
+    if facts.pooling is not None:
+        return facts.pooling, f"{facts.pooling_source} says {facts.pooling}"
+    if facts.trained_pooler:
+        return "cls", "its pooler was trained (non-zero bias): its first token summarises the text"
+    if facts.trained_pooler is False:
+        return "mean", "its pooler was never trained (bias still zero: random-initialised or distilled encoder)"
+    return "mean", "it has no pooler weights, so nothing trained its first token to summarise the text"
+
+
 class SentenceReplay:
     """A sentence set's full pass: every exit's logits, replayed exactly for any policy."""
 
@@ -275,6 +317,7 @@ class TokenTask(Task):
     metric = "f1"
     cost = "flops_speedup"
     exit_key = "exit_f1"
+    rates = TOKEN_RATES
 
     def load(self, source, max_examples=None, known=None):
         from rayexit.data.conll import load_tagged

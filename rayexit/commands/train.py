@@ -32,6 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--temperature", type=float, help="distillation temperature (romebert)")
     p.add_argument("--gr-direction", choices=("reverse", "final", "none"), help="gradient projection leader")
     p.add_argument("--head", choices=("pooler", "shared-pooler"))
+    p.add_argument("--pooling", choices=("cls", "mean"), help="sentence exits read (default: chosen from the encoder)")
     p.add_argument("--max-length", type=int)
     p.add_argument("--seed", type=int)
     ray = p.add_argument_group("distributed (Ray Train; both tasks)")
@@ -64,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
         "temperature": args.temperature,
         "gr_direction": args.gr_direction,
         "head": args.head,
+        "pooling": args.pooling,
         "max_length": args.max_length,
         "seed": args.seed,
     }

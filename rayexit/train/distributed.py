@@ -133,12 +133,12 @@ def fit_distributed(
     check_job_path(str(output), "--output")
     _check_request(options.num_workers, options.cpus_per_worker, options.use_gpu)
     run = prepare(model_name, train_source, eval_source, settings, task=task, init=init)
-    outcome = fit_prepared(run, settings, options)
+    outcome = fit_prepared(run, run.settings, options)  # unset settings chosen for the backbone
     with local_output(output) as local:  # a model directory may go to a URI: written here, then copied up
         save_run(
             run,
             local,
-            settings,
+            run.settings,
             outcome,
             base_model=model_name,
             init=init,

@@ -18,6 +18,7 @@ import torch
 
 from rayexit.config import TrainSettings
 from rayexit.data.encode import steps_per_epoch
+from rayexit.errors import RayexitError
 from rayexit.progress import progress
 from rayexit.tasks import task_named
 from rayexit.train.steps import Stage, build_stages
@@ -209,6 +210,8 @@ def _to(batch, device: torch.device | None):
 
 
 def make_optimizer(stage: Stage, settings: TrainSettings, total_steps: int):
+    if settings.lr is None:
+        raise RayexitError("lr: not set; set it, or prepare the run with rayexit.train.recipe.prepare (it chooses)")
     head_lr = settings.head_lr or settings.lr
     body = [p for p in stage.params if id(p) not in stage.head_params]
     head = [p for p in stage.params if id(p) in stage.head_params]

@@ -7,6 +7,7 @@ also lets the trial report after every epoch so that ASHA can stop poor trials e
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -53,7 +54,9 @@ def train_trial_model(
             task=task,
             init=init,
         )
-        return Path(result.model_dir), {"seconds": result.seconds, "history": result.history}
+        recorded = json.loads((Path(result.model_dir) / "training.json").read_text())
+        chosen = {"settings": recorded["settings"], "defaults": recorded.get("defaults", {})}
+        return Path(result.model_dir), {"seconds": result.seconds, "history": result.history, **chosen}
     return _train_local(model_name, train_path, settings, output, on_epoch, task, init)
 
 
@@ -64,6 +67,7 @@ def _train_local(model_name, train_path, settings, output, on_epoch, task, init)
     # No eval set here: the trial measures the validation split itself, on the full cache.
     run = prepare(model_name, train_path, None, settings, task=task, init=init)
     hook = None if on_epoch is None else (lambda record: on_epoch(run.model, record))
-    result = train_model(run.model, run.train_data, settings, on_epoch_end=hook, show_progress=False)
+    result = train_model(run.model, run.train_data, run.settings, on_epoch_end=hook, show_progress=False)
     run.model.save_pretrained(output, run.tokenizer)
-    return Path(output), {"seconds": result.seconds, "history": result.history}
+    chosen = {"settings": run.settings.to_dict(), "defaults": run.defaults}  # what trained, unset ones chosen
+    return Path(output), {"seconds": result.seconds, "history": result.history, **chosen}

@@ -125,7 +125,8 @@ def run_trial(params: dict, job: TrialJob) -> None:
         entropy_only = search_thresholds(val_cache, val_labels, kinds=["entropy"], per_layer=False)
         record = {
             "params": params,
-            "settings": settings.to_dict(),
+            "settings": training.get("settings", settings.to_dict()),  # with the defaults prepare() chose
+            "defaults": training.get("defaults", {}),
             "validation_exit_accuracy": val_cache.exit_accuracies(val_labels),
             "eval_exit_accuracy": eval_cache.exit_accuracies(eval_labels),
             "front": _paired(result.points, eval_cache, eval_labels, val_cache, val_labels),
