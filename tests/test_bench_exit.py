@@ -258,3 +258,15 @@ def test_snapshots_leave_training_unchanged_and_stay_off_its_clock(monkeypatch):
     assert [s["train_seconds"] for s in run.snapshots] == sorted(s["train_seconds"] for s in run.snapshots)
     for a, b in zip(plain.parameters(), snapped.parameters()):
         assert torch.equal(a, b)
+
+
+def test_a_config_file_wins_over_the_benchmarks_own_defaults(tmp_path):
+    from rayexit.bench.exit import BENCH_DEFAULTS, bench_settings
+
+    config = tmp_path / "variant.yaml"
+    config.write_text("train:\n  lr: 5.0e-5\n  max_length: 128\n  gr_direction: final\n")
+    settings = bench_settings(str(config), 2.0)
+    assert (settings.lr, settings.max_length, settings.gr_direction, settings.epochs) == (5e-5, 128, "final", 2.0)
+    assert settings.head_lr == BENCH_DEFAULTS["head_lr"] and settings.pooling == BENCH_DEFAULTS["pooling"]
+    plain = bench_settings(None, 1.0)
+    assert (plain.lr, plain.max_length, plain.epochs) == (BENCH_DEFAULTS["lr"], BENCH_DEFAULTS["max_length"], 1.0)

@@ -98,6 +98,14 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
+def bench_settings(config: str | None, epochs: float) -> TrainSettings:
+    """The benchmark's defaults under the YAML's `train:` section: what the YAML sets wins, `--epochs` on top."""
+    from rayexit.config import _train_section, load_yaml
+
+    from_yaml = _train_section(config, load_yaml(config)) if config else {}
+    return train_settings(None, {**BENCH_DEFAULTS, **from_yaml, "epochs": epochs})
+
+
 def run(args: argparse.Namespace) -> int:
     from rayexit.tasks import task_named
     from rayexit.tune.split import write_tsv
@@ -109,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
     task = task_named("sequence")
     sst2 = datasets_dir(args.datasets) / "sst2"
     work = Path(args.work)
-    base = train_settings(args.config, {**BENCH_DEFAULTS, "epochs": args.epochs})
+    base = bench_settings(args.config, args.epochs)
     fresh = {
         "benchmark": "exit",
         "train_slice": f"SST-2 train.tsv, first {args.train_examples} examples",
