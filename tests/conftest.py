@@ -69,3 +69,19 @@ def minilm_tokenizer():
     from rayexit.models import load_tokenizer
 
     return load_tokenizer("minilm")
+
+
+def fresh_batch_queues() -> None:
+    """Drop the queues of every `@serve.batch` method of the deployment class.
+
+    Each decorated method keeps one queue, bound to the event loop of its first call (a Serve
+    replica has one loop). Tests that build replicas in-process run their own loops, and a queue
+    left behind also makes the class unpicklable when a later test deploys it with Serve.
+    """
+    from rayexit.serve.app import ExitClassifier
+
+    cls = ExitClassifier.func_or_class
+    for name in dir(cls):
+        setter = getattr(getattr(cls, name, None), "set_max_batch_size", None)
+        if setter is not None:
+            setter.__self__._queue = None  # the method's lazy queue wrapper

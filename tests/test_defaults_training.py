@@ -18,7 +18,7 @@ TOKEN_TRAIN, TOKEN_HELD_OUT = 600, 300
 def sst2_slice(datasets_dir, tmp_path, name: str, first: int, count: int):
     """Rows [first, first + count) of an SST-2 file, header kept: a real slice, not a copy kept in the repo."""
     lines = (datasets_dir / "sst2" / name).read_text().splitlines()
-    path = tmp_path / f"{name}.{first}.{count}"
+    path = tmp_path / f"{first}-{count}-{name}"  # the file type comes from the suffix
     path.write_text("\n".join([lines[0], *lines[1 + first : 1 + first + count]]) + "\n")
     return path
 
@@ -36,7 +36,7 @@ def conll_slice(datasets_dir, tmp_path, name: str, count: int):
             current = []
             if len(blocks) == count:
                 break
-    path = tmp_path / f"{name}.{count}"
+    path = tmp_path / f"{count}-{name}"
     path.write_text("".join("\n".join(block) + "\n\n" for block in blocks))
     return path
 

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import httpx
 import pytest
+from conftest import fresh_batch_queues
 from test_serve_replica import RecordingMetric
 from test_serve_validation import TEXTS, confident_tiny_model
 
@@ -30,6 +31,7 @@ def replica(tmp_path_factory, minilm_tokenizer):
         for kind in ("Counter", "Gauge", "Histogram"):
             patch.setattr(ray.util.metrics, kind, RecordingMetric)
         cls = ExitClassifier.func_or_class
+        fresh_batch_queues()
         obj = cls.__new__(cls)
         settings = {"model_dir": str(directory), "max_texts": 8, "adaptive": False, "max_batch_size": 4,
                     "batch_wait_ms": 5, "max_queue_wait_ms": 5000, "rebatch": True, "policy_kind": "entropy",
@@ -40,6 +42,7 @@ def replica(tmp_path_factory, minilm_tokenizer):
         yield obj
         obj.rebatched.close()
         obj.test_loop.close()
+        fresh_batch_queues()
 
 
 def post_all(replica, bodies):

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import httpx
 import pytest
+from conftest import fresh_batch_queues
 from test_serve_replica import RecordingMetric
 from test_serve_validation import TEXTS, confident_tiny_model
 from test_token_exits import tiny_tagger
@@ -16,15 +17,6 @@ from test_token_exits import tiny_tagger
 from rayexit.config import ExitPolicy
 
 TUNED = 0.9  # loose enough that this random model's early answers often differ from its last layer's
-
-
-def _fresh_batch_queues() -> None:
-    """@serve.batch keeps one queue per decorated method, bound to the event loop that first used it; every test
-    here runs its own loop, so each starts (and leaves) the class with no queue yet."""
-    from rayexit.serve.app import ExitClassifier
-
-    for name in ("_classify_batch", "_tag_batch"):
-        getattr(ExitClassifier.func_or_class, name).set_max_batch_size.__self__._queue = None
 
 
 @pytest.fixture()
@@ -60,9 +52,9 @@ def make_replica(tmp_path_factory, minilm_tokenizer):
             asyncio.run(cls.__init__(obj, settings))
             return obj
 
-        _fresh_batch_queues()
+        fresh_batch_queues()
         yield make
-        _fresh_batch_queues()
+        fresh_batch_queues()
 
 
 async def _post_all(replica, bodies: list[dict], path: str = "/v1/classify") -> list[httpx.Response]:

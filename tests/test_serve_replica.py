@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import httpx
 import pytest
+from conftest import fresh_batch_queues
 from test_serve_validation import TEXTS, confident_tiny_model
 
 
@@ -45,11 +46,13 @@ def replica(tmp_path_factory, minilm_tokenizer):
         for kind in ("Counter", "Gauge", "Histogram"):
             patch.setattr(ray.util.metrics, kind, RecordingMetric)
         cls = ExitClassifier.func_or_class
+        fresh_batch_queues()
         obj = cls.__new__(cls)
         settings = {"model_dir": str(directory), "max_texts": 8, "adaptive": False, "max_batch_size": 16,
                     "batch_wait_ms": 50, "max_queue_wait_ms": 5000}
         asyncio.run(cls.__init__(obj, settings))
         yield obj
+        fresh_batch_queues()  # a queue left behind would make the class unpicklable for Serve
 
 
 def test_every_gauge_has_a_value_from_startup(replica):

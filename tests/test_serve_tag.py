@@ -12,6 +12,7 @@ from types import SimpleNamespace
 
 import httpx
 import pytest
+from conftest import fresh_batch_queues
 from test_serve_replica import RecordingMetric
 from test_token_exits import SENTENCES, median_uncertainty, tiny_tagger
 
@@ -70,20 +71,13 @@ def replica(directory, **settings):
         for kind in ("Counter", "Gauge", "Histogram"):
             patch.setattr(ray.util.metrics, kind, RecordingMetric)
         cls = ExitClassifier.func_or_class
-        fresh_batch_queues(cls)
+        fresh_batch_queues()
         obj = cls.__new__(cls)
         try:
             asyncio.run(cls.__init__(obj, {"model_dir": str(directory), "max_queue_wait_ms": 5000, **settings}))
             yield obj
         finally:
-            fresh_batch_queues(cls)
-
-
-def fresh_batch_queues(cls) -> None:
-    """@serve.batch keeps one queue per decorated method, bound to the event loop of its first call (a Serve
-    replica has one process and one loop); here every test runs its own loop, so each needs a fresh queue."""
-    for batcher in (cls._classify_batch, cls._tag_batch):
-        batcher.set_max_batch_size.__self__._queue = None  # the method's lazy queue wrapper
+            fresh_batch_queues()
 
 
 def send(obj, rounds: list[list[dict]]) -> list[list[httpx.Response]]:
