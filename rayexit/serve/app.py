@@ -346,12 +346,8 @@ class ExitClassifier:
             answers = await self.rebatched.classify_encoded(
                 [item.payload for item in items], [item.layer_cap for item in items], self.controller.relax_level
             )
-            for answer in answers:
-                if not isinstance(answer, ItemFailed):
-                    self.metrics.exit_layer.observe(answer.exit_layer)
-            if self.guard is not None:  # the guard samples rebatched traffic too
-                served = [item.payload for item, answer in zip(items, answers) if not isinstance(answer, ItemFailed)]
-                self.guard.offer(served)
+            served = [(item, a) for item, a in zip(items, answers) if not isinstance(a, ItemFailed)]
+            self._observe([a.exit_layer for _, a in served], [item.payload for item, _ in served])
             return answers
         loop = asyncio.get_running_loop()
         answers, stats = await loop.run_in_executor(
@@ -361,14 +357,7 @@ class ExitClassifier:
             [item.layer_cap for item in items],
             self.controller.relax_level,
         )
-        if stats.padded_tokens:
-            self.metrics.padding.observe(1 - stats.real_tokens / stats.padded_tokens)
-        for answer in answers:
-            self.metrics.exit_layer.observe(answer.exit_layer)
-        if self.guard is not None:
-            self.guard.offer([item.payload for item in items])
-        for rows in stats.layer_rows:
-            self._count_layer(rows)
+        self._observe([a.exit_layer for a in answers], [item.payload for item in items], stats)
         return answers
 
     def _count_layer(self, rows: int) -> None:
@@ -386,15 +375,22 @@ class ExitClassifier:
             [item.layer_cap for item in items],
             self.controller.relax_level,
         )
-        if stats.padded_tokens:
-            self.metrics.padding.observe(1 - stats.real_tokens / stats.padded_tokens)
-        for result in results:
-            # A sentence leaves the network with its last word: one observation per text, as for /v1/classify.
-            if result["exit_layers"]:
-                self.metrics.exit_layer.observe(max(result["exit_layers"]))
-        if self.guard is not None:
-            self.guard.offer([item.payload for item in items if item.payload])
+        # A sentence leaves the network with its last word: one observation per text, as for /v1/classify.
+        layers = [max(r["exit_layers"]) for r in results if r["exit_layers"]]
+        self._observe(layers, [item.payload for item in items if item.payload], stats)
         return results
+
+    def _observe(self, exit_layers: list[int], served: list, stats=None) -> None:
+        """Metrics of one run (both routes, rebatched or not), and the guard's sample of what was served."""
+        if stats is not None:
+            if stats.padded_tokens:
+                self.metrics.padding.observe(1 - stats.real_tokens / stats.padded_tokens)
+            for rows in stats.layer_rows:
+                self._count_layer(rows)
+        for layer in exit_layers:
+            self.metrics.exit_layer.observe(layer)
+        if self.guard is not None:
+            self.guard.offer(served)
 
     async def _run_batch(self, items: list[_Item], run) -> list:
         """One batch from Serve's queue: skip what is dead or too old, run the rest with failures isolated."""
