@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -85,3 +88,61 @@ def fresh_batch_queues() -> None:
         setter = getattr(getattr(cls, name, None), "set_max_batch_size", None)
         if setter is not None:
             setter.__self__._queue = None  # the method's lazy queue wrapper
+
+
+class RecordingMetric:
+    """Stands in for Ray's Counter/Gauge/Histogram in an in-process replica, keeping what it was given."""
+
+    def __init__(self, name, description="", boundaries=None, tag_keys=()):
+        self.name, self.values, self.tags = name, [], []
+
+    def set(self, value, tags=None):
+        self.values.append(value)
+
+    def inc(self, value=1.0, tags=None):
+        self.tags.append(tags)
+
+    def observe(self, value, tags=None):
+        self.values.append(value)
+
+
+@contextlib.contextmanager
+def replica_patches():
+    """What building the deployment class in this process needs: the replica context @serve.batch asks
+    for (the deployment's own numbers) and recording metrics; the batch queues are fresh on entry and exit."""
+    import ray.serve
+    import ray.serve.api
+    import ray.util.metrics
+
+    context = SimpleNamespace(_deployment_config=SimpleNamespace(max_ongoing_requests=256))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ray.serve.api, "get_replica_context", lambda: context)
+        patch.setattr(ray.serve, "get_replica_context", lambda: context)
+        for kind in ("Counter", "Gauge", "Histogram"):
+            patch.setattr(ray.util.metrics, kind, RecordingMetric)
+        fresh_batch_queues()
+        try:
+            yield
+        finally:
+            fresh_batch_queues()  # a queue left behind would make the class unpicklable for Serve
+
+
+def build_replica(settings: dict, loop: asyncio.AbstractEventLoop | None = None):
+    """The real deployment class, constructed in this process (inside `replica_patches`). With `loop`, its
+    start-up runs there: @serve.batch binds its queue to the loop of its first call."""
+    from rayexit.serve.app import ExitClassifier
+
+    cls = ExitClassifier.func_or_class
+    obj = cls.__new__(cls)
+    start = cls.__init__(obj, settings)
+    if loop is None:
+        asyncio.run(start)
+    else:
+        loop.run_until_complete(start)
+    return obj
+
+
+@contextlib.contextmanager
+def in_process_replica(settings: dict, loop: asyncio.AbstractEventLoop | None = None):
+    with replica_patches():
+        yield build_replica(settings, loop)

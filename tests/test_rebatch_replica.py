@@ -5,44 +5,27 @@ failure inside a merged working batch failing only its own request."""
 from __future__ import annotations
 
 import asyncio
-from types import SimpleNamespace
 
 import httpx
 import pytest
-from conftest import fresh_batch_queues
-from test_serve_replica import RecordingMetric
+from conftest import in_process_replica
 from test_serve_validation import TEXTS, confident_tiny_model
 
 
 @pytest.fixture(scope="module")
 def replica(tmp_path_factory, minilm_tokenizer):
-    import ray.serve
-    import ray.serve.api
-    import ray.util.metrics
-
-    from rayexit.serve.app import ExitClassifier
-
     directory = tmp_path_factory.mktemp("rebatch-replica") / "model"
     confident_tiny_model().save_pretrained(directory, minilm_tokenizer)
-    context = SimpleNamespace(_deployment_config=SimpleNamespace(max_ongoing_requests=256))
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(ray.serve.api, "get_replica_context", lambda: context)
-        patch.setattr(ray.serve, "get_replica_context", lambda: context)
-        for kind in ("Counter", "Gauge", "Histogram"):
-            patch.setattr(ray.util.metrics, kind, RecordingMetric)
-        cls = ExitClassifier.func_or_class
-        fresh_batch_queues()
-        obj = cls.__new__(cls)
-        settings = {"model_dir": str(directory), "max_texts": 8, "adaptive": False, "max_batch_size": 4,
-                    "batch_wait_ms": 5, "max_queue_wait_ms": 5000, "rebatch": True, "policy_kind": "entropy",
-                    "thresholds": 0.15}
-        # One event loop for every request: @serve.batch binds its queue to the loop of its first call.
-        obj.test_loop = asyncio.new_event_loop()
-        obj.test_loop.run_until_complete(cls.__init__(obj, settings))
+    settings = {"model_dir": str(directory), "max_texts": 8, "adaptive": False, "max_batch_size": 4,
+                "batch_wait_ms": 5, "max_queue_wait_ms": 5000, "rebatch": True, "policy_kind": "entropy",
+                "thresholds": 0.15}
+    # One event loop for every request: @serve.batch binds its queue to the loop of its first call.
+    loop = asyncio.new_event_loop()
+    with in_process_replica(settings, loop) as obj:
+        obj.test_loop = loop
         yield obj
         obj.rebatched.close()
-        obj.test_loop.close()
-        fresh_batch_queues()
+    loop.close()
 
 
 def post_all(replica, bodies):

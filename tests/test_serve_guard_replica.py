@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from types import SimpleNamespace
 
 import httpx
 import pytest
-from conftest import fresh_batch_queues
-from test_serve_replica import RecordingMetric
+from conftest import build_replica, replica_patches
 from test_serve_validation import TEXTS, confident_tiny_model
 from test_token_exits import tiny_tagger
 
@@ -21,12 +19,6 @@ TUNED = 0.9  # loose enough that this random model's early answers often differ 
 
 @pytest.fixture()
 def make_replica(tmp_path_factory, minilm_tokenizer):
-    import ray.serve
-    import ray.serve.api
-    import ray.util.metrics
-
-    from rayexit.serve.app import ExitClassifier
-
     model = confident_tiny_model()
     model.exit_config.policy = ExitPolicy("entropy", TUNED)
     directory = tmp_path_factory.mktemp("guarded") / "model"
@@ -35,26 +27,15 @@ def make_replica(tmp_path_factory, minilm_tokenizer):
     tagger.exit_config.policy = ExitPolicy("tokee", 0.5, window=3)
     tagger_dir = tmp_path_factory.mktemp("guarded") / "tagger"
     tagger.save_pretrained(tagger_dir, minilm_tokenizer)
-    context = SimpleNamespace(_deployment_config=SimpleNamespace(max_ongoing_requests=256))
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(ray.serve.api, "get_replica_context", lambda: context)
-        patch.setattr(ray.serve, "get_replica_context", lambda: context)
-        for kind in ("Counter", "Gauge", "Histogram"):
-            patch.setattr(ray.util.metrics, kind, RecordingMetric)
 
-        def make(tagging: bool = False, **guard):
-            cls = ExitClassifier.func_or_class
-            obj = cls.__new__(cls)
-            settings = {"model_dir": str(tagger_dir if tagging else directory), "max_texts": 8, "adaptive": False,
-                        "max_batch_size": 16, "batch_wait_ms": 5, "max_queue_wait_ms": 5000, "guard_target": 0.99,
-                        "guard_sample": 1.0,
-                        **guard}
-            asyncio.run(cls.__init__(obj, settings))
-            return obj
+    def make(tagging: bool = False, **guard):
+        settings = {"model_dir": str(tagger_dir if tagging else directory), "max_texts": 8, "adaptive": False,
+                    "max_batch_size": 16, "batch_wait_ms": 5, "max_queue_wait_ms": 5000, "guard_target": 0.99,
+                    "guard_sample": 1.0, **guard}
+        return build_replica(settings)
 
-        fresh_batch_queues()
+    with replica_patches():
         yield make
-        fresh_batch_queues()
 
 
 async def _post_all(replica, bodies: list[dict], path: str = "/v1/classify") -> list[httpx.Response]:

@@ -6,53 +6,21 @@ HTTP input can do once validation works, to show that a failure inside a batch f
 from __future__ import annotations
 
 import asyncio
-from types import SimpleNamespace
 
 import httpx
 import pytest
-from conftest import fresh_batch_queues
+from conftest import in_process_replica
 from test_serve_validation import TEXTS, confident_tiny_model
-
-
-class RecordingMetric:
-    def __init__(self, name, description="", boundaries=None, tag_keys=()):
-        self.name, self.values, self.tags = name, [], []
-
-    def set(self, value, tags=None):
-        self.values.append(value)
-
-    def inc(self, value=1.0, tags=None):
-        self.tags.append(tags)
-
-    def observe(self, value, tags=None):
-        self.values.append(value)
 
 
 @pytest.fixture(scope="module")
 def replica(tmp_path_factory, minilm_tokenizer):
-    import ray.serve
-    import ray.serve.api
-    import ray.util.metrics
-
-    from rayexit.serve.app import ExitClassifier
-
     directory = tmp_path_factory.mktemp("replica") / "model"
     confident_tiny_model().save_pretrained(directory, minilm_tokenizer)
-    # @serve.batch asks for the replica's context; outside Serve we hand it the deployment's own numbers.
-    context = SimpleNamespace(_deployment_config=SimpleNamespace(max_ongoing_requests=256))
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(ray.serve.api, "get_replica_context", lambda: context)
-        patch.setattr(ray.serve, "get_replica_context", lambda: context)
-        for kind in ("Counter", "Gauge", "Histogram"):
-            patch.setattr(ray.util.metrics, kind, RecordingMetric)
-        cls = ExitClassifier.func_or_class
-        fresh_batch_queues()
-        obj = cls.__new__(cls)
-        settings = {"model_dir": str(directory), "max_texts": 8, "adaptive": False, "max_batch_size": 16,
-                    "batch_wait_ms": 50, "max_queue_wait_ms": 5000}
-        asyncio.run(cls.__init__(obj, settings))
+    settings = {"model_dir": str(directory), "max_texts": 8, "adaptive": False, "max_batch_size": 16,
+                "batch_wait_ms": 50, "max_queue_wait_ms": 5000}
+    with in_process_replica(settings) as obj:
         yield obj
-        fresh_batch_queues()  # a queue left behind would make the class unpicklable for Serve
 
 
 def test_every_gauge_has_a_value_from_startup(replica):

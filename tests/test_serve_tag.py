@@ -7,13 +7,10 @@ poisoned or oversize request that harms no other one.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from types import SimpleNamespace
 
 import httpx
 import pytest
-from conftest import fresh_batch_queues
-from test_serve_replica import RecordingMetric
+from conftest import in_process_replica
 from test_token_exits import SENTENCES, median_uncertainty, tiny_tagger
 
 from rayexit.config import ExitPolicy
@@ -55,29 +52,9 @@ def direct(model, tokenizer, texts, policy: ExitPolicy, cap=None) -> list[dict]:
     return out
 
 
-@contextlib.contextmanager
 def replica(directory, **settings):
     """The real deployment class built in this process, with recording metrics."""
-    import ray.serve
-    import ray.serve.api
-    import ray.util.metrics
-
-    from rayexit.serve.app import ExitClassifier
-
-    context = SimpleNamespace(_deployment_config=SimpleNamespace(max_ongoing_requests=256))
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(ray.serve.api, "get_replica_context", lambda: context)
-        patch.setattr(ray.serve, "get_replica_context", lambda: context)
-        for kind in ("Counter", "Gauge", "Histogram"):
-            patch.setattr(ray.util.metrics, kind, RecordingMetric)
-        cls = ExitClassifier.func_or_class
-        fresh_batch_queues()
-        obj = cls.__new__(cls)
-        try:
-            asyncio.run(cls.__init__(obj, {"model_dir": str(directory), "max_queue_wait_ms": 5000, **settings}))
-            yield obj
-        finally:
-            fresh_batch_queues()
+    return in_process_replica({"model_dir": str(directory), "max_queue_wait_ms": 5000, **settings})
 
 
 def send(obj, rounds: list[list[dict]]) -> list[list[httpx.Response]]:
