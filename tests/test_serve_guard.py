@@ -108,6 +108,30 @@ def test_only_the_exit_that_disagrees_is_tightened():
     assert {m["layer"] for m in guard.moves} == {2}
 
 
+def test_a_deficit_spread_thinly_over_exits_is_caught_on_the_pooled_rows():
+    # 36 rows: 12 leave at exit 1 (2 wrong), 12 at exit 2 (1 wrong), 12 go to full depth. No exit has the
+    # 20 rows the per-exit rule asks for, yet the 24 early answers together agree 0.875: under 0.99.
+    stats = torch.full((36, LAYERS), 0.01)
+    preds = torch.ones((36, LAYERS), dtype=torch.long)
+    stats[:12, 0] = 0.2  # exit 1 at the tuned 0.3, not one step tighter (0.15); then full depth
+    stats[:12, 1] = 0.6
+    preds[:2, 0] = 0
+    stats[12:24, 0], stats[12:24, 1] = 0.6, 0.2  # exit 2 at 0.3
+    stats[12:24, 2] = 0.6
+    preds[12, 1] = 0
+    stats[24:, :2] = 0.6
+    per_exit = make_guard()
+    per_exit.config.min_samples = 40  # the per-exit rule alone: nothing to go on
+    assert feed(per_exit, stats, preds, per_call=36) is None
+    guard = make_guard(min_samples=20)
+    assert guard.pooled_agreement(window=(stats, preds))[:2] == (24, pytest.approx(21 / 24))
+    feed(guard, stats, preds, per_call=36)
+    assert guard.moves[0]["layer"] == 1  # the exit with the most disagreeing rows moves first
+    # Exit 1's rows now go to full depth; the 12 early rows left (exit 2's) are too few to judge: wait.
+    assert guard.levels == [1, 0]
+    assert guard.pooled_agreement()[:2] == (12, pytest.approx(11 / 12))
+
+
 def test_steps_move_toward_never_exiting_on_each_criterion():
     assert stepped("entropy", 0.4, 1, 2) == pytest.approx(0.2)
     assert stepped("maxprob", 0.9, 1, 2) == pytest.approx(0.95)

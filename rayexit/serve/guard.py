@@ -16,10 +16,14 @@ How it decides (plain Python and torch, no Ray: tests drive it directly):
 - Tighten: an exit whose replayed agreement (at least `min_samples` rows leaving there) is below
   `target` moves one step toward never exiting, repeated on the same window until it meets the
   target; a step halves the distance to "never" on the criterion's own scale.
+- Tighten on the pooled evidence too: at a 2-5% sample most exits see fewer than `min_samples`
+  checked rows, so a deficit spread thinly over several exits would never trip the per-exit rule.
+  While all early-leaving rows of the window together (at least `min_samples`) agree less than
+  `target`, the exit holding the most disagreeing rows (the shallower on a tie) moves one step.
 - Relax: an exit tightened earlier moves one step back toward its tuned value when the window
-  says the looser threshold would still agree comfortably (`target + relax_margin * (1 - target)`),
-  at most one step per `min_samples` new rows. Past the tuned value only with `allow_past_tuned`
-  (then a step is load relief's step, `rayexit.policy.relax`).
+  says the looser threshold would still agree comfortably (`target + relax_margin * (1 - target)`)
+  at that exit and over all early-leaving rows, at most one step per `min_samples` new rows. Past
+  the tuned value only with `allow_past_tuned` (then a step is load relief's step, `rayexit.policy.relax`).
 - Tightening is quick and relaxing slow on purpose: a false alarm costs speed for a while, a
   missed one costs accuracy.
 
@@ -276,11 +280,47 @@ class AccuracyGuard:
             looser = list(self.levels)
             looser[layer] -= 1
             count, agreement = self.layer_agreement(layer, looser, window)
-            if count >= cfg.min_samples and agreement is not None and agreement >= cfg.relax_at:
+            pooled_count, pooled, _ = self.pooled_agreement(looser, window)
+            pooled_ok = pooled_count < cfg.min_samples or (pooled is not None and pooled >= cfg.relax_at)
+            if count >= cfg.min_samples and agreement is not None and agreement >= cfg.relax_at and pooled_ok:
                 self.levels[layer] -= 1
                 moves.append(self._moved(layer, "relax", count, agreement))
+        moves += self._tighten_pooled(window)
         self.moves += moves
         return moves
+
+    def pooled_agreement(self, levels: Sequence[int] | None = None,
+                         window: tuple[torch.Tensor, torch.Tensor] | None = None
+                         ) -> tuple[int, float | None, list[int]]:
+        """Early-leaving rows of the window under `levels`, their agreement with full depth, and the
+        disagreeing rows per exit (0-based, the last exit left out)."""
+        stats, preds = window if window is not None else self._window()
+        guarded = self.num_layers - 1
+        if stats.shape[0] == 0:
+            return 0, None, [0] * guarded
+        exits = replay(self.kind, stats, preds, self.thresholds(levels))
+        early = exits < guarded
+        count = int(early.sum())
+        if count == 0:
+            return 0, None, [0] * guarded
+        answered = preds.gather(1, exits.unsqueeze(1)).squeeze(1)
+        wrong = early & (answered != preds[:, -1])
+        per_exit = torch.bincount(exits[wrong], minlength=self.num_layers)[:guarded]
+        return count, 1.0 - float(wrong.sum()) / count, [int(n) for n in per_exit]
+
+    def _tighten_pooled(self, window: tuple[torch.Tensor, torch.Tensor]) -> list[dict[str, Any]]:
+        cfg = self.config
+        moves: list[dict[str, Any]] = []
+        while True:
+            count, agreement, wrong = self.pooled_agreement(window=window)
+            if count < cfg.min_samples or agreement is None or agreement >= cfg.target:
+                return moves
+            movable = [k for k in range(self.num_layers - 1) if wrong[k] > 0 and self.levels[k] < cfg.max_steps]
+            if not movable:
+                return moves
+            layer = max(movable, key=lambda k: (wrong[k], -k))
+            self.levels[layer] += 1
+            moves.append(self._moved(layer, "tighten", count, agreement))
 
     def _moved(self, layer: int, direction: str, count: int, agreement: float) -> dict[str, Any]:
         self._since_move[layer] = 0
@@ -296,15 +336,7 @@ class AccuracyGuard:
 
     def agreement(self) -> float | None:
         """Share of the window's early-leaving rows whose answer matches full depth, at the current thresholds."""
-        stats, preds = self._window()
-        if stats.shape[0] == 0:
-            return None
-        exits = replay(self.kind, stats, preds, self.thresholds())
-        early = exits < self.num_layers - 1
-        if not bool(early.any()):
-            return None
-        rows = torch.nonzero(early).squeeze(1)
-        return float((preds[rows, exits[rows]] == preds[rows, -1]).double().mean())
+        return self.pooled_agreement()[1]
 
     def state(self) -> dict[str, Any]:
         def rounded(value: float | None) -> float | None:
