@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from rayexit.bench.serve_guard import BLOCK, blocks, build_stream, first_move
+import pytest
+
+from rayexit.bench.serve_guard import BLOCK, blocks, build_stream, first_move, overhead_thresholds
+from rayexit.errors import RayexitError
 
 TEXTS = [f"sentence {i}" for i in range(40)]
 LABELS = [f"intent{i % 4}" for i in range(40)]
@@ -39,3 +42,9 @@ def test_first_move_counts_requests_after_the_shift():
     assert first_move(polls, 1000)["requests_after_shift"] == 400  # a move before the shift does not count
     assert first_move(polls[:2], 1000) is None
     assert first_move([{"completed": 1200, "levels": [0, 1]}], 1000)["requests_after_shift"] == 200
+
+
+def test_overhead_thresholds_must_be_a_number_when_not_a_keyword():
+    assert overhead_thresholds("0.31") == pytest.approx(0.31)
+    with pytest.raises(RayexitError, match="--guard-overhead-thresholds: got 'tunde'"):
+        overhead_thresholds("tunde")

@@ -15,7 +15,9 @@ The same stream is sent twice, closed loop, in request order: guard off (the tun
 and guard on. Per block of 500 requests: agreement of served answers with the full-depth answers
 (computed once in this process with `policy: none`), accuracy, req/s, p99 and the mean exit layer.
 The guard's state is polled from /v1/model, which dates its first move in requests after the shift.
-The steady-state overhead is req/s on unshifted traffic, guard on against off, in interleaved repeats.
+The steady-state overhead is req/s on unshifted traffic, guard on against off, in interleaved repeats,
+at `--guard-overhead-thresholds`: thresholds that miss the target on unshifted traffic make the guard
+tighten there too, so its "overhead" then mixes slower answers with the cost of the checks.
 """
 
 from __future__ import annotations
@@ -44,6 +46,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guard-overhead-repeats", type=int, default=3, help="guard run: interleaved overhead pairs")
     p.add_argument("--guard-thresholds", type=float, help="guard run: serve this entropy/policy threshold instead "
                    "of the model directory's")
+    p.add_argument("--guard-overhead-thresholds", default="same",
+                   help="guard run: thresholds of the overhead repeats: `same` (as the stream), `tuned` (the model "
+                        "directory's) or a number; where they already meet the target on unshifted traffic the "
+                        "guard has nothing to tighten and the repeats time its checks alone")
 
 
 def joined(pair: tuple[str, str], pairs: list[tuple[str, str]], rng: random.Random) -> str:
@@ -163,6 +169,9 @@ def run(url: str, model_dir: Path, base: dict[str, Any], args: argparse.Namespac
     from rayexit.data import load_text_classification
     from rayexit.serve.settings import ServeSettings
 
+    quiet_thresholds = args.guard_overhead_thresholds
+    if quiet_thresholds not in ("same", "tuned"):
+        quiet_thresholds = overhead_thresholds(quiet_thresholds)  # checked before the long stream, not after
     test = load_text_classification("atis:test")
     per_request = args.texts_per_request
     stream = build_stream(test.texts, test.labels, args.guard_clean_requests, args.guard_shifted_requests,
@@ -191,9 +200,24 @@ def run(url: str, model_dir: Path, base: dict[str, Any], args: argparse.Namespac
             run_report["final"] = polls[-1] if polls else None
         report[name] = run_report
         print(format_run(name, run_report), flush=True)
+    if quiet_thresholds != "same":
+        quiet = {key: value for key, value in common.items() if key != "thresholds"}
+        if quiet_thresholds != "tuned":
+            quiet["thresholds"] = quiet_thresholds
+        off, on = ServeSettings.from_args(quiet), ServeSettings.from_args({**quiet, **guard_keys})
     report["overhead"] = overhead(url, stream[: args.guard_clean_requests], off, on, args)
+    report["overhead"]["thresholds"] = on.thresholds if on.thresholds is not None else "model directory's"
     print(format_overhead(report["overhead"]), flush=True)
     return report
+
+
+def overhead_thresholds(text: str) -> float:
+    from rayexit.errors import RayexitError
+
+    try:
+        return float(text)
+    except ValueError:
+        raise RayexitError(f"--guard-overhead-thresholds: got {text!r}, expected `same`, `tuned` or a number") from None
 
 
 def overhead(url: str, clean: list[list[tuple[str, str]]], off, on, args: argparse.Namespace) -> dict:
