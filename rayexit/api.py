@@ -140,18 +140,14 @@ class LoadedModel:
 def load(path: str | Path, *, device: str = "cpu", task: str | None = None) -> LoadedModel:
     """The model directory at `path` with its tokenizer; `task` refuses a directory of the other task.
 
-    `device` is where sentence models run (`cpu`, `cuda`, `auto`); token models run on the CPU
-    (`auto` keeps them there).
+    `device` is where the model runs (`cpu`, `cuda`, `auto`: a GPU when there is one), for both tasks.
     """
     directory = ModelDir(path)
     model = directory.load_model(expected_task=task)
     tokenizer = directory.load_tokenizer()
-    if model.task == "token":
-        if device not in ("cpu", "auto"):
-            raise RayexitError(f"device: got {device!r}; token models run on the CPU (the runner builds CPU tensors)")
-    elif device != "cpu":
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device != "cpu":
         try:
             model = model.to(torch.device(device))
         except (RuntimeError, AssertionError) as exc:

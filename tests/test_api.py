@@ -188,9 +188,13 @@ def test_serve_engines_load_through_the_api_and_answer_alike(sequence_dir, token
         ServedTagger.from_model_dir(sequence_dir)
 
 
-def test_device_auto_and_a_token_model_on_a_gpu(sequence_dir, token_dir):
+def test_device_auto_places_both_tasks_and_a_missing_gpu_is_named(sequence_dir, token_dir):
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert next(rayexit.load(sequence_dir, device="auto").model.parameters()).device.type == expected
-    assert next(rayexit.load(token_dir, device="auto").model.parameters()).device.type == "cpu"
-    with pytest.raises(RayexitError, match=r"device: got 'cuda'; token models run on the CPU"):
-        rayexit.load(token_dir, device="cuda")
+    tagger = rayexit.load(token_dir, device="auto")
+    assert next(tagger.model.parameters()).device.type == expected
+    assert tagger.tag(["John lives in Berlin"]) == rayexit.load(token_dir).tag(["John lives in Berlin"])
+    if not torch.cuda.is_available():
+        for directory in (sequence_dir, token_dir):
+            with pytest.raises(RayexitError, match=r"device: could not use 'cuda'"):
+                rayexit.load(directory, device="cuda")
