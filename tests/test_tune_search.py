@@ -193,3 +193,19 @@ def test_exported_best_loads_and_predicts_with_the_chosen_thresholds(tmp_path, s
     assert app["import_path"] == "rayexit.serve.app:build_app"
     assert json.loads((tmp_path / "best" / "rayexit.json").read_text())["policy"]["kind"] == "entropy"
     assert app["args"]["model_dir"] == str(best.resolve())
+
+
+def test_rayexit_tune_names_a_bad_train_file_before_ray_starts(tmp_path, monkeypatch, capsys):
+    import rayexit.tune.experiment as experiment
+    from rayexit.cli import main
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started before the data was checked")
+
+    monkeypatch.setattr(experiment, "connect", no_ray)
+    missing = tmp_path / "missing.tsv"
+    argv = ["tune", "--model", "minilm", "--train", str(missing), "--eval", "atis:test",
+            "--output", str(tmp_path / "o")]
+    assert main(argv) == 2
+    assert "missing.tsv" in capsys.readouterr().err
+    assert not (tmp_path / "o" / "job.json").exists()
