@@ -53,7 +53,12 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return getattr(torch, dtype)
 
 
-class ServedClassifier:
+class ServedModel:
+    """What both served models share: the model on its device and dtype, its tokenizer and served
+    policy, the padded-token budget and the depth cap under overload; built from a model directory."""
+
+    task = ""  # the model directory's task, refused otherwise
+
     def __init__(
         self,
         model,
@@ -68,11 +73,14 @@ class ServedClassifier:
         self.dtype = dtype
         self.model = model.to(device=self.device, dtype=dtype).eval()
         self.tokenizer = tokenizer
-        self.policy = policy or model.exit_config.policy
+        self.policy = policy or self.default_policy(model.exit_config.policy)
         self.token_budget = token_budget
         self.overload_layer_cap = overload_layer_cap
         self.max_length = model.exit_config.max_length
-        self.pad_id = tokenizer.pad_token_id or 0
+
+    @staticmethod
+    def default_policy(saved: ExitPolicy) -> ExitPolicy:
+        return saved
 
     @classmethod
     def from_model_dir(
@@ -83,10 +91,10 @@ class ServedClassifier:
         dtype: str = "auto",
         token_budget: int = 4096,
         overload_layer_cap: int | None = None,
-    ) -> ServedClassifier:
+    ):
         from rayexit.api import load
 
-        loaded = load(directory, task="sequence")  # the Python API's loader: same checks, same object
+        loaded = load(directory, task=cls.task)  # the Python API's loader: same checks, same object
         chosen = pick_device(device)
         return cls(
             loaded.model, loaded.tokenizer, policy, chosen, pick_dtype(dtype, chosen), token_budget, overload_layer_cap
@@ -99,6 +107,14 @@ class ServedClassifier:
     @property
     def labels(self) -> list[str]:
         return self.model.labels
+
+
+class ServedClassifier(ServedModel):
+    task = "sequence"
+
+    def __init__(self, model, tokenizer, *args, **kwargs) -> None:
+        super().__init__(model, tokenizer, *args, **kwargs)
+        self.pad_id = tokenizer.pad_token_id or 0
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         return self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]

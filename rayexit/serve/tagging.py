@@ -10,15 +10,12 @@ device; everything here runs in one worker thread of the replica, Ray stays in a
 from __future__ import annotations
 
 import time
-from pathlib import Path
-
-import torch
 
 from rayexit.config import ExitPolicy
 from rayexit.data.conll import encode_tagged, make_batch
 from rayexit.policy import TOKEN_KINDS
 from rayexit.serve.controller import relax_policy
-from rayexit.serve.engine import PassStats, pick_device, pick_dtype, token_budget_chunks
+from rayexit.serve.engine import PassStats, ServedModel, token_budget_chunks
 from rayexit.token_exits import DEFAULT_POLICY, run_token_exit
 
 
@@ -34,51 +31,12 @@ def served_token_policy(saved: ExitPolicy, kind: str | None = None, thresholds=N
     return chosen.check_task("token")
 
 
-class ServedTagger:
-    def __init__(
-        self,
-        model,
-        tokenizer,
-        policy: ExitPolicy | None = None,
-        device: torch.device | str = "cpu",
-        dtype: torch.dtype = torch.float32,
-        token_budget: int = 4096,
-        overload_layer_cap: int | None = None,
-    ) -> None:
-        self.device = torch.device(device)
-        self.dtype = dtype
-        self.model = model.to(device=self.device, dtype=dtype).eval()
-        self.tokenizer = tokenizer
-        self.policy = policy or served_token_policy(model.exit_config.policy)
-        self.token_budget = token_budget
-        self.overload_layer_cap = overload_layer_cap
-        self.max_length = model.exit_config.max_length
+class ServedTagger(ServedModel):
+    task = "token"
 
-    @classmethod
-    def from_model_dir(
-        cls,
-        directory: str | Path,
-        policy: ExitPolicy | None = None,
-        device: str = "auto",
-        dtype: str = "auto",
-        token_budget: int = 4096,
-        overload_layer_cap: int | None = None,
-    ) -> ServedTagger:
-        from rayexit.api import load
-
-        loaded = load(directory, task="token")  # the Python API's loader: same checks, same object
-        chosen = pick_device(device)
-        return cls(
-            loaded.model, loaded.tokenizer, policy, chosen, pick_dtype(dtype, chosen), token_budget, overload_layer_cap
-        )
-
-    @property
-    def num_layers(self) -> int:
-        return self.model.num_layers
-
-    @property
-    def labels(self) -> list[str]:
-        return self.model.labels
+    @staticmethod
+    def default_policy(saved: ExitPolicy) -> ExitPolicy:
+        return served_token_policy(saved)
 
     def exit_cache(self, sentences: list[list[str]]):
         """Every exit's per-word uncertainty and tag at full depth (the accuracy guard's check)."""
