@@ -126,22 +126,32 @@ def write_results(output: str | Path, trials: list[dict], spec: TuneSpec, job_da
         "chosen": chosen,
         "default": summary.get("default"),
         "best_runner_eval": runner,
-        "threshold_settings_per_second": min(r["threshold_settings"] / r["threshold_seconds"] for r in trials),
-        "per_trial": [
-            {
-                "trial_id": r["trial_id"],
-                "params": r["params"],
-                "validation_full_accuracy": r["validation_exit_accuracy"][-1],
-                "eval_full_accuracy": r["eval_exit_accuracy"][-1],
-                "train_seconds": r["train_seconds"],
-                "threshold_settings": r["threshold_settings"],
-                "threshold_seconds": r["threshold_seconds"],
-            }
-            for r in trials
-        ],
+        "threshold_settings_per_second": threshold_rate(trials),
+        "per_trial": per_trial(trials, "accuracy"),
     }
     write_json(output / "tune.json", report)
     return report
+
+
+def threshold_rate(trials: list[dict]) -> float:
+    """Threshold settings searched per second, in the slowest trial."""
+    return min(r["threshold_settings"] / r["threshold_seconds"] for r in trials)
+
+
+def per_trial(trials: list[dict], score: str) -> list[dict]:
+    """One row per trial for tune.json; `score` is the task's metric name (accuracy | f1)."""
+    return [
+        {
+            "trial_id": r["trial_id"],
+            "params": r["params"],
+            f"validation_full_{score}": r[f"validation_exit_{score}"][-1],
+            f"eval_full_{score}": r[f"eval_exit_{score}"][-1],
+            "train_seconds": r["train_seconds"],
+            "threshold_settings": r["threshold_settings"],
+            "threshold_seconds": r["threshold_seconds"],
+        }
+        for r in trials
+    ]
 
 
 @torch.no_grad()
@@ -167,33 +177,34 @@ def runner_check(model_dir: Path, eval_source: str) -> dict:
     }
 
 
-def plot_pareto(summary: dict, path: Path) -> Path:
+def plot_pareto(summary: dict, path: Path, score: str = "accuracy", speed: str = "layer_speedup",
+                task: str = "sequence") -> Path:
+    """Every candidate and the front, score against speed-up on the eval set, with the chosen point."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    token = task == "token"
     fig, ax = plt.subplots(figsize=(7, 4.5))
     everything = summary["candidates"]
-    ax.scatter(
-        [c["layer_speedup"] for c in everything], [c["accuracy"] for c in everything], s=6, color="0.8", label="all"
-    )
+    ax.scatter([c[speed] for c in everything], [c[score] for c in everything], s=6, color="0.8", label="all")
     for kind in sorted({p["policy"] for p in summary["front"]}):
-        points = sorted((p for p in summary["front"] if p["policy"] == kind), key=lambda p: p["layer_speedup"])
-        xs, ys = [p["layer_speedup"] for p in points], [p["accuracy"] for p in points]
-        ax.plot(xs, ys, "o", ms=4, label=f"front: {kind}")
+        points = sorted((p for p in summary["front"] if p["policy"] == kind), key=lambda p: p[speed])
+        ax.plot([p[speed] for p in points], [p[score] for p in points], "o", ms=4, label=f"front: {kind}")
     chosen = summary["chosen"]
     if chosen:
-        ax.plot(chosen["layer_speedup"], chosen["accuracy"], "*", ms=16, color="black", label="chosen")
+        ax.plot(chosen[speed], chosen[score], "*", ms=16, color="black", label="chosen")
     default = summary.get("default")
     if default:
-        ax.plot(default["layer_speedup"], default["accuracy"], "X", ms=11, color="tab:red", label="paper default")
-    best = summary["best_full_eval_accuracy"]
+        ax.plot(default[speed], default[score], "X", ms=11, color="tab:red",
+                label="default settings" if token else "paper default")
+    best = summary[f"best_full_eval_{score}"]
     ax.axhline(best, color="grey", ls="--", lw=1, label="best full depth")
     ax.axhline(best - summary["max_drop"], color="grey", ls=":", lw=1, label=f"best - {summary['max_drop']:g}")
-    ax.set_xlabel("layer speed-up (x), eval set")
-    ax.set_ylabel("accuracy, eval set")
-    ax.set_title("trials' Pareto front (chosen on validation, measured on eval)")
+    ax.set_xlabel(f"{'FLOPs' if speed == 'flops_speedup' else 'layer'} speed-up (x), eval set")
+    ax.set_ylabel(f"{'entity F1' if score == 'f1' else 'accuracy'}, eval set")
+    ax.set_title(f"{'token ' if token else ''}trials' Pareto front (chosen on validation, measured on eval)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower left")
     fig.tight_layout()

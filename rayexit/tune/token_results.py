@@ -14,11 +14,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from rayexit.errors import RayexitError
-from rayexit.files import write_atomic, write_json
+from rayexit.files import write_json
 from rayexit.policy import ExitPolicy
 from rayexit.tune.export import export_model, write_serve_config
 from rayexit.tune.pareto import fastest_within, pareto_front
-from rayexit.tune.results import runner_check
+from rayexit.tune.results import per_trial, plot_pareto, runner_check, threshold_rate
 from rayexit.tune.space import TuneSpec
 
 VALIDATION = lambda c: (c["validation"]["f1"], c["validation"]["flops_speedup"])  # noqa: E731
@@ -111,7 +111,7 @@ def write_token_results(
     summary = choose(trials, spec, default_params, live_checker(trials, job_data["validation_path"]))
     chosen = summary["chosen"]
     write_json(output / "pareto.json", [dict(p, chosen=p is chosen) for p in summary["front"]])
-    plot_pareto(summary, output / "pareto.png")
+    plot_pareto(summary, output / "pareto.png", "f1", "flops_speedup", task="token")
     record = {k: v for k, v in chosen.items() if k != "trial"}
     with trials[chosen["trial"]]["checkpoint"].as_directory() as source:
         best = export_model(source, output / "best", policy_of(chosen), record)
@@ -136,19 +136,8 @@ def write_token_results(
             "f1": chosen["validation"]["f1"] - live_valid["accuracy"],
             "flops_speedup": chosen["validation"]["flops_speedup"] - live_valid["flops_speedup"],
         },
-        "threshold_settings_per_second": min(r["threshold_settings"] / r["threshold_seconds"] for r in trials),
-        "per_trial": [
-            {
-                "trial_id": r["trial_id"],
-                "params": r["params"],
-                "validation_full_f1": r["validation_exit_f1"][-1],
-                "eval_full_f1": r["eval_exit_f1"][-1],
-                "train_seconds": r["train_seconds"],
-                "threshold_settings": r["threshold_settings"],
-                "threshold_seconds": r["threshold_seconds"],
-            }
-            for r in trials
-        ],
+        "threshold_settings_per_second": threshold_rate(trials),
+        "per_trial": per_trial(trials, "f1"),
     }
     write_json(output / "tune.json", report)
     return report
@@ -187,36 +176,3 @@ def live_checker(trials: list[dict], source: str):
 def _live(check: dict) -> dict:
     """`runner_check` names the task's score `accuracy`; here it is entity F1."""
     return {"f1": check["accuracy"], **{k: v for k, v in check.items() if k != "accuracy"}}
-
-
-def plot_pareto(summary: dict, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    everything = summary["candidates"]
-    ax.scatter(
-        [c["flops_speedup"] for c in everything], [c["f1"] for c in everything], s=6, color="0.8", label="all"
-    )
-    for kind in sorted({p["policy"] for p in summary["front"]}):
-        points = sorted((p for p in summary["front"] if p["policy"] == kind), key=lambda p: p["flops_speedup"])
-        ax.plot([p["flops_speedup"] for p in points], [p["f1"] for p in points], "o", ms=4, label=f"front: {kind}")
-    chosen = summary["chosen"]
-    ax.plot(chosen["flops_speedup"], chosen["f1"], "*", ms=16, color="black", label="chosen")
-    default = summary.get("default")
-    if default:
-        ax.plot(default["flops_speedup"], default["f1"], "X", ms=11, color="tab:red", label="default settings")
-    best = summary["best_full_eval_f1"]
-    ax.axhline(best, color="grey", ls="--", lw=1, label="best full depth")
-    ax.axhline(best - summary["max_drop"], color="grey", ls=":", lw=1, label=f"best - {summary['max_drop']:g}")
-    ax.set_xlabel("FLOPs speed-up (x), eval set")
-    ax.set_ylabel("entity F1, eval set")
-    ax.set_title("token trials' Pareto front (chosen on validation, measured on eval)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower left")
-    fig.tight_layout()
-    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    plt.close(fig)
-    return path
