@@ -112,26 +112,21 @@ def score_rows(rows: list[dict], tags: dict[tuple[str, int], dict[int, list[str]
 
 
 def summarize_tag(rows: list[dict], levels: list[int]) -> list[dict]:
-    """Per level: adaptive early exit against full depth (req/s ratio, p99s, F1 loss) and the best fixed size."""
-    out = []
-    for level in levels:
-        at = {r["config"]: r for r in rows if r["concurrency"] == level}
-        adaptive, full = at.get("early-exit adaptive"), at.get("full depth adaptive")
-        fixed = [r for name, r in at.items() if name.startswith("early-exit fixed")]
-        row: dict[str, Any] = {"concurrency": level}
-        if adaptive and full:
-            row["speedup_vs_full"] = round(adaptive["requests_per_s"] / max(full["requests_per_s"], 1e-9), 2)
-            row["p99_adaptive_ms"], row["p99_full_ms"] = adaptive["p99_ms"], full["p99_ms"]
-            row["f1_loss_points"] = adaptive.get("f1_loss_points")
-            row["meets_target"] = bool(
-                row["speedup_vs_full"] >= 1.5 and adaptive["p99_ms"] <= full["p99_ms"]
-                and (row["f1_loss_points"] or 0.0) <= 0.5 and adaptive["server_errors_5xx"] == 0
-            )
-        if adaptive and fixed:
-            best = max(fixed, key=lambda r: r["requests_per_s"])
-            row["best_fixed"] = best["config"]
-            row["adaptive_vs_best_fixed"] = round(adaptive["requests_per_s"] / max(best["requests_per_s"], 1e-9), 3)
-        out.append(row)
+    """The sweep's summary per level (adaptive against full depth and the best fixed size), with the
+    F1 the adaptive answers lost and whether the tagging target was met."""
+    from rayexit.bench.serve import summarize
+
+    out = summarize(rows, levels)
+    for row in out:
+        if "speedup_vs_full" not in row:
+            continue
+        level = row["concurrency"]
+        adaptive = next(r for r in rows if r["concurrency"] == level and r["config"] == "early-exit adaptive")
+        row["f1_loss_points"] = adaptive.get("f1_loss_points")
+        row["meets_target"] = bool(
+            row["speedup_vs_full"] >= 1.5 and row["p99_adaptive_ms"] <= row["p99_full_ms"]
+            and (row["f1_loss_points"] or 0.0) <= 0.5 and adaptive["server_errors_5xx"] == 0
+        )
     return out
 
 
