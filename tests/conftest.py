@@ -67,6 +67,15 @@ def tiny_sequence_model(
     return model.eval()
 
 
+@pytest.fixture(scope="module")
+def tiny_encoder(tmp_path_factory, minilm_tokenizer):
+    """A 3-layer random BERT with the MiniLM tokenizer, saved as a folder `--model` accepts."""
+    folder = tmp_path_factory.mktemp("encoder")
+    tiny_backbone(layers=3, hidden=32).save_pretrained(folder)
+    minilm_tokenizer.save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def minilm_tokenizer():
     from rayexit.models import load_tokenizer

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import tiny_backbone
 
 from rayexit.tune.run import tune_new, tune_resume
 from rayexit.tune.space import load_tune_config
@@ -31,14 +30,6 @@ def write_data(path: Path, count: int, seed: int) -> Path:
         lines.append(f"{' '.join(words)}\t{label}")
     path.write_text("\n".join(lines) + "\n")
     return path
-
-
-@pytest.fixture(scope="module")
-def tiny_encoder(tmp_path_factory, minilm_tokenizer):
-    folder = tmp_path_factory.mktemp("encoder")
-    tiny_backbone(layers=3, hidden=32).save_pretrained(folder)
-    minilm_tokenizer.save_pretrained(folder)
-    return folder
 
 
 def flaky_trial(params: dict, job) -> None:

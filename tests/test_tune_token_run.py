@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import tiny_backbone
 
 import rayexit
 from rayexit.tune.run import tune_new, tune_resume
@@ -32,14 +31,6 @@ def write_conll(path: Path, count: int, seed: int) -> Path:
         blocks.append("".join(f"{w} {t}\n" for w, t in words))
     path.write_text("\n".join(blocks))
     return path
-
-
-@pytest.fixture(scope="module")
-def tiny_encoder(tmp_path_factory, minilm_tokenizer):
-    folder = tmp_path_factory.mktemp("encoder")
-    tiny_backbone(layers=3, hidden=32).save_pretrained(folder)
-    minilm_tokenizer.save_pretrained(folder)
-    return folder
 
 
 def flaky_trial(params: dict, job) -> None:
