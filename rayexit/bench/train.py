@@ -7,7 +7,11 @@ Two measurements on the packaged MiniLM and an SST-2 slice:
   passes, the projection, then the update), each the median of `--steps` timed steps after
   warm-up, on the same fixed batch, taking turns step by step. Target: romebert <= 1.5x joint.
 - samples/s with 1 and 2 Ray Train workers (1 CPU each) at the same global batch, measured
-  inside the training loop (Ray start-up and checkpoint writing excluded).
+  inside the training loop (Ray start-up and checkpoint writing excluded), with each count's
+  step time and its overhead against perfect scaling (`step_s * workers / step_s at 1 worker - 1`).
+
+`--task token` measures the token task's stage 1 (`joint` on CoNLL-2003 train.txt sentences)
+on Ray Train instead; the step-time comparison is a sentence-method one and is skipped there.
 """
 
 from __future__ import annotations
@@ -37,41 +41,55 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", default="1,2", help="comma-separated worker counts for throughput")
     p.add_argument("--skip-ray", action="store_true", help="only the in-process step-time comparison")
     p.add_argument("--threads", type=int, default=1, help="torch threads for the step-time comparison")
+    p.add_argument("--task", choices=("sequence", "token"), default="sequence",
+                   help="token: stage-1 throughput on CoNLL-2003 sentences (no step-time comparison)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    sst2 = datasets_dir(args.datasets) / "sst2"
-    train_source = str(sst2 / "train.tsv")
+    from rayexit.errors import RayexitError
+
+    token = args.task == "token"
+    if token and args.skip_ray:
+        raise RayexitError("--skip-ray: the token task has only the Ray Train throughput run; drop one of the two")
+    if token:
+        train_source = str(datasets_dir(args.datasets) / "conll2003" / "train.txt")
+        data = f"CoNLL-2003 train.txt, first {args.train_examples} sentences, max_length {args.max_length}"
+    else:
+        train_source = str(datasets_dir(args.datasets) / "sst2" / "train.tsv")
+        data = f"SST-2 train.tsv, first {args.train_examples} examples, max_length {args.max_length}"
     base = TrainSettings(
-        batch_size=args.batch_size, max_length=args.max_length, max_examples=args.train_examples, epochs=1.0, lr=1e-4
+        batch_size=args.batch_size, max_length=args.max_length, max_examples=args.train_examples, epochs=1.0, lr=1e-4,
+        method="joint" if token else "romebert",
     )
     torch.set_num_threads(args.threads)  # one thread: less thrown off by other load on a shared machine
-    step_times = measure_step_times(args.model, train_source, base, args.steps)
-    ratio = step_times["romebert"]["median_s"] / step_times["joint"]["median_s"]
-    print(f"romebert / joint step time: {ratio:.2f}x (target <= {TARGET_RATIO}x)", flush=True)
+    report: dict = {"benchmark": "train", "task": args.task, "model": args.model, "data": data,
+                    "global_batch": args.batch_size}
+    if not token:
+        step_times = measure_step_times(args.model, train_source, base, args.steps)
+        ratio = step_times["romebert"]["median_s"] / step_times["joint"]["median_s"]
+        print(f"romebert / joint step time: {ratio:.2f}x (target <= {TARGET_RATIO}x)", flush=True)
+        report.update(step_time=step_times, romebert_over_joint=ratio, target_ratio=TARGET_RATIO,
+                      target_met=ratio <= TARGET_RATIO)
     throughput = {}
     if not args.skip_ray:
         for count in [int(c) for c in args.workers.split(",") if c.strip()]:
-            throughput[str(count)] = measure_throughput(args.model, train_source, base, count)
-            print(f"{count} worker(s): {throughput[str(count)]['samples_per_s']:.1f} samples/s", flush=True)
-    write_json(
-        args.json,
-        {
-            "benchmark": "train",
-            "model": args.model,
-            "data": f"SST-2 train.tsv, first {args.train_examples} examples, max_length {args.max_length}",
-            "global_batch": args.batch_size,
-            "step_time": step_times,
-            "romebert_over_joint": ratio,
-            "target_ratio": TARGET_RATIO,
-            "target_met": ratio <= TARGET_RATIO,
-            "throughput": throughput,
-            "machine": machine_info(),
-        },
-    )
+            throughput[str(count)] = measure_throughput(args.model, train_source, base, count, args.task)
+            print(f"{count} worker(s): {throughput[str(count)]['samples_per_s']:.1f} samples/s, "
+                  f"{throughput[str(count)]['step_s'] * 1000:.0f} ms/step", flush=True)
+        add_scaling_overhead(throughput)
+    report.update(throughput=throughput, machine=machine_info())
+    write_json(args.json, report)
     print(f"wrote {args.json}")
     return 0
+
+
+def add_scaling_overhead(throughput: dict[str, dict]) -> None:
+    """Each count's step time against perfect scaling from 1 worker (0: N workers take 1/N of the time)."""
+    one = throughput.get("1")
+    for figures in throughput.values():
+        if one is not None:
+            figures["overhead_vs_perfect_scaling"] = figures["step_s"] * figures["workers"] / one["step_s"] - 1
 
 
 def measure_step_times(model_name: str, train_source: str, base: TrainSettings, steps: int) -> dict:
@@ -128,7 +146,8 @@ def measure_step_times(model_name: str, train_source: str, base: TrainSettings, 
     return out
 
 
-def measure_throughput(model_name: str, train_source: str, base: TrainSettings, workers: int) -> dict:
+def measure_throughput(model_name: str, train_source: str, base: TrainSettings, workers: int,
+                       task: str = "sequence") -> dict:
     import tempfile
 
     from rayexit.train.distributed import fit_prepared
@@ -139,8 +158,8 @@ def measure_throughput(model_name: str, train_source: str, base: TrainSettings, 
 
         raise RayexitError(f"--batch-size {base.batch_size}: does not split evenly over {workers} workers")
     per_worker = base.batch_size // workers
-    settings = TrainSettings.from_dict({**base.to_dict(), "method": "romebert", "batch_size": per_worker})
-    run = prepare(model_name, train_source, None, settings)
+    settings = TrainSettings.from_dict({**base.to_dict(), "batch_size": per_worker})
+    run = prepare(model_name, train_source, None, settings, task=task)
     with tempfile.TemporaryDirectory(prefix="rayexit-bench-train-") as storage:
         result = fit_prepared(
             run, settings, num_workers=workers, storage_path=storage, show_progress=False, num_to_keep=1
@@ -149,10 +168,12 @@ def measure_throughput(model_name: str, train_source: str, base: TrainSettings, 
     samples = result.steps * base.batch_size
     return {
         "workers": workers,
+        "method": settings.method,
         "per_worker_batch": settings.batch_size,
         "steps": result.steps,
         "samples": samples,
         "loop_seconds": loop_seconds,
+        "step_s": loop_seconds / max(result.steps, 1),
         "samples_per_s": samples / loop_seconds,
         "wall_seconds_with_ray": result.wall_seconds,
         "cpus_per_worker": 1,
