@@ -38,7 +38,7 @@ def choose_token_policy(model_dir: Path, valid_path: Path, target: Path, max_dro
     from rayexit.sweep import outcomes, select
     from rayexit.tasks import task_named
 
-    record_key = {"data": str(valid_path), "source_model": str(model_dir.resolve()), "max_drop": max_drop}
+    record_key = {"data": str(valid_path), "source_model": str(model_dir), "max_drop": max_drop}
     if (target / "rayexit.json").is_file():
         chosen = read_exit_config(target).extra.get("policy_choice") or {}
         if all(chosen.get(k) == v for k, v in record_key.items()):
