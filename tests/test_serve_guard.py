@@ -108,28 +108,59 @@ def test_only_the_exit_that_disagrees_is_tightened():
     assert {m["layer"] for m in guard.moves} == {2}
 
 
-def test_a_deficit_spread_thinly_over_exits_is_caught_on_the_pooled_rows():
-    # 36 rows: 12 leave at exit 1 (2 wrong), 12 at exit 2 (1 wrong), 12 go to full depth. No exit has the
-    # 20 rows the per-exit rule asks for, yet the 24 early answers together agree 0.875: under 0.99.
+def thin_exits(wrong_at_exit1: int = 2, wrong_at_exit2: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """36 rows: 12 leave at exit 1, 12 at exit 2, 12 go to full depth; the first rows of each early
+    group answer wrong. One tightening step (0.15) sends exit 1's rows to full depth."""
     stats = torch.full((36, LAYERS), 0.01)
     preds = torch.ones((36, LAYERS), dtype=torch.long)
     stats[:12, 0] = 0.2  # exit 1 at the tuned 0.3, not one step tighter (0.15); then full depth
     stats[:12, 1] = 0.6
-    preds[:2, 0] = 0
+    preds[:wrong_at_exit1, 0] = 0
     stats[12:24, 0], stats[12:24, 1] = 0.6, 0.2  # exit 2 at 0.3
     stats[12:24, 2] = 0.6
-    preds[12, 1] = 0
+    preds[12:12 + wrong_at_exit2, 1] = 0
     stats[24:, :2] = 0.6
-    per_exit = make_guard()
-    per_exit.config.min_samples = 40  # the per-exit rule alone: nothing to go on
-    assert feed(per_exit, stats, preds, per_call=36) is None
+    return stats, preds
+
+
+def test_a_deficit_spread_thinly_over_exits_is_caught_on_the_pooled_rows():
+    stats, preds = thin_exits()
     guard = make_guard(min_samples=20)
+    # No exit has the 20 rows the per-exit rule asks for, yet the 24 early answers together agree 0.875.
+    assert [guard.layer_agreement(k, window=(stats, preds))[0] for k in (0, 1)] == [12, 12]
     assert guard.pooled_agreement(window=(stats, preds))[:2] == (24, pytest.approx(21 / 24))
     feed(guard, stats, preds, per_call=36)
-    assert guard.moves[0]["layer"] == 1  # the exit with the most disagreeing rows moves first
+    assert guard.moves[0]["layer"] == 1 and guard.moves[0]["evidence"] == "pooled"  # most disagreeing rows
     # Exit 1's rows now go to full depth; the 12 early rows left (exit 2's) are too few to judge: wait.
     assert guard.levels == [1, 0]
     assert guard.pooled_agreement()[:2] == (12, pytest.approx(11 / 12))
+
+
+def test_a_thin_exit_tightened_on_pooled_rows_relaxes_back_on_them():
+    guard = make_guard(min_samples=20, window=36)
+    feed(guard, *thin_exits(), per_call=36)
+    assert guard.levels[0] == 1
+    clean = thin_exits(wrong_at_exit1=0, wrong_at_exit2=0)
+    for _ in range(3):
+        feed(guard, *clean, per_call=36)
+    assert guard.levels == [0, 0]  # exit 1 never holds 20 rows of its own, yet it is back at tuned
+    assert guard.moves[-1]["direction"] == "relax" and guard.moves[-1]["evidence"] == "pooled"
+
+
+def test_relaxing_waits_while_all_early_rows_together_disagree():
+    guard = make_guard(min_samples=20, window=200)
+    guard.levels[0] = 1  # as after a shift
+    guard._since_move[0] = 100
+    # 24 rows that would leave at exit 1 when it relaxes, all right; 100 at exit 2, 1 wrong (0.99: no
+    # tightening there); 76 at full depth. Exit 1's own rows agree fully, all early rows 123/124 < 0.995.
+    stats = torch.full((200, LAYERS), 0.6)
+    preds = torch.ones((200, LAYERS), dtype=torch.long)
+    stats[:24, 0] = 0.2
+    stats[24:124, 1] = 0.1
+    preds[24, 1] = 0
+    moves = guard.record(stats, preds)
+    assert moves == [] and guard.levels == [1, 0]
+    assert guard.layer_agreement(0, [0, 0])[1] == 1.0 and guard.pooled_agreement([0, 0])[1] == pytest.approx(123 / 124)
 
 
 def test_steps_move_toward_never_exiting_on_each_criterion():

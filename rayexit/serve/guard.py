@@ -16,13 +16,15 @@ How it decides (plain Python and torch, no Ray: tests drive it directly):
 - Tighten: an exit whose replayed agreement (at least `min_samples` rows leaving there) is below
   `target` moves one step toward never exiting, repeated on the same window until it meets the
   target; a step halves the distance to "never" on the criterion's own scale.
-- Tighten on the pooled evidence too: at a 2-5% sample most exits see fewer than `min_samples`
-  checked rows, so a deficit spread thinly over several exits would never trip the per-exit rule.
-  While all early-leaving rows of the window together (at least `min_samples`) agree less than
-  `target`, the exit holding the most disagreeing rows (the shallower on a tie) moves one step.
+- Tighten on the pooled evidence too: an exit that takes a small share of traffic holds fewer
+  than `min_samples` of the window's rows, so a deficit spread thinly over several such exits
+  would never trip the per-exit rule. While all early-leaving rows of the window together (at
+  least `min_samples`) agree less than `target`, the exit holding the most disagreeing rows (the
+  shallower on a tie) moves one step.
 - Relax: an exit tightened earlier moves one step back toward its tuned value when the window
   says the looser threshold would still agree comfortably (`target + relax_margin * (1 - target)`)
-  at that exit and over all early-leaving rows, at most one step per `min_samples` new rows. Past
+  over all early-leaving rows, and at that exit too when it has `min_samples` rows of its own
+  (a thin exit relaxes on the pooled rows alone), at most one step per `min_samples` new rows. Past
   the tuned value only with `allow_past_tuned` (then a step is load relief's step, `rayexit.policy.relax`).
 - Tightening is quick and relaxing slow on purpose: a false alarm costs speed for a while, a
   missed one costs accuracy.
@@ -262,31 +264,52 @@ class AccuracyGuard:
         return count, float(agree.double().mean())
 
     def _decide(self) -> list[dict[str, Any]]:
-        cfg = self.config
+        # Tightening first (each exit on its own rows, then all early rows together), relaxing last,
+        # so a relax is judged on the levels the tightening left and is never undone in the same call.
         window = self._window()
-        floor = -cfg.max_steps if cfg.allow_past_tuned else 0
+        moves = self._tighten_each(window)
+        moves += self._tighten_pooled(window)
+        moves += self._relax(window)
+        self.moves += moves
+        return moves
+
+    def _tighten_each(self, window: tuple[torch.Tensor, torch.Tensor]) -> list[dict[str, Any]]:
+        cfg = self.config
         moves: list[dict[str, Any]] = []
         for layer in range(self.num_layers - 1):
-            tightened = False
             while self.levels[layer] < cfg.max_steps:
                 count, agreement = self.layer_agreement(layer, window=window)
                 if count < cfg.min_samples or agreement is None or agreement >= cfg.target:
                     break
                 self.levels[layer] += 1
-                tightened = True
                 moves.append(self._moved(layer, "tighten", count, agreement))
-            if tightened or self.levels[layer] <= floor or self._since_move[layer] < cfg.min_samples:
-                continue
+        return moves
+
+    def _relax(self, window: tuple[torch.Tensor, torch.Tensor]) -> list[dict[str, Any]]:
+        """One step back toward tuned per exit, where the window says the looser threshold still agrees
+        comfortably over all early rows and, if the exit has `min_samples` rows of its own, there too.
+        A thin exit (too few rows of its own, as those the pooled rule moves usually are) relaxes on the
+        pooled evidence alone; otherwise it would stay tightened until the replica restarts."""
+        cfg = self.config
+        floor = -cfg.max_steps if cfg.allow_past_tuned else 0
+        moves: list[dict[str, Any]] = []
+        for layer in range(self.num_layers - 1):
+            if self.levels[layer] <= floor or self._since_move[layer] < cfg.min_samples:
+                continue  # _moved resets the count, so an exit tightened just now waits
             looser = list(self.levels)
             looser[layer] -= 1
             count, agreement = self.layer_agreement(layer, looser, window)
             pooled_count, pooled, _ = self.pooled_agreement(looser, window)
-            pooled_ok = pooled_count < cfg.min_samples or (pooled is not None and pooled >= cfg.relax_at)
-            if count >= cfg.min_samples and agreement is not None and agreement >= cfg.relax_at and pooled_ok:
-                self.levels[layer] -= 1
+            if pooled_count < cfg.min_samples or pooled is None or pooled < cfg.relax_at:
+                continue
+            own = count >= cfg.min_samples
+            if own and (agreement is None or agreement < cfg.relax_at):
+                continue
+            self.levels[layer] -= 1
+            if own:
                 moves.append(self._moved(layer, "relax", count, agreement))
-        moves += self._tighten_pooled(window)
-        self.moves += moves
+            else:
+                moves.append(self._moved(layer, "relax", pooled_count, pooled, evidence="pooled"))
         return moves
 
     def pooled_agreement(self, levels: Sequence[int] | None = None,
@@ -320,12 +343,16 @@ class AccuracyGuard:
                 return moves
             layer = max(movable, key=lambda k: (wrong[k], -k))
             self.levels[layer] += 1
-            moves.append(self._moved(layer, "tighten", count, agreement))
+            moves.append(self._moved(layer, "tighten", count, agreement, evidence="pooled"))
 
-    def _moved(self, layer: int, direction: str, count: int, agreement: float) -> dict[str, Any]:
+    def _moved(self, layer: int, direction: str, count: int, agreement: float,
+               evidence: str = "exit") -> dict[str, Any]:
+        """A move's record; `rows` and `agreement` are the exit's own (`evidence: exit`) or those of
+        all early-leaving rows (`evidence: pooled`)."""
         self._since_move[layer] = 0
         return {"layer": layer + 1, "direction": direction, "level": self.levels[layer], "rows": count,
-                "agreement": round(agreement, 4), "threshold": self.thresholds()[layer], "samples": self.samples}
+                "agreement": round(agreement, 4), "evidence": evidence, "threshold": self.thresholds()[layer],
+                "samples": self.samples}
 
     # -- what /v1/model and the metrics show --------------------------------------------------------
 
