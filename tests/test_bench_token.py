@@ -32,6 +32,9 @@ def test_tokee_is_above_a_sentee_that_cannot_reach_the_speed_up_and_drops_are_in
     assert out["tokee_above_sentee_at_2x"] == {"tokee_f1": 0.846, "sentee_f1": 0.85, "tokee_reached": True,
                                                "sentee_reached": False, "met": True}
     assert out["tokee_above_sentee_at_3x"]["met"] is None  # neither reached 3x
+    only_sentee = targets({"self_sampling": {"tokee": report(0.85, {}), "sentee": report(0.85, {1.5: 0.84})},
+                           "stage1": reports["stage1"]})
+    assert only_sentee["tokee_above_sentee_at_1.5x"]["met"] is False  # SENTEE got there, TOKEE did not
     assert out["self_sampling_improves_tokee_2x"]["met"] is True
     assert out["self_sampling_improves_tokee_3x"]["met"] is None
     assert out["wallclock_2x_ge_1.6"] == {"value": 1.46, "met": False}
@@ -53,5 +56,5 @@ def test_the_token_grid_reaches_past_the_quantiles_of_mostly_sure_words():
     cache = SimpleNamespace(uncertainty=u, word_mask=torch.ones(20, 10, dtype=torch.bool))
     grid = task_named("token").default_grid(SimpleNamespace(cache=cache))
     tokee3 = sorted(p.thresholds for p in grid if p.kind == "tokee" and p.window == 3)
-    assert {0.1, 0.25, 0.5} <= set(tokee3) and min(tokee3) <= 0.001
+    assert {0.1, 0.25, 0.5, 0.6} <= set(tokee3) and min(tokee3) <= 0.001  # 0.6: the 0.99 quantile
     assert {p.kind for p in grid} == {"sentee", "tokee"} and {p.window for p in grid if p.kind == "tokee"} == {1, 3, 5}

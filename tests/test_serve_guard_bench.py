@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from rayexit.bench.serve_guard import BLOCK, blocks, build_stream, first_move, overhead_thresholds
+from rayexit.bench.serve_guard import BLOCK, blocks, build_stream, first_move, parse_overhead_thresholds
 from rayexit.errors import RayexitError
 
 TEXTS = [f"sentence {i}" for i in range(40)]
@@ -44,7 +44,7 @@ def test_first_move_counts_requests_after_the_shift():
     assert first_move([{"completed": 1200, "levels": [0, 1]}], 1000)["requests_after_shift"] == 200
 
 
-def test_overhead_thresholds_must_be_a_number_when_not_a_keyword():
-    assert overhead_thresholds("0.31") == pytest.approx(0.31)
+def test_parse_overhead_thresholds_must_be_a_number_when_not_a_keyword():
+    assert parse_overhead_thresholds("0.31") == pytest.approx(0.31)
     with pytest.raises(RayexitError, match="--guard-overhead-thresholds: got 'tunde'"):
-        overhead_thresholds("tunde")
+        parse_overhead_thresholds("tunde")

@@ -13,9 +13,9 @@ def trial(score: str, full: float, seconds: float) -> dict:
             "threshold_seconds": seconds}
 
 
-@pytest.mark.parametrize("score", ["accuracy", "f1"])
-def test_per_trial_rows_name_the_tasks_metric(score):
-    rows = per_trial([trial(score, 0.8, 0.5), trial(score, 0.9, 2.0)], score)
+@pytest.mark.parametrize(("task", "score"), [("sequence", "accuracy"), ("token", "f1")])
+def test_per_trial_rows_name_the_tasks_metric(task, score):
+    rows = per_trial([trial(score, 0.8, 0.5), trial(score, 0.9, 2.0)], task)
     assert [r[f"validation_full_{score}"] for r in rows] == [0.8, 0.9]
     assert [r[f"eval_full_{score}"] for r in rows] == pytest.approx([0.79, 0.89])
     assert threshold_rate([trial(score, 0.8, 0.5), trial(score, 0.9, 2.0)]) == 500  # the slowest trial's rate
@@ -27,5 +27,5 @@ def test_the_pareto_plot_is_written_for_both_tasks(tmp_path, score, speed, task)
     points = [{"policy": "entropy", score: 0.9 - 0.05 * i, speed: 1.0 + i} for i in range(4)]
     summary = {"candidates": points, "front": points[:3], "chosen": points[1], "default": points[2],
                f"best_full_eval_{score}": 0.9, "max_drop": 0.01}
-    path = plot_pareto(summary, tmp_path / "pareto.png", score, speed, task=task)
+    path = plot_pareto(summary, tmp_path / "pareto.png", task)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

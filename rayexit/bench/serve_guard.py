@@ -169,9 +169,6 @@ def run(url: str, model_dir: Path, base: dict[str, Any], args: argparse.Namespac
     from rayexit.data import load_text_classification
     from rayexit.serve.settings import ServeSettings
 
-    quiet_thresholds = args.guard_overhead_thresholds
-    if quiet_thresholds not in ("same", "tuned"):
-        quiet_thresholds = overhead_thresholds(quiet_thresholds)  # checked before the long stream, not after
     test = load_text_classification("atis:test")
     per_request = args.texts_per_request
     stream = build_stream(test.texts, test.labels, args.guard_clean_requests, args.guard_shifted_requests,
@@ -183,6 +180,13 @@ def run(url: str, model_dir: Path, base: dict[str, Any], args: argparse.Namespac
         common["thresholds"] = args.guard_thresholds
     guard_keys = {"guard_target": args.guard_target, "guard_sample": args.guard_sample}
     off, on = ServeSettings.from_args(common), ServeSettings.from_args({**common, **guard_keys})
+    # The overhead repeats' settings are built (and so checked) now, not after the long stream.
+    quiet_off, quiet_on = off, on
+    if args.guard_overhead_thresholds != "same":
+        quiet = {key: value for key, value in common.items() if key != "thresholds"}
+        if args.guard_overhead_thresholds != "tuned":
+            quiet["thresholds"] = parse_overhead_thresholds(args.guard_overhead_thresholds)
+        quiet_off, quiet_on = ServeSettings.from_args(quiet), ServeSettings.from_args({**quiet, **guard_keys})
     report: dict[str, Any] = {
         "stream": SHIFT_NAME, "requests": len(stream), "shift_at_request": args.guard_clean_requests,
         "texts_per_request": per_request, "concurrency": args.guard_concurrency, "block_requests": BLOCK,
@@ -200,18 +204,13 @@ def run(url: str, model_dir: Path, base: dict[str, Any], args: argparse.Namespac
             run_report["final"] = polls[-1] if polls else None
         report[name] = run_report
         print(format_run(name, run_report), flush=True)
-    if quiet_thresholds != "same":
-        quiet = {key: value for key, value in common.items() if key != "thresholds"}
-        if quiet_thresholds != "tuned":
-            quiet["thresholds"] = quiet_thresholds
-        off, on = ServeSettings.from_args(quiet), ServeSettings.from_args({**quiet, **guard_keys})
-    report["overhead"] = overhead(url, stream[: args.guard_clean_requests], off, on, args)
-    report["overhead"]["thresholds"] = on.thresholds if on.thresholds is not None else "model directory's"
+    report["overhead"] = overhead(url, stream[: args.guard_clean_requests], quiet_off, quiet_on, args)
+    report["overhead"]["thresholds"] = quiet_on.thresholds if quiet_on.thresholds is not None else "model directory's"
     print(format_overhead(report["overhead"]), flush=True)
     return report
 
 
-def overhead_thresholds(text: str) -> float:
+def parse_overhead_thresholds(text: str) -> float:
     from rayexit.errors import RayexitError
 
     try:

@@ -36,12 +36,16 @@ def choose_token_policy(model_dir: Path, valid_path: Path, target: Path, max_dro
     from rayexit.model_dir import ModelDir, read_exit_config
     from rayexit.policy import FULL_DEPTH
     from rayexit.sweep import outcomes, select
-    from rayexit.tasks import task_named
+    from rayexit.tasks import TOKEE_WINDOWS, TOKEN_GRID_LADDER, TOKEN_GRID_QUANTILES, task_named
 
-    record_key = {"data": str(valid_path), "source_model": str(model_dir), "max_drop": max_drop}
+    # Recorded as given (no machine paths in kept JSON); compared resolved, and with the grid, so a
+    # choice made for another model or on another grid is made again.
+    grid = f"quantiles {list(TOKEN_GRID_QUANTILES)} + ladder {list(TOKEN_GRID_LADDER)}, windows {list(TOKEE_WINDOWS)}"
+    record_key = {"data": str(valid_path), "source_model": str(model_dir), "max_drop": max_drop, "grid": grid}
     if (target / "rayexit.json").is_file():
         chosen = read_exit_config(target).extra.get("policy_choice") or {}
-        if all(chosen.get(k) == v for k, v in record_key.items()):
+        same_model = Path(chosen.get("source_model", "")).resolve() == model_dir.resolve()
+        if same_model and all(chosen.get(k) == v for k, v in record_key.items() if k != "source_model"):
             return target
     directory = ModelDir(model_dir)
     task = task_named("token")

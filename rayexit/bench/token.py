@@ -112,24 +112,26 @@ def targets(reports: dict) -> dict:
     """The token issue's targets from the figures above: drops in F1 points at matched FLOPs speed-ups."""
     final, stage1 = reports["self_sampling"], reports["stage1"]
     out = {
-        "tokee_2x_drop_le_0.5": _check(_drop(final["tokee"], "at_2x"), lambda v: v <= 0.5),
-        "tokee_3x_drop_le_1.5": _check(_drop(final["tokee"], "at_3x"), lambda v: v <= 1.5),
+        "tokee_2x_drop_le_0.5": _check(_drop(final["tokee"], 2.0), lambda v: v <= 0.5),
+        "tokee_3x_drop_le_1.5": _check(_drop(final["tokee"], 3.0), lambda v: v <= 1.5),
     }
     for s in SPEEDUPS:
         name = _point(s)
         tokee, sentee = final["tokee"][name], final["sentee"][name]
         reached = {kind: _reached(point, s) for kind, point in (("tokee", tokee), ("sentee", sentee))}
         # A policy that cannot reach the speed-up on validation has no F1 there: TOKEE is above it if it does.
-        if reached["tokee"] and reached["sentee"]:
-            met: bool | None = tokee["f1"] > sentee["f1"]
-        else:
-            met = reached["tokee"] if reached["tokee"] else None
+        met: bool | None = None  # neither reached it: nothing to compare
+        if reached["tokee"]:
+            met = not reached["sentee"] or tokee["f1"] > sentee["f1"]
+        elif reached["sentee"]:
+            met = False
         out[f"tokee_above_sentee_{name}"] = {"tokee_f1": tokee["f1"], "sentee_f1": sentee["f1"],
                                             "tokee_reached": reached["tokee"], "sentee_reached": reached["sentee"],
                                             "met": met}
-    for name in ("at_2x", "at_3x"):
+    for speedup in (2.0, 3.0):
+        name = _point(speedup)
         ss, s1 = final["tokee"][name], stage1["tokee"][name]
-        both = _reached(ss, float(name[3:-1])) and _reached(s1, float(name[3:-1]))
+        both = _reached(ss, speedup) and _reached(s1, speedup)
         out[f"self_sampling_improves_tokee_{name[3:]}"] = {
             "self_sampling_f1": ss["f1"], "stage1_f1": s1["f1"], "met": (ss["f1"] > s1["f1"]) if both else None,
         }
@@ -147,9 +149,9 @@ def _reached(point: dict, speedup: float) -> bool:
     return point["validation"]["flops_speedup"] >= speedup - 1e-9
 
 
-def _drop(report: dict, name: str) -> float | None:
-    point = report.get(name)
-    if point is None or not _reached(point, float(name[3:-1])):
+def _drop(report: dict, speedup: float) -> float | None:
+    point = report.get(_point(speedup))
+    if point is None or not _reached(point, speedup):
         return None  # the choice fell back to full depth: nothing that fast on validation
     return 100.0 * (report["full"] - point["f1"])
 

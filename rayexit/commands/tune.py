@@ -44,7 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from rayexit.errors import RayexitError
-    from rayexit.tune.experiment import check_sources, experiment_path, load_job, output_folder
+    from rayexit.tune.experiment import experiment_path, load_job, load_sources, output_folder
     from rayexit.tune.run import tune_new, tune_resume
     from rayexit.tune.space import load_tune_config
 
@@ -80,7 +80,8 @@ def run(args: argparse.Namespace) -> int:
         )
         if args.storage_path:
             experiment_path(output, args.storage_path)  # refuse a bad --storage-path before Ray starts
-        check_sources(config.tune.task, args.train, args.eval, args.valid, args.max_examples)  # and bad data
+        # and bad data; prepare_job reads the files again (cheap next to a search, and it keeps that API whole)
+        load_sources(config.tune.task, args.train, args.eval, args.valid, args.max_examples)
         _start(args.address, output, config.tune.optuna_db)
         report = tune_new(
             args.model, args.train, args.eval, output, config, args.max_examples, storage_path=args.storage_path,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -53,11 +54,14 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return getattr(torch, dtype)
 
 
+_Served = TypeVar("_Served", bound="ServedModel")  # typing.Self needs Python 3.11; 3.10 is supported
+
+
 class ServedModel:
     """What both served models share: the model on its device and dtype, its tokenizer and served
     policy, the padded-token budget and the depth cap under overload; built from a model directory."""
 
-    task = ""  # the model directory's task, refused otherwise
+    task: str | None = None  # the model directory's task the subclass serves (None: any)
 
     def __init__(
         self,
@@ -84,14 +88,14 @@ class ServedModel:
 
     @classmethod
     def from_model_dir(
-        cls,
+        cls: type[_Served],
         directory: str | Path,
         policy: ExitPolicy | None = None,
         device: str = "auto",
         dtype: str = "auto",
         token_budget: int = 4096,
         overload_layer_cap: int | None = None,
-    ):
+    ) -> _Served:
         from rayexit.api import load
 
         loaded = load(directory, task=cls.task)  # the Python API's loader: same checks, same object
@@ -112,9 +116,9 @@ class ServedModel:
 class ServedClassifier(ServedModel):
     task = "sequence"
 
-    def __init__(self, model, tokenizer, *args, **kwargs) -> None:
-        super().__init__(model, tokenizer, *args, **kwargs)
-        self.pad_id = tokenizer.pad_token_id or 0
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id or 0
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         return self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]

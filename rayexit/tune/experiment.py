@@ -68,8 +68,8 @@ def optuna_url(output: Path) -> str:
     return f"sqlite:///{(output / OPTUNA_FILE).resolve()}"
 
 
-def check_sources(task_name: str, train: str, eval_source: str, valid: str | None = None,
-                  max_examples: int | None = None):
+def load_sources(task_name: str, train: str, eval_source: str, valid: str | None = None,
+                 max_examples: int | None = None):
     """Read --eval, --valid and --train once (a bad file fails now, not after Ray has started or a
     trial has run); returns the training examples."""
     from rayexit.tasks import task_named
@@ -106,7 +106,7 @@ def prepare_job(
     spec = config.tune
     task = task_named(spec.task)
     token = spec.task == "token"
-    examples = check_sources(spec.task, train, eval_source, valid, max_examples)
+    examples = load_sources(spec.task, train, eval_source, valid, max_examples)
     data = output / "data"
     write = write_conll if token else write_tsv
     suffix = "txt" if token else "tsv"

@@ -127,7 +127,7 @@ def write_results(output: str | Path, trials: list[dict], spec: TuneSpec, job_da
         "default": summary.get("default"),
         "best_runner_eval": runner,
         "threshold_settings_per_second": threshold_rate(trials),
-        "per_trial": per_trial(trials, "accuracy"),
+        "per_trial": per_trial(trials),
     }
     write_json(output / "tune.json", report)
     return report
@@ -138,8 +138,11 @@ def threshold_rate(trials: list[dict]) -> float:
     return min(r["threshold_settings"] / r["threshold_seconds"] for r in trials)
 
 
-def per_trial(trials: list[dict], score: str) -> list[dict]:
-    """One row per trial for tune.json; `score` is the task's metric name (accuracy | f1)."""
+def per_trial(trials: list[dict], task: str = "sequence") -> list[dict]:
+    """One row per trial for tune.json, its full-depth figures under the task's metric name."""
+    from rayexit.tasks import task_named
+
+    score = task_named(task).metric
     return [
         {
             "trial_id": r["trial_id"],
@@ -177,15 +180,18 @@ def runner_check(model_dir: Path, eval_source: str) -> dict:
     }
 
 
-def plot_pareto(summary: dict, path: Path, score: str = "accuracy", speed: str = "layer_speedup",
-                task: str = "sequence") -> Path:
-    """Every candidate and the front, score against speed-up on the eval set, with the chosen point."""
+def plot_pareto(summary: dict, path: Path, task: str = "sequence") -> Path:
+    """Every candidate and the front, the task's score against its speed-up on the eval set, with the
+    chosen point (`rayexit.tasks`: accuracy | entity F1, layers | FLOPs)."""
     import matplotlib
+
+    from rayexit.tasks import task_named
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     token = task == "token"
+    score, speed = task_named(task).metric, task_named(task).cost
     fig, ax = plt.subplots(figsize=(7, 4.5))
     everything = summary["candidates"]
     ax.scatter([c[speed] for c in everything], [c[score] for c in everything], s=6, color="0.8", label="all")

@@ -111,7 +111,7 @@ def write_token_results(
     summary = choose(trials, spec, default_params, live_checker(trials, job_data["validation_path"]))
     chosen = summary["chosen"]
     write_json(output / "pareto.json", [dict(p, chosen=p is chosen) for p in summary["front"]])
-    plot_pareto(summary, output / "pareto.png", "f1", "flops_speedup", task="token")
+    plot_pareto(summary, output / "pareto.png", task="token")
     record = {k: v for k, v in chosen.items() if k != "trial"}
     with trials[chosen["trial"]]["checkpoint"].as_directory() as source:
         best = export_model(source, output / "best", policy_of(chosen), record)
@@ -137,7 +137,7 @@ def write_token_results(
             "flops_speedup": chosen["validation"]["flops_speedup"] - live_valid["flops_speedup"],
         },
         "threshold_settings_per_second": threshold_rate(trials),
-        "per_trial": per_trial(trials, "f1"),
+        "per_trial": per_trial(trials, "token"),
     }
     write_json(output / "tune.json", report)
     return report
