@@ -125,6 +125,7 @@ def test_targets_pair_seeds_and_say_by_how_much_a_target_is_missed():
     exit1 = by_name["exit1_vs_deebert"]  # +0.05 - 0.03 and +0.02 - 0.03
     assert exit1["margins"] == pytest.approx([0.02, -0.01]) and exit1["mean_margin"] == pytest.approx(0.005)
     assert by_name["at_2x_vs_deebert"]["margins"] == pytest.approx([0.01, 0.01])
+    assert by_name["at_1.5x_vs_deebert"]["margins"] == pytest.approx([0.01, 0.01])  # a key with a dot in it
     assert by_name["at_2x_vs_pabee"]["met"] is None  # no PABEE runs
     clock = by_name["within_finetune_wallclock_speedup"]  # seed 2's point is not within 1 point: no figure
     assert clock["margins"][0] == pytest.approx(-0.3) and clock["margins"][1] is None and clock["met"] is False

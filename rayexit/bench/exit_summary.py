@@ -134,8 +134,16 @@ def judge(name: str, claim: str, margins: list[float | None], seeds: list[int]) 
 def figure(run: dict, path: str) -> float | None:
     """`run`'s figure at a dotted path ("at_2x.accuracy", "exit_accuracy.0"); None where absent."""
     value: object = run
-    for part in path.split("."):
+    parts = path.split(".")
+    while parts:
+        part = parts.pop(0)
         if isinstance(value, dict):
+            # Keys may hold a dot themselves ("at_1.5x"): take the longest run of parts that names one.
+            for extra in range(len(parts), 0, -1):
+                longer = ".".join([part, *parts[:extra]])
+                if longer in value:
+                    part, parts = longer, parts[extra:]
+                    break
             value = value.get(part)
         elif isinstance(value, list) and part.isdigit() and int(part) < len(value):
             value = value[int(part)]
