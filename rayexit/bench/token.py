@@ -88,7 +88,6 @@ def run(args: argparse.Namespace) -> int:
                 timed=("at_2x",) if name == "self_sampling" and kinds == ("tokee",) else (), replays=replays,
             )
             timings[f"{name}_{kinds[0]}_eval_seconds"] = time.perf_counter() - started
-        reports[name]["tokee"]["flops_ceiling_test"] = flops_ceiling(replays[1])
     figures = {
         "benchmark": "token",
         "train_slice": f"first {args.train_sentences} sentences of CoNLL-2003 train.txt",
@@ -156,15 +155,6 @@ def _drop(report: dict, speedup: float) -> float | None:
     return 100.0 * (report["full"] - point["f1"])
 
 
-def flops_ceiling(replay) -> dict:
-    """TOKEE's cost when every word leaves at exit 1: later layers still compute keys and values for
-    halted words (METHODS section 5), so this is the largest FLOPs speed-up the policy can give."""
-    from rayexit.policy import ExitPolicy
-
-    outcome = replay.outcome(ExitPolicy("tokee", 1.01, window=1))  # normalised entropy <= 1: all leave at once
-    return {"flops_speedup": outcome.flops_speedup, "f1": outcome.score, "layer_speedup": outcome.layer_speedup}
-
-
 def _check(value: float | None, test) -> dict:
     return {"value": value, "met": None if value is None else bool(test(value))}
 
@@ -179,10 +169,6 @@ def format_summary(figures: dict) -> str:
             points = [report[_point(x)] for x in SPEEDUPS]
             cells = "".join(f"{point['f1']:9.4f}{point['flops_speedup']:8.2f}" for point in points)
             lines.append(f"{name:<14}{kind:<8}{report['full']:8.4f}{cells}")
-        ceiling = per_kind["tokee"].get("flops_ceiling_test")
-        if ceiling:
-            lines.append(f"{name:<14}TOKEE ceiling (every word leaves at exit 1): "
-                         f"{ceiling['flops_speedup']:.2f}x FLOPs, F1 {ceiling['f1']:.4f}")
     two = figures["reports"]["self_sampling"]["tokee"]["at_2x"]
     if two.get("wallclock_speedup"):
         low, high = two["wallclock_spread"]
