@@ -163,6 +163,27 @@ def test_new_requests_start_at_once_and_stragglers_are_not_starved():
     assert scheduler.pick() == 2
 
 
+def test_each_row_is_charged_its_share_of_every_layer_it_ran_in(monkeypatch):
+    """The replica's controller reads a batch's cost as the sum over its rows, so the shares must add up to the
+    model time spent: here every layer execution costs exactly one clock second."""
+    clock = Clock()
+    scheduler = LayerScheduler(MODEL, full_rows=4, max_hold_s=10.0, clock=clock)
+    compute = scheduler._compute
+
+    def one_second(layer, group):
+        clock.now += 1.0
+        return compute(layer, group)
+
+    monkeypatch.setattr(scheduler, "_compute", one_second)
+    capped = scheduler.add([[101, 2000, 102]] * 2, [2, 2], ExitPolicy("none", 0.0))
+    deep = scheduler.add([[101, 3000, 102]] * 2, [None, None], ExitPolicy("none", 0.0))
+    scheduler.run_until_idle()
+    charged = [f.result(timeout=0).model_s for f in capped + deep]
+    assert sum(charged) == pytest.approx(scheduler.layer_runs)  # nothing lost, nothing counted twice
+    # Layers 1-2 ran on the four rows merged (a quarter second each), layers 3-6 on the two uncapped rows alone.
+    assert charged == pytest.approx([0.5, 0.5, 0.5 + 4 * 0.5, 0.5 + 4 * 0.5])
+
+
 def test_groups_merge_only_when_padding_stays_bounded():
     policy = ExitPolicy("none", 0.0)
     scheduler = LayerScheduler(MODEL, full_rows=1, pad_slack=1.25)

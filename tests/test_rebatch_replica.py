@@ -91,6 +91,33 @@ def test_a_model_failure_in_a_merged_batch_fails_only_its_request(replica, minil
 def test_load_relief_applies_per_row(replica):
     """Rows admitted under a relaxed policy exit by it, as the runner's relaxed batches do."""
     sequences = replica.engine.encode(TEXTS)
-    relaxed = replica.test_loop.run_until_complete(replica.rebatched.classify_encoded(sequences, None, relax_level=3))
+    relaxed, _ = replica.test_loop.run_until_complete(
+        replica.rebatched.classify_encoded(sequences, None, relax_level=3)
+    )
     expected, _ = replica.engine.classify_encoded(sequences, None, relax_level=3)
     assert [(a.label, a.exit_layer) for a in relaxed] == [(a.label, a.exit_layer) for a in expected]
+
+
+def test_controller_reads_the_model_time_of_rebatched_batches_not_their_wall_time(replica, monkeypatch):
+    """A rebatched batch's wall time holds its rows' waits behind other batches' layers; the controller must
+    see what the rows cost the model (the sum of their shares), or it shrinks entry batches under load."""
+    charged, recorded = [], []
+    classify = replica.rebatched.classify_encoded
+    record = replica.controller.record_batch
+
+    async def spy_classify(*args, **kwargs):
+        answers, model_s = await classify(*args, **kwargs)
+        charged.append(sum(model_s))
+        return answers, model_s
+
+    def spy_record(size, compute_s, backlog):
+        recorded.append(compute_s)
+        return record(size, compute_s, backlog)
+
+    monkeypatch.setattr(replica.rebatched, "classify_encoded", spy_classify)
+    monkeypatch.setattr(replica.controller, "record_batch", spy_record)
+    answers = post_all(replica, [{"texts": TEXTS[i % 5: i % 5 + 2]} for i in range(10)])
+    assert all(a.status_code == 200 for a in answers)
+    assert len(recorded) == len(charged) > 1
+    assert sorted(recorded) == pytest.approx(sorted(charged))
+    assert all(c > 0 for c in charged)

@@ -35,7 +35,6 @@ log = logging.getLogger(__name__)
 
 DEPLOYMENT_NAME = "ExitClassifier"
 # With rebatching, this many entry batches may be inside the layer scheduler at once: the merging happens there.
-# More than a few, because the controller may shrink entry batches (their time now includes the layer queues).
 REBATCH_BATCHES = 8
 
 
@@ -54,6 +53,7 @@ class _Item:
     call: _Call = field(default_factory=_Call)
     enqueued: float = 0.0
     taken: bool = False  # out of the backlog: taken by a batch, or abandoned by its request
+    model_s: float | None = None  # with rebatching: the model time this item cost (its share of each layer run)
 
 
 # Helpers sit above the deployment class: Serve captures the ingress class when it is decorated,
@@ -343,11 +343,13 @@ class ExitClassifier:
 
     async def _classify_run(self, items: list[_Item]) -> list:
         if self.rebatched is not None:  # failures come back per row (ItemFailed), already isolated
-            answers = await self.rebatched.classify_encoded(
+            answers, model_s = await self.rebatched.classify_encoded(
                 [item.payload for item in items], [item.layer_cap for item in items], self.controller.relax_level
             )
             served = [(item, a) for item, a in zip(items, answers) if not isinstance(a, ItemFailed)]
             self._observe([a.exit_layer for _, a in served], [item.payload for item, _ in served])
+            for item, seconds in zip(items, model_s, strict=True):
+                item.model_s = seconds
             return answers
         loop = asyncio.get_running_loop()
         answers, stats = await loop.run_in_executor(
@@ -418,6 +420,11 @@ class ExitClassifier:
             if isinstance(result, ItemFailed):
                 items[k].call.failed = True
         compute = time.perf_counter() - started
+        charged = [items[k].model_s for k in live if items[k].model_s is not None]
+        if charged:
+            # Rebatched: the batch's wall time includes its rows' waits in layer queues behind other batches.
+            # Read as compute, that made the controller halve entry batches just when merging needed them full.
+            compute = sum(charged)
         self.admission.record_batch(sum(items[k].tokens for k in live), compute)
         self.controller.record_batch(len(items), compute, backlog=self.admission.queued_texts)
         self.metrics.batch_size.observe(len(items))

@@ -21,6 +21,12 @@ Which layer runs next (`LayerScheduler.pick`):
 A step that raises is retried on halves of its rows down to single rows, so one poisoned row
 fails only its own ticket (the replica turns that into its request's 500).
 
+Each row carries the model time it cost: every layer execution's seconds shared equally among
+the rows it computed. A request batch's cost is then the sum over its rows, which the replica's
+controller needs: the batch's wall time also holds the time its rows waited in layer queues
+behind other batches' layers, and read as compute it made the controller shrink entry batches
+exactly when merging needed them full.
+
 Plain PyTorch and threading: `LayerScheduler` is driven step by step by tests; `Rebatcher`
 runs it in one worker thread of the replica.
 """
@@ -52,11 +58,13 @@ __all__ = ["Exited", "LayerScheduler", "RebatchedClassifier", "Rebatcher"]
 
 @dataclass
 class Exited:
-    """One row's answer: the label index, its softmax probability, and the 1-based layer it left at."""
+    """One row's answer: the label index, its softmax probability, the 1-based layer it left at, and its
+    share of the model time of every layer it was computed in."""
 
     prediction: int
     confidence: float
     exit_layer: int
+    model_s: float = 0.0
 
 
 @dataclass
@@ -72,6 +80,7 @@ class _Group:
     states: torch.Tensor  # [B, W] token ids before layer 1, else [B, W, H] hidden states
     mask: torch.Tensor  # [B, W] 1 for real tokens, right padded
     ready_at: float
+    spent: list[float]  # [B] model seconds charged to each row so far
 
     @property
     def rows(self) -> int:
@@ -85,6 +94,7 @@ class _Group:
         return _Group(
             [self.futures[i] for i in index.tolist()], self.kind, self.thresholds[index], self.last[index],
             self.previous[index], self.agree[index], self.states[index][:, :width], mask[:, :width], self.ready_at,
+            [self.spent[i] for i in index.tolist()],
         )
 
     def halves(self) -> tuple[_Group, _Group]:
@@ -111,6 +121,7 @@ def _merge(groups: list[_Group], pad_id: int) -> _Group:
         [f for g in groups for f in g.futures], groups[0].kind, torch.cat([g.thresholds for g in groups]),
         torch.cat([g.last for g in groups]), torch.cat([g.previous for g in groups]),
         torch.cat([g.agree for g in groups]), torch.cat(states), torch.cat(masks), min(g.ready_at for g in groups),
+        [s for g in groups for s in g.spent],
     )
 
 
@@ -184,6 +195,7 @@ class LayerScheduler:
                 torch.tensor([last[k] for k in chunk], device=device),
                 torch.full((rows,), -1, dtype=torch.long, device=device),
                 torch.zeros(rows, dtype=torch.long, device=device), ids.to(device), mask.to(device), now,
+                [0.0] * rows,
             ))
             chunk = [] if i is None else [i]
         with self._lock:
@@ -266,7 +278,10 @@ class LayerScheduler:
 
     def _run(self, layer: int, group: _Group) -> None:
         try:
+            started = self.clock()
             hidden, probs = self._compute(layer, group)
+            share = (self.clock() - started) / group.rows
+            group.spent = [s + share for s in group.spent]
             self._route(layer, group, hidden, probs)  # answers are set once, so a retried half cannot change them
         except Exception as exc:  # noqa: BLE001 - pinned on rows by halving, then reported per row
             if group.rows == 1:
@@ -303,12 +318,12 @@ class LayerScheduler:
             done = leaving.nonzero().flatten().tolist()
             labels, confidences = predicted[leaving].tolist(), confidence[leaving].float().tolist()
             for i, label, sure in zip(done, labels, confidences, strict=True):
-                _resolve(group.futures[i], Exited(label, sure, layer + 1))
+                _resolve(group.futures[i], Exited(label, sure, layer + 1, group.spent[i]))
         staying = ~leaving
         if not staying.any():
             return
         moved = _Group(group.futures, group.kind, group.thresholds, group.last, predicted, agree, hidden,
-                       group.mask, self.clock())
+                       group.mask, self.clock(), group.spent)
         survivors = moved.select(staying)
         with self._lock:
             self._push(layer + 1, survivors)
@@ -387,15 +402,19 @@ class RebatchedClassifier:
 
     async def classify_encoded(
         self, sequences: list[list[int]], layer_caps: list[int | None] | None = None, relax_level: int = 0
-    ) -> list[Answer | ItemFailed]:
+    ) -> tuple[list[Answer | ItemFailed], list[float]]:
+        """Every row's answer (or `ItemFailed`) in input order, and the model seconds each row cost."""
         caps, policy = self.engine.plan(len(sequences), layer_caps, relax_level)
         answers: list[Answer | ItemFailed] = []
+        model_s: list[float] = []
         for result in await self.rebatcher.run(sequences, caps, policy):
             if isinstance(result, Exited):
                 answers.append(Answer(self.engine.labels[result.prediction], result.confidence, result.exit_layer))
+                model_s.append(result.model_s)
             else:
                 answers.append(ItemFailed(f"{type(result).__name__}: {result}"))
-        return answers
+                model_s.append(0.0)
+        return answers, model_s
 
     def close(self) -> None:
         self.rebatcher.close()
