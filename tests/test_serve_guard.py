@@ -206,6 +206,38 @@ def test_checks_take_at_most_their_share_of_model_time_on_a_busy_replica():
     assert budget.allows(queued=True)
 
 
+def test_a_tightening_boosts_sampling_and_the_check_budget_for_one_window():
+    guard = make_guard(sample=0.05, boost=4.0, window=100)
+    assert guard.sample_rate() == 0.05 and guard.budget.share == pytest.approx(0.04)
+    feed(guard, *rows(40, shaky_share=0.5, wrong_share=0.0))
+    assert guard.sample_rate() == 0.05  # clean rows move nothing: the configured rate holds
+    moves = guard.record(*rows(40, shaky_share=1.0, wrong_share=0.5, seed=3))
+    assert any(m["direction"] == "tighten" for m in moves)
+    assert guard.sample_rate() == pytest.approx(0.2) and guard.budget.share == pytest.approx(0.16)
+    assert guard.state()["sample_rate"] == pytest.approx(0.2)
+    kept = guard.offer(list(range(2000)))
+    assert 300 <= kept <= 500  # about 20% of what was served, not 5%
+    clean = rows(100, shaky_share=0.0, wrong_share=0.0, seed=4)  # one window of rows with nothing to tighten
+    guard.record(clean[0][:99], clean[1][:99])
+    assert guard.sample_rate() == pytest.approx(0.2)  # one row short of a window
+    guard.record(clean[0][99:], clean[1][99:])
+    assert guard.sample_rate() == 0.05 and guard.budget.share == pytest.approx(0.04)
+
+
+def test_a_shift_in_the_newest_rows_tightens_before_it_fills_the_window():
+    """The whole window agrees at the target exactly (2 wrong of 200 early rows), the newest 100 do not (2 of 100)."""
+    stats = torch.full((200, LAYERS), 0.01)
+    stats[:, 0] = 0.05
+    preds = torch.ones((200, LAYERS), dtype=torch.long)
+    preds[[150, 190], 0] = 0
+    windowed = make_guard(recent=0)
+    assert windowed.record(stats, preds) == [] and windowed.levels == [0, 0]
+    guard = make_guard(recent=100)
+    moves = guard.record(stats, preds)
+    assert moves and {m["direction"] for m in moves} == {"tighten"} and moves[0]["rows"] == 100
+    assert guard.thresholds()[0] < 0.05  # every row is 0.05 sure at exit 1: only never-exiting there fixes it
+
+
 def test_a_new_guard_starts_from_the_tuned_thresholds():
     guard = make_guard()
     assert guard.thresholds() == [TUNED] * LAYERS and guard.policy().thresholds == [TUNED] * LAYERS
@@ -216,7 +248,7 @@ def test_a_new_guard_starts_from_the_tuned_thresholds():
 @pytest.mark.parametrize("bad, field", [
     ({"target": 1.5}, "guard_target"), ({"target": 1.0}, "guard_target"), ({"sample": 0}, "guard_sample"),
     ({"window": 0}, "guard_window"), ({"min_samples": 500}, "guard_min_samples"),
-    ({"max_overhead": -1}, "guard_max_overhead"),
+    ({"max_overhead": -1}, "guard_max_overhead"), ({"recent": -1}, "guard_recent"), ({"boost": 0.5}, "guard_boost"),
 ])
 def test_bad_settings_name_the_field(bad, field):
     with pytest.raises(RayexitError, match=field):

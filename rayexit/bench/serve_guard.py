@@ -263,26 +263,34 @@ def format_overhead(o: dict) -> str:
             f"(median of {o['repeats']}; all {o['requests_per_s']}) -> {o['overhead_fraction']}")
 
 
-def replay_stream(model_dir: Path, thresholds: float | None, clean: int, shifted: int, per_request: int,
-                  target: float, sample: float, seed: int) -> dict:
-    """The guard's rule on the same stream without Serve: every text's exits computed once at full depth, answers
-    replayed at the thresholds of the moment, checks landing at once. What the rule does, apart from timing."""
+def stream_units(model_dir: Path, thresholds: float | None, stream: list[list[tuple[str, str]]]):
+    """Every distinct text's per-exit statistic and answer at full depth, computed once: the policy served,
+    the statistics [texts, L], the answers [texts, L] and each text's row."""
     import torch
 
     from rayexit.config import ExitPolicy
-    from rayexit.data import load_text_classification
     from rayexit.serve.engine import ServedClassifier
-    from rayexit.serve.guard import AccuracyGuard, GuardConfig, replay, sentence_units
+    from rayexit.serve.guard import sentence_units
 
-    test = load_text_classification("atis:test")
-    stream = build_stream(test.texts, test.labels, clean, shifted, per_request, seed)
     engine = ServedClassifier.from_model_dir(model_dir, None, device="cpu")
     policy = engine.policy if thresholds is None else ExitPolicy(engine.policy.kind, thresholds)
     unique = sorted({t for request in stream for t, _ in request})
-    stats, preds = sentence_units(engine.exit_logits_encoded(engine.encode(unique)), policy.kind)
-    row = {t: i for i, t in enumerate(unique)}
-    guard = AccuracyGuard(GuardConfig(target, sample), policy, engine.num_layers, len(engine.labels), seed=seed)
-    fixed = policy.per_layer(engine.num_layers)
+    encoded = engine.encode(unique)
+    logits = torch.cat([engine.exit_logits_encoded(encoded[i:i + 64]) for i in range(0, len(encoded), 64)])
+    stats, preds = sentence_units(logits, policy.kind)
+    return policy, stats, preds, {t: i for i, t in enumerate(unique)}, len(engine.labels)
+
+
+def replay_rule(units, stream: list[list[tuple[str, str]]], config, clean: int, seed: int) -> dict:
+    """The guard's rule on the stream without Serve: answers replayed at the thresholds of the moment,
+    checks landing at once. What the rule does, apart from timing."""
+    import torch
+
+    from rayexit.serve.guard import AccuracyGuard, replay
+
+    policy, stats, preds, row, num_labels = units
+    guard = AccuracyGuard(config, policy, stats.shape[1], num_labels, seed=seed)
+    fixed = policy.per_layer(stats.shape[1])
     agree: dict[str, list[bool]] = {"guard off": [], "guard on": []}
     first = None
     for n, request in enumerate(stream):
@@ -295,40 +303,93 @@ def replay_stream(model_dir: Path, thresholds: float | None, clean: int, shifted
             checked = torch.tensor(guard.take())
             if guard.record(stats[checked], preds[checked]) and first is None and n >= clean:
                 first = n - clean
+    per_request = len(stream[0])
     per_block = []
     for start in range(0, len(stream), BLOCK):
         a, b = start * per_request, min(start + BLOCK, len(stream)) * per_request
         per_block.append({"requests": f"{start}-{min(start + BLOCK, len(stream)) - 1}",
                           **{name: round(sum(v[a:b]) / (b - a), 4) for name, v in agree.items()}})
-    return {"stream": SHIFT_NAME, "shift_at_request": clean, "texts_per_request": per_request,
-            "thresholds": policy.per_layer(engine.num_layers), "target": target, "sample": sample,
-            "blocks": per_block, "first_move_requests_after_shift": first,
-            "moves": guard.moves, "final_thresholds": guard.thresholds(), "checked": guard.samples}
+    return {"seed": seed, "blocks": per_block, "first_move_requests_after_shift": first, "moves": guard.moves,
+            "final_thresholds": guard.thresholds(), "checked": guard.samples}
+
+
+def held_after_reaction(blocks: list[dict], shift_at: int, first_move: int | None) -> bool:
+    """Every whole block that starts after the guard's first move after the shift agrees at target or more."""
+    if first_move is None:
+        return False
+    reacted = shift_at + first_move
+    after = [b for b in blocks if int(b["requests"].split("-")[0]) >= reacted]
+    return bool(after) and all(b["guard on"] >= b["target"] for b in after)
 
 
 def main() -> int:
-    """`python -m rayexit.bench.serve_guard --model DIR --json OUT`: the rule replayed on the stream (no Serve)."""
-    from rayexit.files import write_json
+    """`python -m rayexit.bench.serve_guard --model DIR --json OUT`: the rule replayed on the stream (no Serve),
+    over several sampling seeds, for the default rule and the rule without its boost and/or recent view."""
+    import statistics
 
-    p = argparse.ArgumentParser(description=replay_stream.__doc__)
+    from rayexit.data import load_text_classification
+    from rayexit.files import write_json
+    from rayexit.serve.guard import GuardConfig
+
+    p = argparse.ArgumentParser(description=main.__doc__)
     p.add_argument("--model", required=True)
     p.add_argument("--json", required=True)
     p.add_argument("--thresholds", type=float)
-    p.add_argument("--clean-requests", type=int, default=1000)
-    p.add_argument("--shifted-requests", type=int, default=2000)
+    p.add_argument("--clean-requests", type=int, default=500)
+    p.add_argument("--shifted-requests", type=int, default=2500)
     p.add_argument("--texts-per-request", type=int, default=2)
     p.add_argument("--target", type=float, default=0.99)
     p.add_argument("--sample", type=float, default=0.05)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stream-seed", type=int, default=0)
+    p.add_argument("--seeds", default="0-9", help="the guard's sampling seeds, e.g. 0-9 or 1,4")
     a = p.parse_args()
-    report = replay_stream(Path(a.model), a.thresholds, a.clean_requests, a.shifted_requests, a.texts_per_request,
-                           a.target, a.sample, a.seed)
-    for block in report["blocks"]:
-        print(f"requests {block['requests']:>11}  agreement guard off {block['guard off']}  on {block['guard on']}")
-    print(f"first move {report['first_move_requests_after_shift']} requests after the shift; final thresholds "
-          f"{[round(t, 4) for t in report['final_thresholds']]}; checked {report['checked']}")
+    seeds = _seeds(a.seeds)
+    test = load_text_classification("atis:test")
+    stream = build_stream(test.texts, test.labels, a.clean_requests, a.shifted_requests, a.texts_per_request,
+                          a.stream_seed)
+    units = stream_units(Path(a.model), a.thresholds, stream)
+    rules = {
+        "default": GuardConfig(a.target, a.sample),
+        "no recent view": GuardConfig(a.target, a.sample, recent=0),
+        "no boost": GuardConfig(a.target, a.sample, boost=1.0),
+        "no boost, no recent view": GuardConfig(a.target, a.sample, boost=1.0, recent=0),
+    }
+    report: dict[str, Any] = {"stream": SHIFT_NAME, "shift_at_request": a.clean_requests,
+                              "texts_per_request": a.texts_per_request, "stream_seed": a.stream_seed,
+                              "thresholds": units[0].per_layer(units[1].shape[1]), "target": a.target,
+                              "sample": a.sample, "seeds": seeds, "rules": {}}
+    for name, config in rules.items():
+        runs = [replay_rule(units, stream, config, a.clean_requests, seed) for seed in seeds]
+        for run in runs:
+            for block in run["blocks"]:
+                block["target"] = a.target
+            run["held_after_reaction"] = held_after_reaction(run["blocks"], a.clean_requests,
+                                                             run["first_move_requests_after_shift"])
+        firsts = [r["first_move_requests_after_shift"] for r in runs]
+        reacted = [f for f in firsts if f is not None]
+        per_block = [[r["blocks"][k]["guard on"] for r in runs] for k in range(len(runs[0]["blocks"]))]
+        summary = {
+            "held_after_reaction": sum(r["held_after_reaction"] for r in runs),
+            "median_first_move_requests_after_shift": statistics.median(reacted) if reacted else None,
+            "first_move_requests_after_shift": firsts,
+            "median_agreement_per_block": [round(statistics.median(block), 4) for block in per_block],
+            "min_agreement_per_block": [min(block) for block in per_block],
+            "guard_off_per_block": [b["guard off"] for b in runs[0]["blocks"]],
+        }
+        report["rules"][name] = {"summary": summary, "runs": runs}
+        print(f"{name}: {summary['held_after_reaction']}/{len(runs)} seeds at or above {a.target} in every block "
+              f"after the first move; median first move {summary['median_first_move_requests_after_shift']} "
+              f"requests after the shift; median agreement per block {summary['median_agreement_per_block']} "
+              f"(guard off {summary['guard_off_per_block']})", flush=True)
     write_json(a.json, report)
     return 0
+
+
+def _seeds(text: str) -> list[int]:
+    if "-" in text:
+        first, last = text.split("-", 1)
+        return list(range(int(first), int(last) + 1))
+    return [int(x) for x in text.split(",") if x]
 
 
 if __name__ == "__main__":

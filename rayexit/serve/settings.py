@@ -61,12 +61,16 @@ class ServeSettings:
     # is checked at full depth off the request path; each exit's threshold tightens while its agreement with
     # full depth is under guard_target and relaxes back toward the tuned value (past it only with
     # guard_allow_past_tuned). On a busy replica, checks take at most guard_max_overhead of model time.
+    # After a tightening, sampling and that budget are guard_boost times higher for one window of checks;
+    # the newest guard_recent checked texts are also judged alone, so a shift shows before it fills the window.
     guard_target: float | None = None
     guard_sample: float = 0.05
     guard_window: int = 200
     guard_min_samples: int = 20
     guard_allow_past_tuned: bool = False
     guard_max_overhead: float = 0.04
+    guard_recent: int = 100
+    guard_boost: float = 4.0
     device: str = "auto"
     dtype: str = "auto"  # auto: float16 on a GPU, float32 on CPU
     torch_threads: int | None = None
@@ -160,10 +164,12 @@ class ServeSettings:
         """The accuracy guard's settings; None when guard_target is not set (the guard is off)."""
         if self.guard_target is None:
             GuardConfig(0.5, self.guard_sample, self.guard_window, self.guard_min_samples,
-                        max_overhead=self.guard_max_overhead)  # still refuse bad values early
+                        max_overhead=self.guard_max_overhead, recent=self.guard_recent,
+                        boost=self.guard_boost)  # still refuse bad values early
             return None
         return GuardConfig(self.guard_target, self.guard_sample, self.guard_window, self.guard_min_samples,
-                           allow_past_tuned=self.guard_allow_past_tuned, max_overhead=self.guard_max_overhead)
+                           allow_past_tuned=self.guard_allow_past_tuned, max_overhead=self.guard_max_overhead,
+                           recent=self.guard_recent, boost=self.guard_boost)
 
     def limits(self) -> Limits:
         return Limits(self.max_texts, self.max_text_chars, self.max_body_bytes, self.max_text_tokens,
