@@ -297,10 +297,10 @@ class AccuracyGuard:
         if 0 < self.config.recent < window[0].shape[0]:
             views.append((window[0][-self.config.recent:], window[1][-self.config.recent:]))
         moves: list[dict[str, Any]] = []
-        for view in views:
-            moves += self._tighten_each(view)
-            moves += self._tighten_pooled(view)
-        moves += self._relax(views)
+        for name, view in zip(("window", "recent"), views, strict=False):
+            for move in self._tighten_each(view) + self._tighten_pooled(view):
+                moves.append({**move, "view": name})
+        moves += [{**move, "view": "window"} for move in self._relax(views)]
         self.moves += moves
         return moves
 
@@ -387,7 +387,8 @@ class AccuracyGuard:
     def _moved(self, layer: int, direction: str, count: int, agreement: float,
                evidence: str = "exit") -> dict[str, Any]:
         """A move's record; `rows` and `agreement` are the exit's own (`evidence: exit`) or those of
-        all early-leaving rows (`evidence: pooled`)."""
+        all early-leaving rows (`evidence: pooled`), in the whole window or its newest rows (`view`, added
+        by `_decide`)."""
         self._since_move[layer] = 0
         return {"layer": layer + 1, "direction": direction, "level": self.levels[layer], "rows": count,
                 "agreement": round(agreement, 4), "evidence": evidence, "threshold": self.thresholds()[layer],
