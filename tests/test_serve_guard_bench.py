@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from rayexit.bench.serve_guard import BLOCK, blocks, build_stream, first_move, parse_overhead_thresholds
+from rayexit.bench.serve_guard import (
+    BLOCK,
+    blocks,
+    build_stream,
+    first_move,
+    held_after_reaction,
+    level_changes,
+    parse_overhead_thresholds,
+)
 from rayexit.errors import RayexitError
 
 TEXTS = [f"sentence {i}" for i in range(40)]
@@ -48,3 +56,17 @@ def test_parse_overhead_thresholds_must_be_a_number_when_not_a_keyword():
     assert parse_overhead_thresholds("0.31") == pytest.approx(0.31)
     with pytest.raises(RayexitError, match="--guard-overhead-thresholds: got 'tunde'"):
         parse_overhead_thresholds("tunde")
+
+
+def test_level_changes_keep_only_the_polls_where_an_exit_moved():
+    polls = [{"completed": n, "levels": levels, "samples": n // 10, "time": 0.0, "thresholds": [], "agreement": 1.0}
+             for n, levels in ((10, [0, 0]), (20, [0, 0]), (30, [1, 0]), (40, [1, 0]), (50, [0, 0]))]
+    assert [(c["completed"], c["levels"]) for c in level_changes(polls)] == [(10, [0, 0]), (30, [1, 0]), (50, [0, 0])]
+
+
+def test_held_after_reaction_judges_only_whole_blocks_after_the_first_move():
+    blocks = [{"requests": f"{start}-{start + 499}", "guard on": value, "target": 0.99}
+              for start, value in ((0, 0.97), (500, 0.98), (1000, 0.995), (1500, 0.99))]
+    assert held_after_reaction(blocks, shift_at=500, first_move=100)  # blocks from 1000 on count
+    assert not held_after_reaction(blocks, shift_at=500, first_move=0)  # the 500-999 block counts, and misses
+    assert not held_after_reaction(blocks, shift_at=500, first_move=None)  # never reacted

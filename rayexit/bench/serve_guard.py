@@ -164,6 +164,16 @@ def first_move(polls: list[dict], shift_at: int) -> dict | None:
     return None
 
 
+def level_changes(polls: list[dict]) -> list[dict]:
+    """The polls at which the guard's levels differ from the poll before: when each exit moved, in requests."""
+    changes, previous = [], None
+    for poll in polls:
+        if poll["levels"] != previous:
+            changes.append({"completed": poll["completed"], "levels": poll["levels"], "samples": poll["samples"]})
+            previous = poll["levels"]
+    return changes
+
+
 def run(url: str, model_dir: Path, base: dict[str, Any], args: argparse.Namespace) -> dict:
     from rayexit.bench.serve import SWEEP_NO_SHEDDING, load, redeploy
     from rayexit.data import load_text_classification
@@ -202,6 +212,7 @@ def run(url: str, model_dir: Path, base: dict[str, Any], args: argparse.Namespac
         if name == "guard on":
             run_report["first_move"] = first_move(polls, args.guard_clean_requests)
             run_report["final"] = polls[-1] if polls else None
+            run_report["level_changes"] = level_changes(polls)
         report[name] = run_report
         print(format_run(name, run_report), flush=True)
     report["overhead"] = overhead(url, stream[: args.guard_clean_requests], quiet_off, quiet_on, args)
