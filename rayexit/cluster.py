@@ -114,13 +114,27 @@ def _handlers_kept(active: bool) -> Iterator[None]:
     if not active:
         yield
         return
+    import ray._private.ray_constants as ray_constants
+
     kept = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    # The driver's core worker installs Abseil's failure handler, which takes SIGTERM too: a signal landing
+    # while ray.init is still connecting aborts the process (status -6, no message, nothing cleaned up),
+    # and putting our handlers back afterwards cannot close that window. Ray reads this flag when it
+    # creates the core worker; workers and other processes are not affected. Crash reports of this
+    # driver then come from Python's faulthandler (enabled by the caller) instead of the C++ stack.
+    failure_handler_off = ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER
+    ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = True
     try:
         yield
     finally:
-        for sig, handler in kept.items():
-            if handler is not None:
-                signal.signal(sig, handler)
+        ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = failure_handler_off
+        _restore(kept)
+
+
+def _restore(handlers: dict) -> None:
+    for sig, handler in handlers.items():
+        if handler is not None:
+            signal.signal(sig, handler)
 
 
 def _describe(started: bool) -> RayCluster:

@@ -50,6 +50,19 @@ def call(url: str, body: bytes | None = None, headers: dict | None = None, metho
     return (status, payload, got) if with_headers else (status, payload)
 
 
+def call_as_a_client_would(url: str, body: bytes, attempts: int = 6) -> tuple[int, dict]:
+    """Like `call`, but a 503 "overloaded" is retried after its Retry-After, as the API asks clients to do:
+    on a slow machine the default queue deadline (125 ms) sheds some of eight concurrent requests, and
+    shedding is not what the tests using this look at."""
+    for _ in range(attempts - 1):
+        status, payload, headers = call(url, body, with_headers=True)
+        if status != 503:
+            return status, payload
+        assert payload["error"]["reason"] == "overloaded", payload
+        time.sleep(int(headers["retry-after"]))
+    return call(url, body)
+
+
 def post(base: str, path: str, payload) -> tuple[int, dict]:
     return call(base + path, json.dumps(payload).encode())
 
@@ -238,7 +251,7 @@ def test_one_poisoned_request_in_eight_fails_only_itself(server):
     valid = json.dumps({"texts": TEXTS[:2]}).encode()
     bodies = [poisoned if i % 8 == 3 else valid for i in range(40)]
     with ThreadPoolExecutor(8) as pool:
-        answers = list(pool.map(lambda body: call(server + "/v1/classify", body), bodies))
+        answers = list(pool.map(lambda body: call_as_a_client_would(server + "/v1/classify", body), bodies))
     for body, (status, payload) in zip(bodies, answers, strict=True):
         if body is poisoned:
             assert status == 422 and payload["error"]["field"] == "texts[1]"
@@ -252,7 +265,7 @@ def test_poisoned_tag_requests_fail_alone(server):
     valid = json.dumps({"texts": ["Peter Blackburn visited Brussels"]}).encode()
     bodies = [poisoned if i % 8 == 0 else valid for i in range(16)]
     with ThreadPoolExecutor(8) as pool:
-        answers = list(pool.map(lambda body: call(server + "/tagger/v1/tag", body), bodies))
+        answers = list(pool.map(lambda body: call_as_a_client_would(server + "/tagger/v1/tag", body), bodies))
     assert [status for status, _ in answers] == [422 if body is poisoned else 200 for body in bodies]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import faulthandler
 import signal
 import sys
 import threading
@@ -122,6 +123,9 @@ def run(args: argparse.Namespace) -> int:
     if wants_local(args.address):
         check_port(args.host, args.port or DEFAULT_PORT)  # a new instance has no proxy yet: refuse before Ray starts
 
+    if not faulthandler.is_enabled():  # connect() turns Ray's C++ crash handler off in this process (cluster.py)
+        with contextlib.suppress(ValueError, OSError):  # a stderr without a file descriptor
+            faulthandler.enable()
     signals = Signals()
     previous = {sig: signal.getsignal(sig) for sig in SIGNALS}
     signals.install()
@@ -130,8 +134,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         print(f"starting: application {app_name} at route {route_prefix} ...", flush=True)
         with signals.shielded():
-            # The driver's core worker installs a C++ SIGTERM handler that aborts the process (status 134,
-            # Serve left running): ours go back on top of it as soon as ray.init returns.
+            # The driver's core worker installs a C++ SIGTERM handler that aborts the process (Serve left
+            # running): signals are held while it starts and ours go back on top of it (cluster.connect).
             cluster = connect(args.address, metrics_export_port=args.metrics_export_port, keep_signal_handlers=True)
         if args.metrics_export_port is not None and not cluster.started:
             print(f"note: --metrics-export-port applies only to a Ray instance this command starts; "
