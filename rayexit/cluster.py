@@ -122,12 +122,16 @@ def _handlers_kept(active: bool) -> Iterator[None]:
     # and putting our handlers back afterwards cannot close that window. Ray reads this flag when it
     # creates the core worker; workers and other processes are not affected. Crash reports of this
     # driver then come from Python's faulthandler (enabled by the caller) instead of the C++ stack.
-    failure_handler_off = ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER
-    ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = True
+    # Ray releases without the flag keep the window (and their handler).
+    flag = "RAY_DISABLE_FAILURE_SIGNAL_HANDLER"
+    failure_handler_off = getattr(ray_constants, flag, None)
+    if failure_handler_off is not None:
+        setattr(ray_constants, flag, True)
     try:
         yield
     finally:
-        ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = failure_handler_off
+        if failure_handler_off is not None:
+            setattr(ray_constants, flag, failure_handler_off)
         _restore(kept)
 
 

@@ -184,6 +184,28 @@ def test_each_row_is_charged_its_share_of_every_layer_it_ran_in(monkeypatch):
     assert charged == pytest.approx([0.5, 0.5, 0.5 + 4 * 0.5, 0.5 + 4 * 0.5])
 
 
+def test_a_failed_attempt_is_charged_to_the_rows_that_shared_it(monkeypatch):
+    """Each attempt costs one clock second; the four rows fail together, then the poisoned half, then the
+    poisoned row alone. Its companions carry their shares of every failed attempt they were in."""
+    clock = Clock()
+    scheduler = LayerScheduler(MODEL, full_rows=1, max_hold_s=10.0, clock=clock)
+    compute = scheduler._compute
+
+    def costly(layer, group):
+        clock.now += 1.0
+        if (group.states == 7777).any():
+            raise RuntimeError("poisoned")
+        return compute(layer, group)
+
+    monkeypatch.setattr(scheduler, "_compute", costly)
+    futures = scheduler.add([[101, 7777, 102]] + [[101, 2000, 102]] * 3, [1] * 4, ExitPolicy("none", 0.0))
+    scheduler.run_until_idle()
+    assert isinstance(futures[0].exception(timeout=0), RuntimeError)
+    # 4 rows fail (1/4 s each); rows 0-1 fail (1/2 s each); row 0 fails alone, row 1 runs alone (1 s);
+    # rows 2-3 run together (1/2 s each).
+    assert [f.result(timeout=0).model_s for f in futures[1:]] == pytest.approx([1.75, 0.75, 0.75])
+
+
 def test_groups_merge_only_when_padding_stays_bounded():
     policy = ExitPolicy("none", 0.0)
     scheduler = LayerScheduler(MODEL, full_rows=1, pad_slack=1.25)

@@ -238,6 +238,32 @@ def test_a_shift_in_the_newest_rows_tightens_before_it_fills_the_window():
     assert guard.thresholds()[0] < 0.05  # every row is 0.05 sure at exit 1: only never-exiting there fixes it
 
 
+def test_a_relax_waits_while_the_newest_rows_of_that_exit_disagree():
+    """At the tuned 0.3, exit 1 would take 125 of 200 rows with 2 wrong (0.984, above relax_at 0.95 for
+    target 0.9), and all early rows agree at 0.99; but both wrong answers are among the 25 exit-1 rows of the
+    newest 100, where the exit agrees at 0.92. Those rows would tighten it again at the next check."""
+    stats = torch.full((200, LAYERS), 0.01)
+    preds = torch.ones((200, LAYERS), dtype=torch.long)
+    stats[:100, 0] = 0.05  # leave at exit 1 at any level, right
+    stats[100:125, 0] = 0.2  # leave at exit 1 only at the tuned threshold
+    preds[[110, 120], 0] = 0
+    stats[125:, 0] = 0.9  # sure only at exit 2, right there
+    for recent, relaxes in ((0, True), (100, False)):
+        guard = make_guard(target=0.9, recent=recent)
+        guard.levels[0] = 1
+        moves = guard.record(stats, preds)
+        assert [m["direction"] for m in moves] == (["relax"] if relaxes else []), recent
+        assert guard.levels[0] == (0 if relaxes else 1)
+
+
+def test_a_boosted_check_budget_never_passes_all_of_the_model_time():
+    guard = make_guard(max_overhead=0.5, boost=4.0)
+    assert guard.budget.share == pytest.approx(0.5)
+    moves = guard.record(*rows(40, shaky_share=1.0, wrong_share=0.5, seed=3))
+    assert any(m["direction"] == "tighten" for m in moves)
+    assert guard.budget.share == 1.0  # not 2.0
+
+
 def test_a_new_guard_starts_from_the_tuned_thresholds():
     guard = make_guard()
     assert guard.thresholds() == [TUNED] * LAYERS and guard.policy().thresholds == [TUNED] * LAYERS

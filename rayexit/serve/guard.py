@@ -267,7 +267,7 @@ class AccuracyGuard:
         moves = self._decide()
         if any(m["direction"] == "tighten" for m in moves):
             self._boost_left = self.config.window
-        self.budget.share = self.config.max_overhead * (self.config.boost if self._boost_left else 1.0)
+        self.budget.share = min(1.0, self.config.max_overhead * (self.config.boost if self._boost_left else 1.0))
         return moves
 
     def _window(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -337,7 +337,7 @@ class AccuracyGuard:
             own = count >= cfg.min_samples
             if own and (agreement is None or agreement < cfg.relax_at):
                 continue
-            if not all(self._comfortable(looser, view) for view in views[1:]):
+            if not all(self._comfortable(layer, looser, view) for view in views[1:]):
                 continue
             self.levels[layer] -= 1
             if own:
@@ -346,10 +346,16 @@ class AccuracyGuard:
                 moves.append(self._moved(layer, "relax", pooled_count, pooled, evidence="pooled"))
         return moves
 
-    def _comfortable(self, levels: list[int], view: tuple[torch.Tensor, torch.Tensor]) -> bool:
-        """The newest rows do not contradict a relax: too few early rows to say, or comfortably above target."""
+    def _comfortable(self, layer: int, levels: list[int], view: tuple[torch.Tensor, torch.Tensor]) -> bool:
+        """The newest rows do not contradict relaxing `layer` to `levels`: over all early rows and over the
+        exit's own (each judged where it has `min_samples` rows), comfortably above target. The exit's own
+        rows count as the tightening did: a relax that view would undo at the next check is no relax."""
+        cfg = self.config
         count, agreement, _ = self.pooled_agreement(levels, view)
-        return count < self.config.min_samples or agreement is None or agreement >= self.config.relax_at
+        if count >= cfg.min_samples and agreement is not None and agreement < cfg.relax_at:
+            return False
+        count, agreement = self.layer_agreement(layer, levels, view)
+        return count < cfg.min_samples or agreement is None or agreement >= cfg.relax_at
 
     def pooled_agreement(self, levels: Sequence[int] | None = None,
                          window: tuple[torch.Tensor, torch.Tensor] | None = None

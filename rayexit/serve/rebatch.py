@@ -277,13 +277,16 @@ class LayerScheduler:
         return steps
 
     def _run(self, layer: int, group: _Group) -> None:
+        started = self.clock()
+        charged = False
         try:
-            started = self.clock()
             hidden, probs = self._compute(layer, group)
-            share = (self.clock() - started) / group.rows
-            group.spent = [s + share for s in group.spent]
+            self._charge(group, started)
+            charged = True
             self._route(layer, group, hidden, probs)  # answers are set once, so a retried half cannot change them
         except Exception as exc:  # noqa: BLE001 - pinned on rows by halving, then reported per row
+            if not charged:  # the failed attempt cost its rows too; the halves carry that into their retries
+                self._charge(group, started)
             if group.rows == 1:
                 log.warning("the model failed on one row at layer %d: %s: %s", layer + 1, type(exc).__name__, exc)
                 _fail(group.futures[0], exc)
@@ -297,6 +300,10 @@ class LayerScheduler:
         if self.on_layer is not None:
             self.on_layer(layer + 1, group.rows)
 
+    def _charge(self, group: _Group, started: float) -> None:
+        share = (self.clock() - started) / group.rows
+        group.spent = [s + share for s in group.spent]
+
     @torch.no_grad()
     def _compute(self, layer: int, group: _Group) -> tuple[torch.Tensor, torch.Tensor]:
         """The same operations as `run_early_exit`'s loop body, on a working batch."""
@@ -305,6 +312,8 @@ class LayerScheduler:
         additive = model.additive_mask(group.mask, hidden.dtype)
         hidden = model.run_layer(layer, hidden, additive)
         probs = torch.softmax(model.exit_logits(layer, hidden, group.mask).float(), dim=-1)
+        if probs.is_cuda:  # kernels only queued so far: the clock must see them finish, not their launch
+            torch.cuda.synchronize(probs.device)
         return hidden, probs
 
     def _route(self, layer: int, group: _Group, hidden: torch.Tensor, probs: torch.Tensor) -> None:
@@ -402,18 +411,19 @@ class RebatchedClassifier:
 
     async def classify_encoded(
         self, sequences: list[list[int]], layer_caps: list[int | None] | None = None, relax_level: int = 0
-    ) -> tuple[list[Answer | ItemFailed], list[float]]:
-        """Every row's answer (or `ItemFailed`) in input order, and the model seconds each row cost."""
+    ) -> tuple[list[Answer | ItemFailed], list[float | None]]:
+        """Every row's answer (or `ItemFailed`) in input order, and the model seconds each row cost
+        (None where it failed)."""
         caps, policy = self.engine.plan(len(sequences), layer_caps, relax_level)
         answers: list[Answer | ItemFailed] = []
-        model_s: list[float] = []
+        model_s: list[float | None] = []
         for result in await self.rebatcher.run(sequences, caps, policy):
             if isinstance(result, Exited):
                 answers.append(Answer(self.engine.labels[result.prediction], result.confidence, result.exit_layer))
                 model_s.append(result.model_s)
             else:
                 answers.append(ItemFailed(f"{type(result).__name__}: {result}"))
-                model_s.append(0.0)
+                model_s.append(None)  # not known: a batch of failures only is charged its wall time
         return answers, model_s
 
     def close(self) -> None:
