@@ -134,8 +134,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         print(f"starting: application {app_name} at route {route_prefix} ...", flush=True)
         with signals.shielded():
-            # The driver's core worker installs a C++ SIGTERM handler that aborts the process (Serve left
-            # running): signals are held while it starts and ours go back on top of it (cluster.connect).
+            # The driver's core worker would install a C++ handler that aborts on SIGTERM (Serve left
+            # running): connect() keeps it off in this process and puts our handlers back afterwards.
             cluster = connect(args.address, metrics_export_port=args.metrics_export_port, keep_signal_handlers=True)
         if args.metrics_export_port is not None and not cluster.started:
             print(f"note: --metrics-export-port applies only to a Ray instance this command starts; "
