@@ -12,7 +12,7 @@ from conftest import tiny_sequence_model
 from rayexit.data.encode import pad_batch
 from rayexit.exits import ExitCache, run_early_exit
 from rayexit.policy import ExitPolicy, relax
-from rayexit.serve.rebatch import Exited, LayerScheduler, Rebatcher
+from rayexit.serve.rebatch import STARVING_HOLDS, Exited, LayerScheduler, Rebatcher
 
 
 def varied_model(layers: int = 6, seed: int = 3):
@@ -159,8 +159,35 @@ def test_new_requests_start_at_once_and_stragglers_are_not_starved():
     assert scheduler.pick() == 1  # then catches up with the rows ahead of it
     scheduler.add([[101, 4000, 102]] * 8, [None] * 8, policy)
     assert scheduler.pick() == 0  # a full queue goes first
-    clock.now += 0.06  # everything has now waited past the hold: the deepest goes first
+    clock.now += 0.06  # everything has waited past the hold: the queue holding the most rows goes first
+    assert scheduler.waiting()[:3] == [8, 3, 2]
+    assert scheduler.pick() == 0
+    clock.now += STARVING_HOLDS * 0.05  # then whoever waited longest, whatever its size; the deepest on a tie
     assert scheduler.pick() == 2
+
+
+def test_under_a_standing_backlog_the_fullest_overdue_queue_runs_and_a_straggler_still_gets_its_turn():
+    clock = Clock()
+    policy = ExitPolicy("none", 0.0)
+    scheduler = LayerScheduler(MODEL, full_rows=100, max_hold_s=0.01, clock=clock)
+    scheduler.add([[101, 2000, 102]], [None], policy)
+    scheduler.step()  # one straggler waits for layer 2
+    clock.now += 0.001
+    scheduler.add([[101, 3000, 102]] * 6, [None] * 6, policy)
+    clock.now += 0.015  # both queues overdue, neither starving: the six rows go before the one
+    assert scheduler.pick() == 0
+    scheduler.step()
+    assert scheduler.waiting()[:2] == [0, 7]  # and the six now share layer 2 with the straggler
+    scheduler.step()
+    assert scheduler.waiting()[:3] == [0, 0, 7]
+    scheduler.add([[101, 4000, 102]] * 9, [None] * 9, policy)
+    clock.now += 0.02
+    assert scheduler.pick() == 0  # 9 rows overdue at layer 1 before the 7 overdue at layer 3
+    scheduler.step()
+    scheduler.add([[101, 5000, 102]] * 9, [None] * 9, policy)
+    clock.now += STARVING_HOLDS * 0.01 + 0.001
+    assert scheduler.waiting()[:3] == [9, 9, 7]
+    assert scheduler.pick() == 2  # every queue starving now: the 7 rows waited longest, so they run first
 
 
 def test_each_row_is_charged_its_share_of_every_layer_it_ran_in(monkeypatch):

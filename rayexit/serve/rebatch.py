@@ -12,10 +12,14 @@ stays within `pad_slack` of computing the groups apart), runs that layer and its
 answers the rows that leave and queues the rest for the next layer.
 
 Which layer runs next (`LayerScheduler.pick`):
-1. a queue whose oldest group has waited `max_hold_s` or more, deepest first: nobody starves;
-2. a queue holding at least `full_rows` rows, deepest first: a full batch is what rebatching
+1. a queue whose oldest group has waited `STARVING_HOLDS` times `max_hold_s` or more, the longest
+   waiting first (deepest on a tie): nobody starves;
+2. a queue whose oldest group has waited `max_hold_s` or more, the one holding the most rows
+   first (deepest on a tie): under a standing backlog every queue is overdue, and taking the
+   deepest of them, as an earlier rule did, ran the queue with the fewest rows each time;
+3. a queue holding at least `full_rows` rows, deepest first: a full batch is what rebatching
    waits for, and the deeper it is, the sooner its requests finish;
-3. otherwise the shallowest queue: new requests start at layer 1 at once, and when none wait,
+4. otherwise the shallowest queue: new requests start at layer 1 at once, and when none wait,
    stragglers catch up with the rows ahead of them so that the two run deeper layers together.
 
 A step that raises is retried on halves of its rows down to single rows, so one poisoned row
@@ -54,6 +58,10 @@ from rayexit.serve.queueing import ItemFailed
 log = logging.getLogger(__name__)
 
 __all__ = ["Exited", "LayerScheduler", "RebatchedClassifier", "Rebatcher"]
+
+# Past this many holds a queue goes first whatever its size: the rows-first rule alone could leave a
+# deep straggler waiting behind a stream of fuller shallow queues.
+STARVING_HOLDS = 4
 
 
 @dataclass
@@ -217,9 +225,13 @@ class LayerScheduler:
         waiting = [k for k in range(self.num_layers) if self._queues[k]]
         if not waiting:
             return None
-        overdue = [k for k in waiting if now - min(g.ready_at for g in self._queues[k]) >= self.max_hold_s]
+        waited = {k: now - min(g.ready_at for g in self._queues[k]) for k in waiting}
+        starving = [k for k in waiting if waited[k] >= STARVING_HOLDS * self.max_hold_s]
+        if starving:
+            return max(starving, key=lambda k: (waited[k], k))
+        overdue = [k for k in waiting if waited[k] >= self.max_hold_s]
         if overdue:
-            return max(overdue)
+            return max(overdue, key=lambda k: (self._rows[k], k))
         full = [k for k in waiting if self._rows[k] >= self.full_rows]
         if full:
             return max(full)
