@@ -159,10 +159,8 @@ def test_new_requests_start_at_once_and_stragglers_are_not_starved():
     assert scheduler.pick() == 1  # then catches up with the rows ahead of it
     scheduler.add([[101, 4000, 102]] * 8, [None] * 8, policy)
     assert scheduler.pick() == 0  # a full queue goes first
-    clock.now += 0.06  # everything has waited past the hold: a full queue goes first, the fullest of them
+    clock.now += 0.06  # everything has waited past the hold; 13 rows are under two full batches: deepest first
     assert scheduler.waiting()[:3] == [8, 3, 2]
-    assert scheduler.pick() == 0
-    clock.now += STARVING_HOLDS * 0.05  # then whoever waited longest, whatever its size; the deepest on a tie
     assert scheduler.pick() == 2
 
 
@@ -177,28 +175,28 @@ def test_under_light_load_overdue_stragglers_go_first():
     assert scheduler.pick() == 1
 
 
-def test_under_a_standing_backlog_the_fullest_overdue_queue_runs_and_a_straggler_still_gets_its_turn():
+def test_under_a_backlog_the_fullest_overdue_queue_runs_and_a_straggler_still_gets_its_turn():
     clock = Clock()
     policy = ExitPolicy("none", 0.0)
-    scheduler = LayerScheduler(MODEL, full_rows=5, max_hold_s=0.01, clock=clock)
+    scheduler = LayerScheduler(MODEL, full_rows=5, max_hold_s=0.01, clock=clock)  # a backlog: 10 rows or more
     scheduler.add([[101, 2000, 102]], [None], policy)
     scheduler.step()  # one straggler waits for layer 2
     clock.now += 0.001
-    scheduler.add([[101, 3000, 102]] * 6, [None] * 6, policy)
-    clock.now += 0.015  # both queues overdue, neither starving: the full one goes before the straggler
+    scheduler.add([[101, 3000, 102]] * 10, [None] * 10, policy)
+    clock.now += 0.015  # both queues overdue, neither starving: the ten rows go before the one
     assert scheduler.pick() == 0
     scheduler.step()
-    assert scheduler.waiting()[:2] == [0, 7]  # and the six now share layer 2 with the straggler
+    assert scheduler.waiting()[:2] == [0, 11]  # and the ten now share layer 2 with the straggler
     scheduler.step()
-    assert scheduler.waiting()[:3] == [0, 0, 7]
-    scheduler.add([[101, 4000, 102]] * 9, [None] * 9, policy)
+    scheduler.add([[101, 4000, 102]] * 12, [None] * 12, policy)
     clock.now += 0.02
-    assert scheduler.pick() == 0  # two full overdue queues: the 9 rows at layer 1 before the 7 at layer 3
+    assert scheduler.waiting()[:3] == [12, 0, 11]
+    assert scheduler.pick() == 0  # both overdue: the 12 rows at layer 1 before the 11 at layer 3
     scheduler.step()
     scheduler.add([[101, 5000, 102]] * 9, [None] * 9, policy)
     clock.now += STARVING_HOLDS * 0.01 + 0.001
-    assert scheduler.waiting()[:3] == [9, 9, 7]
-    assert scheduler.pick() == 2  # every queue starving now: the 7 rows waited longest, so they run first
+    assert scheduler.waiting()[:3] == [9, 12, 11]
+    assert scheduler.pick() == 2  # every queue starving now: the 11 rows waited longest, so they run first
 
 
 def test_each_row_is_charged_its_share_of_every_layer_it_ran_in(monkeypatch):

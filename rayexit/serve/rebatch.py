@@ -14,14 +14,13 @@ answers the rows that leave and queues the rest for the next layer.
 Which layer runs next (`LayerScheduler.pick`):
 1. a queue whose oldest group has waited `STARVING_HOLDS` times `max_hold_s` or more, the longest
    waiting first (deepest on a tie): nobody starves;
-2. a full queue (at least `full_rows` rows) whose oldest group has waited `max_hold_s` or more,
-   the one holding the most rows first: under a standing backlog every queue is overdue, and
-   taking the deepest of them (rule 3 alone) ran the queue with the fewest rows each time;
-3. a queue whose oldest group has waited `max_hold_s` or more, deepest first: under light load
-   the deep stragglers finish their requests first;
-4. a full queue, deepest first: a full batch is what rebatching waits for, and the deeper it
-   is, the sooner its requests finish;
-5. otherwise the shallowest queue: new requests start at layer 1 at once, and when none wait,
+2. a queue whose oldest group has waited `max_hold_s` or more: under a backlog (at least
+   `BACKLOG_FULL_BATCHES` full batches of rows in flight) the one holding the most rows first,
+   since then every queue is overdue and taking the deepest ran the queue with the fewest rows
+   each time; under light load the deepest first, so the stragglers finish their requests;
+3. a queue holding at least `full_rows` rows, deepest first: a full batch is what rebatching
+   waits for, and the deeper it is, the sooner its requests finish;
+4. otherwise the shallowest queue: new requests start at layer 1 at once, and when none wait,
    stragglers catch up with the rows ahead of them so that the two run deeper layers together.
 
 A step that raises is retried on halves of its rows down to single rows, so one poisoned row
@@ -64,6 +63,8 @@ __all__ = ["Exited", "LayerScheduler", "RebatchedClassifier", "Rebatcher"]
 # Past this many holds a queue goes first whatever its size: the rows-first rule alone could leave a
 # deep straggler waiting behind a stream of fuller shallow queues.
 STARVING_HOLDS = 4
+# Rows in flight, in full batches, from which overdue queues run fullest first rather than deepest first.
+BACKLOG_FULL_BATCHES = 2
 
 
 @dataclass
@@ -232,12 +233,11 @@ class LayerScheduler:
         if starving:
             return max(starving, key=lambda k: (waited[k], k))
         overdue = [k for k in waiting if waited[k] >= self.max_hold_s]
-        full = [k for k in waiting if self._rows[k] >= self.full_rows]
-        backlog = [k for k in overdue if k in full]
-        if backlog:
-            return max(backlog, key=lambda k: (self._rows[k], k))
         if overdue:
+            if sum(self._rows) >= BACKLOG_FULL_BATCHES * self.full_rows:
+                return max(overdue, key=lambda k: (self._rows[k], k))
             return max(overdue)
+        full = [k for k in waiting if self._rows[k] >= self.full_rows]
         if full:
             return max(full)
         return waiting[0]
