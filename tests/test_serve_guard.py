@@ -37,7 +37,9 @@ def rows(count: int, shaky_share: float, wrong_share: float, seed: int = 0) -> t
 
 
 def make_guard(**overrides) -> AccuracyGuard:
-    config = GuardConfig(**{"target": 0.99, "sample": 1.0, "window": 200, "min_samples": 20, **overrides})
+    # relax_wait None (min_samples) unless a test is about it: the rules below are each shown on their own.
+    config = GuardConfig(**{"target": 0.99, "sample": 1.0, "window": 200, "min_samples": 20, "relax_wait": None,
+                            **overrides})
     return AccuracyGuard(config, ExitPolicy("entropy", TUNED), LAYERS, num_labels=2)
 
 
@@ -88,6 +90,30 @@ def test_relaxing_is_one_step_per_min_samples_new_rows():
     assert len(relaxes) == 3 - guard.levels[0]
     gaps = [b["samples"] - a["samples"] for a, b in zip(relaxes, relaxes[1:], strict=False)]
     assert relaxes and all(gap >= 20 for gap in gaps)
+
+
+def test_a_tighten_margin_moves_an_exit_that_agrees_at_the_target_but_without_headroom():
+    stats, preds = rows(200, shaky_share=0.5, wrong_share=0.0)
+    stats[-2:, 0] = 0.2
+    preds[-2:, 0] = 0  # the last two rows leave at exit 1 wrongly: exit 1 agrees 198/200, exactly the target
+    plain, aimed = make_guard(recent=0), make_guard(recent=0, tighten_margin=0.25)
+    feed(plain, stats, preds)
+    feed(aimed, stats, preds)
+    assert plain.layer_agreement(0)[1] == pytest.approx(0.99) and plain.levels[0] == 0
+    assert aimed.levels[0] == 1 and aimed.moves[0]["agreement"] == pytest.approx(0.99)
+    assert aimed.layer_agreement(0)[1] == 1.0  # one step keeps the shaky rows for deeper exits
+
+
+def test_relax_wait_holds_a_tightened_exit_for_that_many_checked_rows():
+    quick, patient = make_guard(), make_guard(relax_wait=150)
+    for guard in (quick, patient):
+        guard.levels[0] = 1
+        feed(guard, *rows(140, shaky_share=0.5, wrong_share=0.0), per_call=1)
+    assert quick.levels[0] == 0 and patient.levels[0] == 1
+    feed(patient, *rows(20, shaky_share=0.5, wrong_share=0.0, seed=4), per_call=1)
+    relax = [m for m in patient.moves if m["direction"] == "relax"]
+    assert patient.levels[0] == 0 and relax[0]["samples"] == 150
+    assert GuardConfig(0.99).relax_after == 500 and GuardConfig(0.99, relax_wait=None).relax_after == 20
 
 
 def test_the_operator_may_allow_relaxing_past_tuned():
@@ -275,6 +301,8 @@ def test_a_new_guard_starts_from_the_tuned_thresholds():
     ({"target": 1.5}, "guard_target"), ({"target": 1.0}, "guard_target"), ({"sample": 0}, "guard_sample"),
     ({"window": 0}, "guard_window"), ({"min_samples": 500}, "guard_min_samples"),
     ({"max_overhead": -1}, "guard_max_overhead"), ({"recent": -1}, "guard_recent"), ({"boost": 0.5}, "guard_boost"),
+    ({"tighten_margin": 0.5}, "guard_tighten_margin"), ({"tighten_margin": -0.1}, "guard_tighten_margin"),
+    ({"relax_wait": 0}, "guard_relax_wait"),
 ])
 def test_bad_settings_name_the_field(bad, field):
     with pytest.raises(RayexitError, match=field):

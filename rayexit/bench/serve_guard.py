@@ -353,6 +353,7 @@ def main() -> int:
     p.add_argument("--sample", type=float, default=0.05)
     p.add_argument("--stream-seed", type=int, default=0)
     p.add_argument("--seeds", default="0-9", help="the guard's sampling seeds, e.g. 0-9 or 1,4")
+    p.add_argument("--rules", help="names of the rules to replay, separated by ';' (default: all of them)")
     a = p.parse_args()
     seeds = _seeds(a.seeds)
     test = load_text_classification("atis:test")
@@ -364,7 +365,17 @@ def main() -> int:
         "no recent view": GuardConfig(a.target, a.sample, recent=0),
         "no boost": GuardConfig(a.target, a.sample, boost=1.0),
         "no boost, no recent view": GuardConfig(a.target, a.sample, boost=1.0, recent=0),
+        "aim 0.25 above": GuardConfig(a.target, a.sample, tighten_margin=0.25),
+        "relax after 500 rows": GuardConfig(a.target, a.sample, relax_wait=500),
+        "relax margin 0.8": GuardConfig(a.target, a.sample, relax_margin=0.8),
+        "relax margin 0.8 and after 500 rows": GuardConfig(a.target, a.sample, relax_margin=0.8, relax_wait=500),
     }
+    if a.rules:
+        wanted = [name.strip() for name in a.rules.split(";") if name.strip()]
+        unknown = [name for name in wanted if name not in rules]
+        if unknown:
+            raise SystemExit(f"--rules: unknown {'; '.join(unknown)}; known: {'; '.join(rules)}")
+        rules = {name: rules[name] for name in wanted}
     report: dict[str, Any] = {"stream": SHIFT_NAME, "shift_at_request": a.clean_requests,
                               "texts_per_request": a.texts_per_request, "stream_seed": a.stream_seed,
                               "thresholds": units[0].per_layer(units[1].shape[1]), "target": a.target,

@@ -71,6 +71,8 @@ class ServeSettings:
     guard_max_overhead: float = 0.04
     guard_recent: int = 100
     guard_boost: float = 4.0
+    guard_relax_wait: int | None = 500  # checked texts since an exit's last move before it relaxes (null: min_samples)
+    guard_tighten_margin: float = 0.0  # tighten below target + this share of (1 - target): headroom
     device: str = "auto"
     dtype: str = "auto"  # auto: float16 on a GPU, float32 on CPU
     torch_threads: int | None = None
@@ -165,11 +167,13 @@ class ServeSettings:
         if self.guard_target is None:
             GuardConfig(0.5, self.guard_sample, self.guard_window, self.guard_min_samples,
                         max_overhead=self.guard_max_overhead, recent=self.guard_recent,
-                        boost=self.guard_boost)  # still refuse bad values early
+                        boost=self.guard_boost, tighten_margin=self.guard_tighten_margin,
+                        relax_wait=self.guard_relax_wait)  # still refuse bad values early
             return None
         return GuardConfig(self.guard_target, self.guard_sample, self.guard_window, self.guard_min_samples,
                            allow_past_tuned=self.guard_allow_past_tuned, max_overhead=self.guard_max_overhead,
-                           recent=self.guard_recent, boost=self.guard_boost)
+                           recent=self.guard_recent, boost=self.guard_boost,
+                           tighten_margin=self.guard_tighten_margin, relax_wait=self.guard_relax_wait)
 
     def limits(self) -> Limits:
         return Limits(self.max_texts, self.max_text_chars, self.max_body_bytes, self.max_text_tokens,
