@@ -45,8 +45,9 @@ class ServeSettings:
     window_s: float = 1.0
     token_budget: int = 4096  # padded tokens per forward pass; a batch is split to stay under it
     # Layer-level rebatching (classification): rows that survive a layer in different batches run the next
-    # layer together (rayexit/serve/rebatch.py). A layer's queue runs once it holds max_batch_size rows, or
-    # once its oldest rows waited rebatch_hold_ms; otherwise the shallowest queue runs, so new texts start at once.
+    # layer together (rayexit/serve/rebatch.py). A layer's queue runs once its oldest rows waited rebatch_hold_ms
+    # (the fullest such queue under a backlog, the deepest otherwise) or once it holds max_batch_size rows;
+    # otherwise the shallowest queue runs, so new texts start at once.
     rebatch: bool = False
     rebatch_hold_ms: float = 10.0
     # Load relief (METHODS section 7): relax thresholds while p99 is over target, optionally cap depth.
