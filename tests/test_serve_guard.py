@@ -116,6 +116,32 @@ def test_relax_wait_holds_a_tightened_exit_for_that_many_checked_rows():
     assert GuardConfig(0.99).relax_after == 500 and GuardConfig(0.99, relax_wait=None).relax_after == 20
 
 
+def test_a_tightening_moves_the_exits_too_thin_to_judge_with_it():
+    # 6% of rows are shaky (half of them wrong at exit 1): exit 1 tightens; the few shaky rows it then
+    # passes on are all exit 2 sees, under min_samples, so exit 2 cannot be judged on its own.
+    stats, preds = rows(200, shaky_share=0.06, wrong_share=0.5, seed=5)
+    moved = make_guard(recent=0, relax_wait=500)
+    waiting = make_guard(recent=0, relax_wait=500, shift_moves_thin_exits=False)
+    feed(moved, stats, preds)
+    feed(waiting, stats, preds)
+    assert waiting.levels == [1, 0]
+    assert moved.levels == [1, 1]
+    shift = [m for m in moved.moves if m["evidence"] == "shift"]
+    assert [(m["layer"], m["direction"]) for m in shift] == [(2, "tighten")] and shift[0]["rows"] < 20
+    assert moved.moves.index(shift[0]) > 0  # moved with exit 1's tightening, not before it
+
+
+def test_an_exit_moved_with_a_shift_returns_to_tuned_with_the_last_exit_moved_on_evidence():
+    guard = make_guard(relax_wait=500)
+    guard.levels = [1, 1]
+    guard._shifted = {1}  # exit 2 moved with a shift, later than exit 1: its own relax wait has barely begun
+    guard._since_move = [1000, 0]
+    feed(guard, *rows(40, shaky_share=0.5, wrong_share=0.0), per_call=40)
+    assert guard.levels == [0, 0]
+    assert [(m["layer"], m["direction"], m["evidence"]) for m in guard.moves] == [
+        (1, "relax", "exit"), (2, "relax", "shift")]
+
+
 def test_the_operator_may_allow_relaxing_past_tuned():
     guard = make_guard(allow_past_tuned=True, max_steps=2)
     feed(guard, *rows(400, shaky_share=0.5, wrong_share=0.0))
@@ -124,7 +150,7 @@ def test_the_operator_may_allow_relaxing_past_tuned():
 
 
 def test_only_the_exit_that_disagrees_is_tightened():
-    guard = make_guard()
+    guard = make_guard(shift_moves_thin_exits=False)  # the per-exit rule alone
     stats, preds = rows(200, shaky_share=0.0, wrong_share=0.0)  # exit 1: easy rows only, always right
     hard = torch.arange(200) % 2 == 0  # half the rows pass exit 1 and leave at exit 2, wrong there 1 in 5
     stats[hard, 0], stats[hard, 1] = 0.6, 0.1
@@ -151,7 +177,7 @@ def thin_exits(wrong_at_exit1: int = 2, wrong_at_exit2: int = 1) -> tuple[torch.
 
 def test_a_deficit_spread_thinly_over_exits_is_caught_on_the_pooled_rows():
     stats, preds = thin_exits()
-    guard = make_guard(min_samples=20)
+    guard = make_guard(min_samples=20, shift_moves_thin_exits=False)  # the pooled rule alone
     # No exit has the 20 rows the per-exit rule asks for, yet the 24 early answers together agree 0.875.
     assert [guard.layer_agreement(k, window=(stats, preds))[0] for k in (0, 1)] == [12, 12]
     assert guard.pooled_agreement(window=(stats, preds))[:2] == (24, pytest.approx(21 / 24))
@@ -165,12 +191,17 @@ def test_a_deficit_spread_thinly_over_exits_is_caught_on_the_pooled_rows():
 def test_a_thin_exit_tightened_on_pooled_rows_relaxes_back_on_them():
     guard = make_guard(min_samples=20, window=36)
     feed(guard, *thin_exits(), per_call=36)
-    assert guard.levels[0] == 1
+    assert guard.levels == [1, 1]  # exit 1 on the pooled rows, exit 2 (12 rows of its own) with it
+    assert [m["evidence"] for m in guard.moves] == ["pooled", "shift"]
     clean = thin_exits(wrong_at_exit1=0, wrong_at_exit2=0)
     for _ in range(3):
         feed(guard, *clean, per_call=36)
-    assert guard.levels == [0, 0]  # exit 1 never holds 20 rows of its own, yet it is back at tuned
-    assert guard.moves[-1]["direction"] == "relax" and guard.moves[-1]["evidence"] == "pooled"
+    # Neither exit ever holds 20 rows of its own, yet both are back at tuned: exit 1 on the pooled rows, judged
+    # with exit 2 at its tuned value (exit 2 has no evidence of its own); without that, exit 2's tighter
+    # threshold left exit 1 only 12 early rows to relax on, and the two stayed tightened for good.
+    assert guard.levels == [0, 0]
+    assert [(m["layer"], m["direction"], m["evidence"]) for m in guard.moves[-2:]][0] == (1, "relax", "pooled")
+    assert guard.moves[-1]["layer"] == 2 and guard.moves[-1]["direction"] == "relax"
 
 
 def test_relaxing_waits_while_all_early_rows_together_disagree():

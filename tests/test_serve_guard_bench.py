@@ -70,3 +70,6 @@ def test_held_after_reaction_judges_only_whole_blocks_after_the_first_move():
     assert held_after_reaction(blocks, shift_at=500, first_move=100)  # blocks from 1000 on count
     assert not held_after_reaction(blocks, shift_at=500, first_move=0)  # the 500-999 block counts, and misses
     assert not held_after_reaction(blocks, shift_at=500, first_move=None)  # never reacted
+    # tightened before the shift and never moved after it: judged from the shift on, as a move at once
+    assert not held_after_reaction(blocks, shift_at=500, first_move=None, tightened_at_shift=True)
+    assert held_after_reaction(blocks[2:], shift_at=500, first_move=None, tightened_at_shift=True)

@@ -304,7 +304,10 @@ def replay_rule(units, stream: list[list[tuple[str, str]]], config, clean: int, 
     fixed = policy.per_layer(stats.shape[1])
     agree: dict[str, list[bool]] = {"guard off": [], "guard on": []}
     first = None
+    tight_at_shift = False
     for n, request in enumerate(stream):
+        if n == clean:
+            tight_at_shift = any(level > 0 for level in guard.levels)
         index = torch.tensor([row[t] for t, _ in request])
         for name, served in (("guard off", fixed), ("guard on", guard.thresholds())):
             exits = replay(policy.kind, stats[index], preds[index], served)
@@ -321,14 +324,16 @@ def replay_rule(units, stream: list[list[tuple[str, str]]], config, clean: int, 
         per_block.append({"requests": f"{start}-{min(start + BLOCK, len(stream)) - 1}",
                           **{name: round(sum(v[a:b]) / (b - a), 4) for name, v in agree.items()}})
     return {"seed": seed, "blocks": per_block, "first_move_requests_after_shift": first, "moves": guard.moves,
-            "final_thresholds": guard.thresholds(), "checked": guard.samples}
+            "final_thresholds": guard.thresholds(), "checked": guard.samples, "tightened_at_shift": tight_at_shift}
 
 
-def held_after_reaction(blocks: list[dict], shift_at: int, first_move: int | None) -> bool:
-    """Every whole block that starts after the guard's first move after the shift agrees at target or more."""
-    if first_move is None:
+def held_after_reaction(blocks: list[dict], shift_at: int, first_move: int | None,
+                        tightened_at_shift: bool = False) -> bool:
+    """Every whole block that starts after the guard's first move after the shift agrees at target or more.
+    A guard that had already tightened before the shift and did not move after it is judged from the shift on."""
+    if first_move is None and not tightened_at_shift:
         return False
-    reacted = shift_at + first_move
+    reacted = shift_at + (first_move if first_move is not None else 0)
     after = [b for b in blocks if int(b["requests"].split("-")[0]) >= reacted]
     return bool(after) and all(b["guard on"] >= b["target"] for b in after)
 
@@ -369,6 +374,7 @@ def main() -> int:
         "relax after 500 rows": GuardConfig(a.target, a.sample, relax_wait=500),
         "relax margin 0.8": GuardConfig(a.target, a.sample, relax_margin=0.8),
         "relax margin 0.8 and after 500 rows": GuardConfig(a.target, a.sample, relax_margin=0.8, relax_wait=500),
+        "thin exits wait for their own evidence": GuardConfig(a.target, a.sample, shift_moves_thin_exits=False),
     }
     if a.rules:
         wanted = [name.strip() for name in a.rules.split(";") if name.strip()]
@@ -386,7 +392,8 @@ def main() -> int:
             for block in run["blocks"]:
                 block["target"] = a.target
             run["held_after_reaction"] = held_after_reaction(run["blocks"], a.clean_requests,
-                                                             run["first_move_requests_after_shift"])
+                                                             run["first_move_requests_after_shift"],
+                                                             run["tightened_at_shift"])
         firsts = [r["first_move_requests_after_shift"] for r in runs]
         reacted = [f for f in firsts if f is not None]
         per_block = [[r["blocks"][k]["guard on"] for r in runs] for k in range(len(runs[0]["blocks"]))]

@@ -27,6 +27,11 @@ How it decides (plain Python and torch, no Ray: tests drive it directly):
   (a thin exit relaxes on the pooled rows alone), and only `relax_wait` (500) checked rows after
   that exit's last move, then at most one step per `relax_wait` rows. Past
   the tuned value only with `allow_past_tuned` (then a step is load relief's step, `rayexit.policy.relax`).
+- A tightening is evidence that traffic moved. An exit that few texts leave at holds fewer than
+  `min_samples` checked rows of its own, and at 5% sampling its evidence can take thousands of
+  requests to arrive; so when anything tightens, every such thin exit still at its tuned value
+  moves one step too (`shift_moves_thin_exits`; its move's evidence is "shift"), and relaxes
+  back by the rule below once the evidence allows.
 - Tightening is quick and relaxing slow on purpose: a false alarm costs speed for a while, a
   missed one costs accuracy.
 - Two things make a shift show sooner. The newest `recent` rows are judged on their own too
@@ -85,6 +90,9 @@ class GuardConfig:
     # shifted stream, relaxing after min_samples rows let a few seeds relax mid-shift into a block under target
     # (7 of 10 seeds held every block); after 500 rows, 9 of 10 did.
     relax_wait: int | None = 500
+    # A tightening is evidence that traffic moved: exits with too few checked rows of their own to judge
+    # (fewer than min_samples in the window) and still at their tuned value move one step with it.
+    shift_moves_thin_exits: bool = True
 
     def __post_init__(self) -> None:
         for name in ("target", "sample"):
@@ -229,6 +237,7 @@ class AccuracyGuard:
         self.tuned = policy.per_layer(num_layers)
         self.levels = [0] * (num_layers - 1)  # the last exit always answers: nothing to move there
         self._since_move = [0] * (num_layers - 1)  # rows checked since each exit last moved
+        self._shifted: set[int] = set()  # exits tightened only because another one did (evidence "shift")
         self._stats: deque[torch.Tensor] = deque(maxlen=config.window)
         self._preds: deque[torch.Tensor] = deque(maxlen=config.window)
         self.pending: deque[Any] = deque(maxlen=config.max_pending)
@@ -324,8 +333,25 @@ class AccuracyGuard:
         for name, view in zip(("window", "recent"), views, strict=False):
             for move in self._tighten_each(view) + self._tighten_pooled(view):
                 moves.append({**move, "view": name})
+        if moves and self.config.shift_moves_thin_exits:
+            moves += [{**move, "view": "window"} for move in self._tighten_thin(window)]
         moves += [{**move, "view": "window"} for move in self._relax(views)]
         self.moves += moves
+        return moves
+
+    def _tighten_thin(self, window: tuple[torch.Tensor, torch.Tensor]) -> list[dict[str, Any]]:
+        """One step for every exit still at (or looser than) its tuned value whose own evidence is too thin to
+        judge; called when something else tightened, i.e. traffic has moved."""
+        moves: list[dict[str, Any]] = []
+        for layer in range(self.num_layers - 1):
+            if self.levels[layer] > 0:
+                continue
+            count, agreement = self.layer_agreement(layer, window=window)
+            if count >= self.config.min_samples:
+                continue
+            self.levels[layer] = 1
+            moves.append(self._moved(layer, "tighten", count, 1.0 if agreement is None else agreement,
+                                     evidence="shift"))
         return moves
 
     def _tighten_each(self, window: tuple[torch.Tensor, torch.Tensor]) -> list[dict[str, Any]]:
@@ -354,6 +380,8 @@ class AccuracyGuard:
                 continue  # _moved resets the count, so an exit tightened just now waits
             looser = list(self.levels)
             looser[layer] -= 1
+            for other in self._shifted - {layer}:  # no evidence of their own: judged at their tuned value
+                looser[other] = min(looser[other], 0)
             count, agreement = self.layer_agreement(layer, looser, window)
             pooled_count, pooled, _ = self.pooled_agreement(looser, window)
             if pooled_count < cfg.min_samples or pooled is None or pooled < cfg.relax_at:
@@ -368,6 +396,20 @@ class AccuracyGuard:
                 moves.append(self._moved(layer, "relax", count, agreement))
             else:
                 moves.append(self._moved(layer, "relax", pooled_count, pooled, evidence="pooled"))
+        return moves + self._release_shifted()
+
+    def _release_shifted(self) -> list[dict[str, Any]]:
+        """Exits moved only with a shift go back to tuned once no exit is tightened on evidence any more."""
+        if not self._shifted or any(lv > 0 for k, lv in enumerate(self.levels) if k not in self._shifted):
+            return []
+        moves = []
+        for layer in sorted(self._shifted):
+            if self.levels[layer] > 0:
+                self.levels[layer] = 0
+                count, agreement = self.layer_agreement(layer)
+                moves.append(self._moved(layer, "relax", count, 1.0 if agreement is None else agreement,
+                                         evidence="shift"))
+        self._shifted.clear()
         return moves
 
     def _comfortable(self, layer: int, levels: list[int], view: tuple[torch.Tensor, torch.Tensor]) -> bool:
@@ -416,10 +458,14 @@ class AccuracyGuard:
 
     def _moved(self, layer: int, direction: str, count: int, agreement: float,
                evidence: str = "exit") -> dict[str, Any]:
-        """A move's record; `rows` and `agreement` are the exit's own (`evidence: exit`) or those of
-        all early-leaving rows (`evidence: pooled`), in the whole window or its newest rows (`view`, added
-        by `_decide`)."""
+        """A move's record; `rows` and `agreement` are the exit's own (`evidence: exit`, and `shift` for a
+        thin exit moved with a tightening elsewhere) or those of all early-leaving rows (`evidence: pooled`),
+        in the whole window or its newest rows (`view`, added by `_decide`)."""
         self._since_move[layer] = 0
+        if direction == "tighten" and evidence == "shift":
+            self._shifted.add(layer)
+        elif direction == "tighten":
+            self._shifted.discard(layer)  # now it has evidence of its own
         return {"layer": layer + 1, "direction": direction, "level": self.levels[layer], "rows": count,
                 "agreement": round(agreement, 4), "evidence": evidence, "threshold": self.thresholds()[layer],
                 "samples": self.samples}

@@ -74,6 +74,7 @@ class ServeSettings:
     guard_boost: float = 4.0
     guard_relax_wait: int | None = 500  # checked texts since an exit's last move before it relaxes (null: min_samples)
     guard_tighten_margin: float = 0.0  # tighten below target + this share of (1 - target): headroom
+    guard_shift_moves_thin_exits: bool = True  # a tightening also moves exits with too few checks of their own
     device: str = "auto"
     dtype: str = "auto"  # auto: float16 on a GPU, float32 on CPU
     torch_threads: int | None = None
@@ -102,6 +103,9 @@ class ServeSettings:
             raise RayexitError(f"serve args.dtype: got {self.dtype!r}, expected one of {', '.join(DTYPES)}")
         if self.overload_layer_cap is not None and self.overload_layer_cap < 1:
             raise RayexitError(f"serve args.overload_layer_cap: got {self.overload_layer_cap}, expected >= 1")
+        if not isinstance(self.guard_shift_moves_thin_exits, bool):
+            raise RayexitError(f"serve args.guard_shift_moves_thin_exits: got {self.guard_shift_moves_thin_exits!r}, "
+                               "expected true or false")
         if not isinstance(self.guard_allow_past_tuned, bool):
             raise RayexitError(f"serve args.guard_allow_past_tuned: got {self.guard_allow_past_tuned!r}, "
                                "expected true or false")
@@ -174,7 +178,8 @@ class ServeSettings:
         return GuardConfig(self.guard_target, self.guard_sample, self.guard_window, self.guard_min_samples,
                            allow_past_tuned=self.guard_allow_past_tuned, max_overhead=self.guard_max_overhead,
                            recent=self.guard_recent, boost=self.guard_boost,
-                           tighten_margin=self.guard_tighten_margin, relax_wait=self.guard_relax_wait)
+                           tighten_margin=self.guard_tighten_margin, relax_wait=self.guard_relax_wait,
+                           shift_moves_thin_exits=self.guard_shift_moves_thin_exits)
 
     def limits(self) -> Limits:
         return Limits(self.max_texts, self.max_text_chars, self.max_body_bytes, self.max_text_tokens,
