@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import random
 import statistics
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -237,6 +239,7 @@ def overhead(url: str, clean: list[list[tuple[str, str]]], off, on, args: argpar
     payloads = [{"texts": [t for t, _ in r]} for r in clean]
     rates: dict[str, list[float]] = {"guard off": [], "guard on": []}
     p99: dict[str, list[float]] = {"guard off": [], "guard on": []}
+    levels: list[list[int] | None] = []  # the guard's levels after each "on" repeat: did it tighten meanwhile?
     for _ in range(args.guard_overhead_repeats):
         for name, settings in (("guard off", off), ("guard on", on)):
             redeploy(settings)
@@ -244,13 +247,23 @@ def overhead(url: str, clean: list[list[tuple[str, str]]], off, on, args: argpar
             result = asyncio.run(load(url, payloads, args.guard_concurrency, args.guard_overhead_requests, 120))
             rates[name].append(result["requests_per_s"])
             p99[name].append(result["p99_ms"])
+            if name == "guard on":
+                levels.append(guard_levels(url))
     off_rate, on_rate = statistics.median(rates["guard off"]), statistics.median(rates["guard on"])
     return {
         "requests_per_repeat": args.guard_overhead_requests, "repeats": args.guard_overhead_repeats,
         "requests_per_s": rates, "p99_ms": p99,
         "median_requests_per_s": {"guard off": off_rate, "guard on": on_rate},
         "overhead_fraction": round(1 - on_rate / off_rate, 4) if off_rate else None,
+        "guard_levels_after": levels,
     }
+
+
+def guard_levels(url: str) -> list[int] | None:
+    """The guard's per-exit levels now, from the replica's /v1/model (None when it shows no guard)."""
+    with urllib.request.urlopen(url + "/v1/model", timeout=30) as response:
+        guard = json.loads(response.read()).get("guard")
+    return guard.get("levels") if guard else None
 
 
 def format_run(name: str, r: dict) -> str:
@@ -271,7 +284,8 @@ def format_run(name: str, r: dict) -> str:
 def format_overhead(o: dict) -> str:
     m = o["median_requests_per_s"]
     return (f"guard overhead on unshifted traffic: req/s off {m['guard off']} on {m['guard on']} "
-            f"(median of {o['repeats']}; all {o['requests_per_s']}) -> {o['overhead_fraction']}")
+            f"(median of {o['repeats']}; all {o['requests_per_s']}) -> {o['overhead_fraction']}; guard levels after "
+            f"each 'on' repeat {o.get('guard_levels_after')}")
 
 
 def stream_units(model_dir: Path, thresholds: float | None, stream: list[list[tuple[str, str]]]):
