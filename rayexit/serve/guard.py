@@ -30,8 +30,9 @@ How it decides (plain Python and torch, no Ray: tests drive it directly):
 - A tightening is evidence that traffic moved. An exit that few texts leave at holds fewer than
   `min_samples` checked rows of its own, and at 5% sampling its evidence can take thousands of
   requests to arrive; so when anything tightens, every such thin exit still at its tuned value
-  moves one step too (`shift_moves_thin_exits`; its move's evidence is "shift"), and relaxes
-  back by the rule below once the evidence allows.
+  moves one step too (`shift_moves_thin_exits`; its move's evidence is "shift"). Having no
+  evidence of its own, it counts at its tuned value when the others' relaxes are judged, and it
+  returns to tuned once no exit is tightened on evidence any more.
 - Tightening is quick and relaxing slow on purpose: a false alarm costs speed for a while, a
   missed one costs accuracy.
 - Two things make a shift show sooner. The newest `recent` rows are judged on their own too
