@@ -263,6 +263,16 @@ def test_checks_take_at_most_their_share_of_model_time_on_a_busy_replica():
     assert budget.allows(queued=True)
 
 
+def test_a_model_thread_busy_a_third_of_the_time_is_not_idle():
+    now = [0.0]
+    budget = CheckBudget(0.05, clock=lambda: now[0])
+    now[0] = 1.0
+    budget.served(0.3)  # a closed loop that keeps the model thread a third busy: the CPUs are not idle
+    budget.checked(0.1)
+    assert budget.utilisation() == pytest.approx(0.4)
+    assert not budget.allows(queued=False)  # 0.1 of 0.4 s is over the 5% share
+
+
 def test_a_tightening_boosts_sampling_and_the_check_budget_for_one_window():
     guard = make_guard(sample=0.05, boost=4.0, window=100)
     assert guard.sample_rate() == 0.05 and guard.budget.share == pytest.approx(0.04)

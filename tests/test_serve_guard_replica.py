@@ -31,7 +31,7 @@ def make_replica(tmp_path_factory, minilm_tokenizer):
     def make(tagging: bool = False, **guard):
         settings = {"model_dir": str(tagger_dir if tagging else directory), "max_texts": 8, "adaptive": False,
                     "max_batch_size": 16, "batch_wait_ms": 5, "max_queue_wait_ms": 5000, "guard_target": 0.99,
-                    "guard_sample": 1.0, **guard}
+                    "guard_sample": 1.0, "guard_max_overhead": 1.0, **guard}  # the budget: test_serve_guard.py
         return build_replica(settings)
 
     with replica_patches():
