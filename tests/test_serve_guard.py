@@ -387,5 +387,12 @@ def test_serve_command_and_yaml_keys_reach_the_guard(monkeypatch, tmp_path):
     assert ServeSettings.from_args({"model_dir": "m"}).guard_config() is None  # off by default
     yaml_args = {"model_dir": "m", "guard_target": 0.99, "guard_window": 300, "guard_min_samples": 30}
     assert ServeSettings.from_args(yaml_args).guard_config().window == 300
+    defaults = ServeSettings.from_args({"model_dir": "m", "guard_target": 0.99}).guard_config()
+    assert (defaults.relax_wait, defaults.tighten_margin, defaults.shift_moves_thin_exits) == (500, 0.0, True)
+    tuned = ServeSettings.from_args({**yaml_args, "guard_relax_wait": None, "guard_tighten_margin": 0.2,
+                                     "guard_shift_moves_thin_exits": False}).guard_config()
+    assert (tuned.relax_after, tuned.tighten_at, tuned.shift_moves_thin_exits) == (30, pytest.approx(0.992), False)
+    with pytest.raises(RayexitError, match="guard_relax_wait"):
+        ServeSettings.from_args({"model_dir": "m", "guard_relax_wait": 0})  # refused even with the guard off
     with pytest.raises(RayexitError, match="guard_target"):
         ServeSettings.from_args({"model_dir": "m", "guard_target": 1.5})

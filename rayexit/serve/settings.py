@@ -169,17 +169,15 @@ class ServeSettings:
 
     def guard_config(self) -> GuardConfig | None:
         """The accuracy guard's settings; None when guard_target is not set (the guard is off)."""
-        if self.guard_target is None:
-            GuardConfig(0.5, self.guard_sample, self.guard_window, self.guard_min_samples,
-                        max_overhead=self.guard_max_overhead, recent=self.guard_recent,
-                        boost=self.guard_boost, tighten_margin=self.guard_tighten_margin,
-                        relax_wait=self.guard_relax_wait)  # still refuse bad values early
-            return None
-        return GuardConfig(self.guard_target, self.guard_sample, self.guard_window, self.guard_min_samples,
-                           allow_past_tuned=self.guard_allow_past_tuned, max_overhead=self.guard_max_overhead,
-                           recent=self.guard_recent, boost=self.guard_boost,
-                           tighten_margin=self.guard_tighten_margin, relax_wait=self.guard_relax_wait,
-                           shift_moves_thin_exits=self.guard_shift_moves_thin_exits)
+        # Built even when the guard is off (with a placeholder target), so bad guard_* values are refused early.
+        config = GuardConfig(
+            self.guard_target if self.guard_target is not None else 0.5, self.guard_sample, self.guard_window,
+            self.guard_min_samples, allow_past_tuned=self.guard_allow_past_tuned,
+            max_overhead=self.guard_max_overhead, recent=self.guard_recent, boost=self.guard_boost,
+            tighten_margin=self.guard_tighten_margin, relax_wait=self.guard_relax_wait,
+            shift_moves_thin_exits=self.guard_shift_moves_thin_exits,
+        )
+        return None if self.guard_target is None else config
 
     def limits(self) -> Limits:
         return Limits(self.max_texts, self.max_text_chars, self.max_body_bytes, self.max_text_tokens,
