@@ -17,6 +17,7 @@ from rayexit.bench.exit_summary import (
 )
 from rayexit.bench.exit_training import snapshot_steps
 from rayexit.cli import main
+from rayexit.errors import RayexitError
 from rayexit.policy import FULL_DEPTH, ExitPolicy
 from rayexit.sweep import within_reference
 from rayexit.tasks import Outcome, task_named
@@ -224,6 +225,18 @@ def test_bench_refuses_to_mix_budgets_in_one_json(bench_inputs, capsys):
     assert "train_slice" in capsys.readouterr().err
     assert main(bench_args(root, encoder, **{"--json": root / "x.json", "--methods": "joint,tokee"})) == 2
     assert "--methods" in capsys.readouterr().err
+
+
+def test_a_json_written_before_a_setting_existed_resumes_only_at_that_settings_default(tmp_path):
+    fresh = {"benchmark": "exit", "runs": {}, "train_slice": "s", "validation": "v", "model": "m",
+             "snapshots": 8, "max_drop": 0.01, "settings": bench_exit.bench_settings(None, 2.0).to_dict()}
+    older = dict(fresh, runs={"joint/seed1": {"full": 0.9}})
+    older["settings"] = {k: v for k, v in fresh["settings"].items() if k != "final_weight"}
+    (tmp_path / "old.json").write_text(json.dumps(older))
+    assert bench_exit.resume(tmp_path / "old.json", fresh)["runs"] == {"joint/seed1": {"full": 0.9}}
+    heavier = dict(fresh, settings=dict(fresh["settings"], final_weight=3.0))
+    with pytest.raises(RayexitError, match="settings"):
+        bench_exit.resume(tmp_path / "old.json", heavier)
 
 
 def test_snapshots_leave_training_unchanged_and_stay_off_its_clock(monkeypatch):

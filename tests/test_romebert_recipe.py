@@ -70,3 +70,40 @@ def test_the_loop_drives_the_warmup_step_by_step(monkeypatch):
 def test_gamma_warmup_must_be_a_fraction(bad):
     with pytest.raises(RayexitError, match="gamma_warmup"):
         TrainSettings(gamma_warmup=bad)
+
+
+def test_final_weight_scales_the_final_exit_loss_only():
+    model = tiny_sequence_model(layers=3)
+    model.eval()  # dropout off: both calls see the same forward
+    ids, mask, labels = batch_of()
+    base = TrainSettings(gamma=0.9, temperature=3.0)
+    heavy = TrainSettings(gamma=0.9, temperature=3.0, final_weight=3.0)
+    with torch.no_grad():
+        final_ce = F.cross_entropy(model(ids, mask)[-1], labels).item()
+    stage = build_stages(model, base)[0]
+    _, plain, _ = stage.step(model, (ids, mask, labels), stage.params, base, 0)
+    _, weighted, _ = stage.step(model, (ids, mask, labels), stage.params, heavy, 0)
+    assert weighted == pytest.approx(plain + 2.0 * final_ce, rel=1e-5)
+
+
+def test_final_weight_leaves_the_projection_of_the_exits_gradient_unchanged():
+    """Final leading: update = w * g_final + proj(g_exits); proj depends on g_final's direction only."""
+    model = tiny_sequence_model(layers=3)
+    model.eval()
+    batch = batch_of()
+    updates = {}
+    for weight in (1.0, 3.0):
+        settings = TrainSettings(gamma=0.9, temperature=3.0, gr_direction="final", final_weight=weight)
+        stage = build_stages(model, settings)[0]
+        flat, _, combine = stage.step(model, batch, stage.params, settings, 0)
+        updates[weight] = (combine(flat)[0], flat[: len(stage.params)])
+    (one, g_final), (three, _) = updates[1.0], updates[3.0]
+    for a, b, g in zip(one, three, g_final):
+        assert torch.allclose(b - a, 2.0 * g, atol=1e-6)
+    assert any(g.abs().sum() > 0 for g in g_final)
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, "x", True])
+def test_final_weight_must_be_positive(bad):
+    with pytest.raises(RayexitError, match="final_weight"):
+        TrainSettings(final_weight=bad)

@@ -179,6 +179,8 @@ def resume(path: str, fresh: dict) -> dict:
         raise RayexitError(f"{path}: unreadable benchmark JSON ({exc}); pass a new --json") from None
     if not isinstance(data, dict) or data.get("benchmark") != "exit" or not isinstance(data.get("runs"), dict):
         raise RayexitError(f"{path}: not a `rayexit bench exit` JSON; pass a new --json")
+    if isinstance(data.get("settings"), dict):
+        data["settings"] = with_later_defaults(data["settings"])
     for key in PROTOCOL_KEYS:
         if data.get(key) != fresh[key]:
             raise RayexitError(
@@ -187,6 +189,16 @@ def resume(path: str, fresh: dict) -> dict:
             )
     data.pop("in_progress", None)  # an interrupted run starts again from its beginning
     return data
+
+
+def with_later_defaults(stored: dict) -> dict:
+    """`stored` settings plus the default of every setting added since they were written.
+
+    A JSON made before a setting existed was made at that setting's default, so it still
+    resumes with a run that leaves the setting at its default, and only with such a run.
+    """
+    defaults = TrainSettings().to_dict()
+    return {**{key: value for key, value in defaults.items() if key not in stored}, **stored}
 
 
 def planned_steps(method: str, seed: int, fit_size: int, base: TrainSettings, order, reuse: bool) -> list[int]:
