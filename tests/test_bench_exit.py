@@ -227,16 +227,17 @@ def test_bench_refuses_to_mix_budgets_in_one_json(bench_inputs, capsys):
     assert "--methods" in capsys.readouterr().err
 
 
-def test_a_json_written_before_a_setting_existed_resumes_only_at_that_settings_default(tmp_path):
+def test_a_json_written_before_a_setting_existed_resumes_only_at_the_value_it_had_then(tmp_path):
+    defaults = bench_exit.bench_settings(None, 2.0).to_dict()
+    assert defaults["final_weight"] == 3.0  # today's default; runs before the setting existed had 1
     fresh = {"benchmark": "exit", "runs": {}, "train_slice": "s", "validation": "v", "model": "m",
-             "snapshots": 8, "max_drop": 0.01, "settings": bench_exit.bench_settings(None, 2.0).to_dict()}
+             "snapshots": 8, "max_drop": 0.01, "settings": dict(defaults, final_weight=1.0)}
     older = dict(fresh, runs={"joint/seed1": {"full": 0.9}})
     older["settings"] = {k: v for k, v in fresh["settings"].items() if k != "final_weight"}
     (tmp_path / "old.json").write_text(json.dumps(older))
     assert bench_exit.resume(tmp_path / "old.json", fresh)["runs"] == {"joint/seed1": {"full": 0.9}}
-    heavier = dict(fresh, settings=dict(fresh["settings"], final_weight=3.0))
     with pytest.raises(RayexitError, match="settings"):
-        bench_exit.resume(tmp_path / "old.json", heavier)
+        bench_exit.resume(tmp_path / "old.json", dict(fresh, settings=defaults))
 
 
 def test_snapshots_leave_training_unchanged_and_stay_off_its_clock(monkeypatch):

@@ -35,7 +35,7 @@ def test_no_warmup_distils_at_full_weight_from_the_start():
 def test_loss_at_step_zero_has_no_distillation_term():
     model = tiny_sequence_model(layers=3)
     ids, mask, labels = batch_of()
-    settings = TrainSettings(gamma=0.9, temperature=3.0, gamma_warmup=0.3)
+    settings = TrainSettings(gamma=0.9, temperature=3.0, gamma_warmup=0.3, final_weight=1.0)
     stage = build_stages(model, settings)[0]
     stage.progress = 0.0
     _, loss, _ = stage.step(model, (ids, mask, labels), stage.params, settings, 0)
@@ -76,7 +76,7 @@ def test_final_weight_scales_the_final_exit_loss_only():
     model = tiny_sequence_model(layers=3)
     model.eval()  # dropout off: both calls see the same forward
     ids, mask, labels = batch_of()
-    base = TrainSettings(gamma=0.9, temperature=3.0)
+    base = TrainSettings(gamma=0.9, temperature=3.0, final_weight=1.0)
     heavy = TrainSettings(gamma=0.9, temperature=3.0, final_weight=3.0)
     with torch.no_grad():
         final_ce = F.cross_entropy(model(ids, mask)[-1], labels).item()

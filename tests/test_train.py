@@ -47,7 +47,7 @@ def test_deebert_second_stage_freezes_backbone_and_final_head():
 
 
 def test_romebert_without_projection_equals_plain_sum_gradient():
-    """gr_direction 'none' must give exactly the gradient of final + exits."""
+    """gr_direction 'none' must give exactly the gradient of final_weight * final + exits."""
     from rayexit.losses import romebert_losses
     from rayexit.train.steps import romebert_step
 
@@ -61,7 +61,7 @@ def test_romebert_without_projection_equals_plain_sum_gradient():
     flat, _, combine = romebert_step(model, (ids, mask, labels), params, settings, 0)
     grads, _ = combine(flat)
     final, exits = romebert_losses(model(ids, mask), labels, settings.gamma, settings.temperature)
-    expected = torch.autograd.grad(final + exits, params, allow_unused=True)
+    expected = torch.autograd.grad(settings.final_weight * final + exits, params, allow_unused=True)
     for got, want in zip(grads, expected):
         assert torch.allclose(got, torch.zeros_like(got) if want is None else want, atol=1e-6)
 

@@ -191,14 +191,18 @@ def resume(path: str, fresh: dict) -> dict:
     return data
 
 
-def with_later_defaults(stored: dict) -> dict:
-    """`stored` settings plus the default of every setting added since they were written.
+# Settings added after benchmark JSONs were written, with the value every run had before the
+# setting existed (not today's default: `final_weight` was 1 until it became a setting).
+ADDED_SETTINGS = {"final_weight": 1.0}
 
-    A JSON made before a setting existed was made at that setting's default, so it still
-    resumes with a run that leaves the setting at its default, and only with such a run.
+
+def with_later_defaults(stored: dict) -> dict:
+    """`stored` settings plus, for every setting added since they were written, the value it had.
+
+    A JSON made before `final_weight` existed was made at 1, so it resumes only with a run that
+    asks for 1.
     """
-    defaults = TrainSettings().to_dict()
-    return {**{key: value for key, value in defaults.items() if key not in stored}, **stored}
+    return {**{key: value for key, value in ADDED_SETTINGS.items() if key not in stored}, **stored}
 
 
 def planned_steps(method: str, seed: int, fit_size: int, base: TrainSettings, order, reuse: bool) -> list[int]:
