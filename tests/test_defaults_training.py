@@ -46,7 +46,7 @@ def last_scores(model_dir, key: str) -> list[float]:
 
 
 def test_sentence_defaults_lift_the_exits_off_chance(datasets_dir, tmp_path):
-    # Measured (docs/defaults.md): exits 0.580 0.617 0.520 0.517 0.530 0.567 on this slice, where
+    # Measured (docs/defaults.md, final weight 1): exits 0.580 0.617 0.520 0.517 0.530 0.567 here, where
     # BERT-base's defaults left exits 1-5 at chance. Not yet every exit clearly above chance after
     # one epoch of 800 phrases: RomeBERT's exits learn mostly from a still-uninformed final exit.
     train = sst2_slice(datasets_dir, tmp_path, "train.tsv", 0, SENTENCE_TRAIN)
