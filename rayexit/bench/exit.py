@@ -180,7 +180,7 @@ def resume(path: str, fresh: dict) -> dict:
     if not isinstance(data, dict) or data.get("benchmark") != "exit" or not isinstance(data.get("runs"), dict):
         raise RayexitError(f"{path}: not a `rayexit bench exit` JSON; pass a new --json")
     if isinstance(data.get("settings"), dict):
-        data["settings"] = with_later_defaults(data["settings"])
+        data["settings"] = with_added_settings(data["settings"])
     for key in PROTOCOL_KEYS:
         if data.get(key) != fresh[key]:
             raise RayexitError(
@@ -196,7 +196,7 @@ def resume(path: str, fresh: dict) -> dict:
 ADDED_SETTINGS = {"final_weight": 1.0}
 
 
-def with_later_defaults(stored: dict) -> dict:
+def with_added_settings(stored: dict) -> dict:
     """`stored` settings plus, for every setting added since they were written, the value it had.
 
     A JSON made before `final_weight` existed was made at 1, so it resumes only with a run that

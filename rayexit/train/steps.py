@@ -133,10 +133,9 @@ def romebert_step(model, batch, params, settings, epoch, progress: float = 1.0):
     ids, mask, labels = batch
     gamma = distillation_weight(settings.gamma, settings.gamma_warmup, progress)
     final, exits = romebert_losses(model(ids, mask), labels, gamma, settings.temperature)
-    if settings.final_weight != 1.0:
-        # Scaling the leader leaves the projection unchanged (it depends on the leader's direction
-        # only), so with `final` leading the weight shifts the update's balance and nothing else.
-        final = settings.final_weight * final
+    # Scaling the leader leaves the projection unchanged (it depends on the leader's direction
+    # only), so with `final` leading the weight shifts the update's balance and nothing else.
+    final = settings.final_weight * final
     total = (final + exits).item()
     if settings.gr_direction == "none":
         return grads_of(final + exits, params), total, as_is
