@@ -25,6 +25,12 @@ def replica(tmp_path_factory, minilm_tokenizer):
         obj.test_loop = loop
         yield obj
         obj.rebatched.close()
+    # @serve.batch leaves its queue-draining task waiting on this loop; closing the loop under it
+    # makes its later clean-up raise "Event loop is closed", so end it here first.
+    pending = asyncio.all_tasks(loop)
+    for task in pending:
+        task.cancel()
+    loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
     loop.close()
 
 
