@@ -6,7 +6,7 @@ import argparse
 import importlib
 
 # rayexit/bench/<name>.py defines register(sub); a new benchmark is one more name here.
-BENCHMARKS = ("exit", "token", "train", "tune", "serve")
+BENCHMARKS = ("exit", "revalidate", "token", "train", "tune", "serve")
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -1,0 +1,212 @@
+"""`rayexit bench revalidate`: a finished `bench exit` re-chosen on validation that shares no
+text with training.
+
+SST-2's train.tsv holds phrases of the same sentences at many lengths, so a validation split
+carved from a slice of it shares text with the lines trained on: a phrase held out is often a
+piece of a phrase kept (61% of seed 1's split appear verbatim inside a training line, against
+0.1% of dev). Validation then reads higher than dev and favours early exits that recall text
+seen in training. This command keeps every trained model of a `bench exit` run (its `--work`
+folder), builds a validation set from the train.tsv lines *after* the slice that share no word
+n-gram with any line of the slice, makes every choice again on it, and reports on the same dev
+set, side by side with the points chosen on the carved split. Nothing is trained; wall-clock is
+not re-timed (layer and FLOPs speed-ups are exact, and the benchmark's timings of the
+split-chosen points stay in its own JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import time
+from pathlib import Path
+
+from rayexit.bench.common import datasets_dir, machine_info
+from rayexit.errors import RayexitError
+from rayexit.files import write_json
+
+POINTS = ("at_1.5x", "at_2x", "at_3x", "within_reference")
+REFERENCE = "finetune"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("revalidate", help="re-choose a bench exit's points on validation sharing no text with training")
+    p.add_argument("--json", required=True, help="the `bench exit` JSON whose runs to re-choose")
+    p.add_argument("--work", required=True, help="that run's --work folder (holds seed<N>/<method> model folders)")
+    p.add_argument("--out", required=True, help="where to write the figures (resumed if it exists)")
+    p.add_argument("--datasets", help="the shared datasets folder (default ../shared/datasets)")
+    p.add_argument("--methods", help="comma-separated methods to re-choose (default: every run's)")
+    p.add_argument("--min-words", type=int, default=8, help="shortest validation line, in words")
+    p.add_argument("--ngram", type=int, default=5, help="leave out lines sharing N words in a row with the slice")
+    p.set_defaults(func=run)
+
+
+def word_ngrams(text: str, n: int) -> set[str]:
+    words = text.split()
+    return {" ".join(words[i:i + n]) for i in range(len(words) - n + 1)}
+
+
+def disjoint_validation(examples, slice_size: int, *, min_words: int = 8, ngram: int = 5):
+    """The lines after the first `slice_size` with at least `min_words` words and no run of `ngram`
+    words in common with any line of the slice (so no phrase of a sentence trained on)."""
+    from rayexit.data import TextExamples
+
+    if slice_size >= len(examples):
+        raise RayexitError(f"{examples.origin}: {len(examples)} lines, none after a slice of {slice_size}")
+    if min_words < ngram or ngram < 1:
+        raise RayexitError(f"--min-words ({min_words}) must be at least --ngram ({ngram}), which must be >= 1")
+    seen: set[str] = set()
+    for text in examples.texts[:slice_size]:
+        seen |= word_ngrams(text, ngram)
+    keep = [i for i in range(slice_size, len(examples))
+            if len(examples.texts[i].split()) >= min_words and not word_ngrams(examples.texts[i], ngram) & seen]
+    if not keep:
+        raise RayexitError(f"{examples.origin}: no line after the first {slice_size} has {min_words}+ words "
+                           f"and no {ngram}-word run in common with them")
+    lines = [examples.lines[i] for i in keep] if examples.lines else None
+    return TextExamples([examples.texts[i] for i in keep], [examples.labels[i] for i in keep],
+                        f"{examples.origin}, lines after the first {slice_size} sharing no {ngram}-gram with them",
+                        lines)
+
+
+def slice_size_of(bench: dict, path: str) -> int:
+    found = re.search(r"first (\d+) examples", str(bench.get("train_slice", "")))
+    if bench.get("benchmark") != "exit" or not found:
+        raise RayexitError(f"{path}: not a `rayexit bench exit` JSON (expected `train_slice` "
+                           "'SST-2 train.tsv, first N examples')")
+    return int(found.group(1))
+
+
+def run(args: argparse.Namespace) -> int:
+    from rayexit.tasks import task_named
+
+    bench = json.loads(Path(args.json).read_text())
+    slice_size = slice_size_of(bench, args.json)
+    sst2 = datasets_dir(args.datasets) / "sst2"
+    task = task_named("sequence")
+    validation = disjoint_validation(task.load(str(sst2 / "train.tsv")), slice_size,
+                                     min_words=args.min_words, ngram=args.ngram)
+    dev = task.load(str(sst2 / "dev.tsv"))
+    fresh = {"benchmark": "revalidate", "source": str(args.json), "validation": validation.origin,
+             "validation_examples": len(validation), "min_words": args.min_words, "ngram": args.ngram,
+             "test_set": bench.get("test_set"), "max_drop": bench.get("max_drop", 0.01),
+             "machine": machine_info(), "runs": {}}
+    output = resume(args.out, fresh)
+    wanted = {m.strip() for m in args.methods.split(",")} if args.methods else None
+    print(f"validation: {len(validation)} lines ({validation.origin}); test: {len(dev)} dev lines", flush=True)
+    for key in ordered_keys(bench["runs"]):
+        if wanted is not None and key.split("/")[0] not in wanted | {REFERENCE}:
+            continue
+        if key in output["runs"]:
+            print(f"== {key}: already re-chosen, skipped", flush=True)
+            continue
+        started = time.perf_counter()
+        method, seed = key.split("/")
+        output["runs"][key] = rechoose(task, bench["runs"][key], Path(args.work) / seed / method,
+                                       key, validation, dev, output)
+        write_json(args.out, output)
+        print(format_run(key, output["runs"][key], time.perf_counter() - started), flush=True)
+    output["summary"] = summarize(output["runs"])
+    write_json(args.out, output)
+    print(format_summary(output["summary"]))
+    print(f"figures -> {args.out}")
+    return 0
+
+
+def resume(path: str, fresh: dict) -> dict:
+    if not Path(path).exists():
+        return fresh
+    stored = json.loads(Path(path).read_text())
+    for key in ("source", "validation", "min_words", "ngram"):
+        if stored.get(key) != fresh[key]:
+            raise RayexitError(f"{path}: was written with {key} {stored.get(key)!r}, this run has {fresh[key]!r}; "
+                               "pass another --out")
+    return stored
+
+
+def ordered_keys(runs: dict) -> list[str]:
+    """Each seed's fine-tune first: its validation score is the others' "within 1 point" bar."""
+    return sorted(runs, key=lambda k: (k.split("/")[1], k.split("/")[0] != REFERENCE))
+
+
+def rechoose(task, run: dict, directory: Path, key: str, validation, dev, output: dict) -> dict:
+    from rayexit.model_dir import EXIT_CONFIG_FILE, ModelDir
+    from rayexit.policy import FULL_DEPTH
+    from rayexit.sweep import protocol_report
+
+    if not (directory / EXIT_CONFIG_FILE).is_file():
+        raise RayexitError(f"{directory}: no model folder for {key}; pass the --work folder the benchmark ran with")
+    folder = ModelDir(directory)
+    model, tokenizer = folder.load_model(expected_task="sequence"), folder.load_tokenizer()
+    max_length = model.exit_config.max_length  # the benchmark's own, saved with the model
+    valid_data = task.encode(tokenizer, validation, model.labels, max_length)
+    test_data = task.encode(tokenizer, dev, model.labels, max_length)
+    if run.get("single_exit"):
+        valid, test = task.replay(model, valid_data, 32), task.replay(model, test_data, 32)
+        figures = {"single_exit": True, "validation_full": valid.outcome(FULL_DEPTH).score,
+                   "full": test.exit_scores()[-1]}
+    else:
+        reference = output["runs"].get(f"{REFERENCE}/{key.split('/')[1]}")
+        figures = protocol_report(task, model, valid_data, test_data, max_drop=output["max_drop"],
+                                  speedups=(1.5, 2.0, 3.0), batch_size=32, repeats=1,
+                                  reference=reference["validation_full"] if reference else None,
+                                  timed=(), show_progress=False)
+        figures.pop("curve", None)
+        figures.pop("full_depth_seconds", None)
+        figures.pop("full_depth_spread", None)
+        figures["as_benchmarked"] = {point: {"accuracy": run[point]["accuracy"],
+                                             "layer_speedup": run[point]["layer_speedup"]}
+                                     for point in POINTS if point in run}
+    figures["as_benchmarked_validation_full"] = run["validation_full"]
+    # The same model on the same dev set: a mismatch means --work holds other models than --json describes.
+    if abs(figures["full"] - run["full"]) > 1e-9:
+        raise RayexitError(f"{directory}: full-depth dev accuracy {figures['full']:.4f}, the JSON says "
+                           f"{run['full']:.4f} for {key}; is --work the folder this JSON was made with?")
+    return figures
+
+
+def summarize(runs: dict) -> dict:
+    by_method: dict[str, list[dict]] = {}
+    for key, figures in runs.items():
+        by_method.setdefault(key.split("/")[0], []).append(figures)
+    summary = {}
+    for method, items in by_method.items():
+        row = {"seeds": len(items), "full": statistics.mean(f["full"] for f in items),
+               "validation_full": statistics.mean(f["validation_full"] for f in items),
+               "split_validation_full": statistics.mean(f["as_benchmarked_validation_full"] for f in items)}
+        for point in POINTS:
+            if all(point in f for f in items):
+                row[point] = {"accuracy": statistics.mean(f[point]["accuracy"] for f in items),
+                              "layer_speedup": statistics.mean(f[point]["layer_speedup"] for f in items),
+                              "split_accuracy": statistics.mean(f["as_benchmarked"][point]["accuracy"] for f in items),
+                              "split_layer_speedup": statistics.mean(
+                                  f["as_benchmarked"][point]["layer_speedup"] for f in items)}
+        summary[method] = row
+    return summary
+
+
+def format_run(key: str, figures: dict, seconds: float) -> str:
+    parts = [f"{key}: dev full {figures['full']:.4f}; validation full {figures['validation_full']:.4f} "
+             f"(carved split {figures['as_benchmarked_validation_full']:.4f})"]
+    for point in POINTS:
+        if point in figures:
+            old = figures["as_benchmarked"][point]
+            parts.append(f"{point} {figures[point]['accuracy']:.4f} at {figures[point]['layer_speedup']:.2f}x "
+                         f"(split: {old['accuracy']:.4f} at {old['layer_speedup']:.2f}x)")
+    return "; ".join(parts) + f" [{seconds:.0f}s]"
+
+
+def format_summary(summary: dict) -> str:
+    head = "| method | seeds | dev full | validation full: disjoint / carved | " + " | ".join(
+        f"{p}: disjoint / carved (dev acc @ layers x)" for p in POINTS) + " |"
+    lines = [head, "|" + " --- |" * (4 + len(POINTS))]
+    for method, row in summary.items():
+        cells = [method, str(row["seeds"]), f"{row['full']:.3f}",
+                 f"{row['validation_full']:.3f} / {row['split_validation_full']:.3f}"]
+        for point in POINTS:
+            p = row.get(point)
+            cells.append(f"{p['accuracy']:.3f} @ {p['layer_speedup']:.2f} / {p['split_accuracy']:.3f} @ "
+                         f"{p['split_layer_speedup']:.2f}" if p else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
