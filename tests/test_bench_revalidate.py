@@ -92,9 +92,9 @@ def finished_bench(tmp_path, minilm_tokenizer):
     return tmp_path, path, bench
 
 
-def revalidate(tmp_path, bench_path, out):
+def revalidate(tmp_path, bench_path, out, *extra):
     return main(["bench", "revalidate", "--json", str(bench_path), "--work", str(tmp_path / "work"),
-                 "--out", str(out), "--datasets", str(tmp_path / "datasets")])
+                 "--out", str(out), "--datasets", str(tmp_path / "datasets"), *extra])
 
 
 def test_revalidate_re_chooses_every_point_on_the_disjoint_lines_and_resumes(finished_bench, capsys):
@@ -114,6 +114,14 @@ def test_revalidate_re_chooses_every_point_on_the_disjoint_lines_and_resumes(fin
     assert "| deebert | 1 |" in capsys.readouterr().out
     assert revalidate(tmp_path, bench_path, out) == 0
     assert "deebert/seed1: already re-chosen, skipped" in capsys.readouterr().out
+    assert "wallclock_speedup" not in dee["at_2x"] or dee["at_2x"]["wallclock_speedup"] is None
+    # timed: every chosen point gets a wall-clock speed-up; an untimed file is not resumed timed
+    assert revalidate(tmp_path, bench_path, out, "--repeats", "1") != 0
+    assert "was written with repeats 0" in capsys.readouterr().err
+    assert revalidate(tmp_path, bench_path, tmp_path / "timed.json", "--repeats", "1") == 0
+    timed = json.loads((tmp_path / "timed.json").read_text())["runs"]["deebert/seed1"]
+    assert all(timed[p]["wallclock_speedup"] > 0 for p in ("at_1.5x", "at_2x", "at_3x", "within_reference"))
+    assert timed["full_depth_seconds"] > 0
 
 
 def test_revalidate_refuses_models_that_are_not_the_jsons(finished_bench, capsys):

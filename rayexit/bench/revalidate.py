@@ -8,9 +8,9 @@ piece of a phrase kept (61% of seed 1's split appear verbatim inside a training 
 seen in training. This command keeps every trained model of a `bench exit` run (its `--work`
 folder), builds a validation set from the train.tsv lines *after* the slice that share no word
 n-gram with any line of the slice, makes every choice again on it, and reports on the same dev
-set, side by side with the points chosen on the carved split. Nothing is trained; wall-clock is
-not re-timed (layer and FLOPs speed-ups are exact, and the benchmark's timings of the
-split-chosen points stay in its own JSON).
+set, side by side with the points chosen on the carved split. Nothing is trained. Wall-clock is
+measured only with `--repeats` (as `bench exit` does it: batch 32, median of interleaved rounds
+against full depth); layer and FLOPs speed-ups need no timing.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--datasets", help="the shared datasets folder (default ../shared/datasets)")
     p.add_argument("--methods", help="comma-separated methods to re-choose (default: every run's)")
     p.add_argument("--min-words", type=int, default=8, help="shortest validation line, in words")
+    p.add_argument("--repeats", type=int, default=0, help="timing rounds per chosen point (0: untimed)")
     p.add_argument("--ngram", type=int, default=5, help="leave out lines sharing N words in a row with the slice")
     p.set_defaults(func=run)
 
@@ -81,6 +82,8 @@ def slice_size_of(bench: dict, path: str) -> int:
 def run(args: argparse.Namespace) -> int:
     from rayexit.tasks import task_named
 
+    if args.repeats < 0:
+        raise RayexitError(f"--repeats: got {args.repeats}, expected 0 (untimed) or more rounds")
     bench = json.loads(Path(args.json).read_text())
     slice_size = slice_size_of(bench, args.json)
     sst2 = datasets_dir(args.datasets) / "sst2"
@@ -90,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
     dev = task.load(str(sst2 / "dev.tsv"))
     fresh = {"benchmark": "revalidate", "source": str(args.json), "validation": validation.origin,
              "validation_examples": len(validation), "min_words": args.min_words, "ngram": args.ngram,
+             "repeats": args.repeats,
              "test_set": bench.get("test_set"), "max_drop": bench.get("max_drop", 0.01),
              "machine": machine_info(), "runs": {}}
     output = resume(args.out, fresh)
@@ -104,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
         started = time.perf_counter()
         method, seed = key.split("/")
         output["runs"][key] = rechoose(task, bench["runs"][key], Path(args.work) / seed / method,
-                                       key, validation, dev, output)
+                                       key, validation, dev, output, args.repeats)
         write_json(args.out, output)
         print(format_run(key, output["runs"][key], time.perf_counter() - started), flush=True)
     output["summary"] = summarize(output["runs"])
@@ -118,7 +122,7 @@ def resume(path: str, fresh: dict) -> dict:
     if not Path(path).exists():
         return fresh
     stored = json.loads(Path(path).read_text())
-    for key in ("source", "validation", "min_words", "ngram"):
+    for key in ("source", "validation", "min_words", "ngram", "repeats"):
         if stored.get(key) != fresh[key]:
             raise RayexitError(f"{path}: was written with {key} {stored.get(key)!r}, this run has {fresh[key]!r}; "
                                "pass another --out")
@@ -130,7 +134,7 @@ def ordered_keys(runs: dict) -> list[str]:
     return sorted(runs, key=lambda k: (k.split("/")[1], k.split("/")[0] != REFERENCE))
 
 
-def rechoose(task, run: dict, directory: Path, key: str, validation, dev, output: dict) -> dict:
+def rechoose(task, run: dict, directory: Path, key: str, validation, dev, output: dict, repeats: int = 0) -> dict:
     from rayexit.model_dir import EXIT_CONFIG_FILE, ModelDir
     from rayexit.policy import FULL_DEPTH
     from rayexit.sweep import protocol_report
@@ -149,12 +153,13 @@ def rechoose(task, run: dict, directory: Path, key: str, validation, dev, output
     else:
         reference = output["runs"].get(f"{REFERENCE}/{key.split('/')[1]}")
         figures = protocol_report(task, model, valid_data, test_data, max_drop=output["max_drop"],
-                                  speedups=(1.5, 2.0, 3.0), batch_size=32, repeats=1,
+                                  speedups=(1.5, 2.0, 3.0), batch_size=32, repeats=max(repeats, 1),
                                   reference=reference["validation_full"] if reference else None,
-                                  timed=(), show_progress=False)
+                                  timed=None if repeats > 0 else (), show_progress=False)
         figures.pop("curve", None)
-        figures.pop("full_depth_seconds", None)
-        figures.pop("full_depth_spread", None)
+        if repeats == 0:  # one untimed round of full depth: not a figure to keep
+            figures.pop("full_depth_seconds", None)
+            figures.pop("full_depth_spread", None)
         figures["as_benchmarked"] = {point: {"accuracy": run[point]["accuracy"],
                                              "layer_speedup": run[point]["layer_speedup"]}
                                      for point in POINTS if point in run}
@@ -192,7 +197,9 @@ def format_run(key: str, figures: dict, seconds: float) -> str:
     for point in POINTS:
         if point in figures:
             old = figures["as_benchmarked"][point]
-            parts.append(f"{point} {figures[point]['accuracy']:.4f} at {figures[point]['layer_speedup']:.2f}x "
+            clock = figures[point].get("wallclock_speedup")
+            timed = f", {clock:.2f}x clock" if clock is not None else ""
+            parts.append(f"{point} {figures[point]['accuracy']:.4f} at {figures[point]['layer_speedup']:.2f}x{timed} "
                          f"(split: {old['accuracy']:.4f} at {old['layer_speedup']:.2f}x)")
     return "; ".join(parts) + f" [{seconds:.0f}s]"
 
