@@ -137,3 +137,7 @@ def test_revalidate_refuses_models_that_are_not_the_jsons(finished_bench, capsys
     assert "seed1/pabee: no model folder for pabee/seed1" in capsys.readouterr().err
     # what was re-chosen before the failure is kept, and a rerun resumes from it
     assert set(json.loads((tmp_path / "other.json").read_text())["runs"]) == {"finetune/seed1", "deebert/seed1"}
+    assert revalidate(tmp_path, bench_path, tmp_path / "third.json", "--methods", "romebrt") != 0
+    assert "--methods: got 'romebrt', expected some of deebert, finetune, pabee" in capsys.readouterr().err
+    assert revalidate(tmp_path, tmp_path / "missing.json", tmp_path / "third.json") != 0
+    assert "cannot read it as a `rayexit bench exit` JSON" in capsys.readouterr().err

@@ -84,7 +84,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.repeats < 0:
         raise RayexitError(f"--repeats: got {args.repeats}, expected 0 (untimed) or more rounds")
-    bench = json.loads(Path(args.json).read_text())
+    try:
+        bench = json.loads(Path(args.json).read_text())
+    except (OSError, ValueError) as exc:
+        raise RayexitError(f"--json {args.json}: cannot read it as a `rayexit bench exit` JSON ({exc})") from None
     slice_size = slice_size_of(bench, args.json)
     sst2 = datasets_dir(args.datasets) / "sst2"
     task = task_named("sequence")
@@ -97,7 +100,11 @@ def run(args: argparse.Namespace) -> int:
              "test_set": bench.get("test_set"), "max_drop": bench.get("max_drop", 0.01),
              "machine": machine_info(), "runs": {}}
     output = resume(args.out, fresh)
-    wanted = {m.strip() for m in args.methods.split(",")} if args.methods else None
+    wanted = {m.strip() for m in args.methods.split(",") if m.strip()} if args.methods else None
+    known = {key.split("/")[0] for key in bench["runs"]}
+    if wanted is not None and (not wanted or wanted - known):
+        raise RayexitError(f"--methods: got {args.methods!r}, expected some of {', '.join(sorted(known))} "
+                           f"(the methods {args.json} holds)")
     print(f"validation: {len(validation)} lines ({validation.origin}); test: {len(dev)} dev lines", flush=True)
     for key in ordered_keys(bench["runs"]):
         if wanted is not None and key.split("/")[0] not in wanted | {REFERENCE}:
