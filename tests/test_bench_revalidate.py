@@ -137,6 +137,11 @@ def test_revalidate_refuses_models_that_are_not_the_jsons(finished_bench, capsys
     assert "seed1/pabee: no model folder for pabee/seed1" in capsys.readouterr().err
     # what was re-chosen before the failure is kept, and a rerun resumes from it
     assert set(json.loads((tmp_path / "other.json").read_text())["runs"]) == {"finetune/seed1", "deebert/seed1"}
+    # a seed with no run of the wanted methods needs no fine-tune model (seed 2 has none here)
+    bench["runs"]["finetune/seed2"] = dict(bench["runs"]["finetune/seed1"])
+    bench_path.write_text(json.dumps(bench))
+    assert revalidate(tmp_path, bench_path, tmp_path / "only.json", "--methods", "deebert") == 0
+    assert set(json.loads((tmp_path / "only.json").read_text())["runs"]) == {"finetune/seed1", "deebert/seed1"}
     assert revalidate(tmp_path, bench_path, tmp_path / "third.json", "--methods", "romebrt") != 0
     assert "--methods: got 'romebrt', expected some of deebert, finetune, pabee" in capsys.readouterr().err
     assert revalidate(tmp_path, tmp_path / "missing.json", tmp_path / "third.json") != 0

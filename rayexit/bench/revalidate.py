@@ -106,14 +106,16 @@ def run(args: argparse.Namespace) -> int:
         raise RayexitError(f"--methods: got {args.methods!r}, expected some of {', '.join(sorted(known))} "
                            f"(the methods {args.json} holds)")
     print(f"validation: {len(validation)} lines ({validation.origin}); test: {len(dev)} dev lines", flush=True)
+    # a seed's fine-tune is needed only as the bar of a wanted method's run of that seed
+    seeds = {key.split("/")[1] for key in bench["runs"] if wanted is None or key.split("/")[0] in wanted}
     for key in ordered_keys(bench["runs"]):
-        if wanted is not None and key.split("/")[0] not in wanted | {REFERENCE}:
+        method, seed = key.split("/")
+        if seed not in seeds or (wanted is not None and method not in wanted | {REFERENCE}):
             continue
         if key in output["runs"]:
             print(f"== {key}: already re-chosen, skipped", flush=True)
             continue
         started = time.perf_counter()
-        method, seed = key.split("/")
         output["runs"][key] = rechoose(task, bench["runs"][key], Path(args.work) / seed / method,
                                        key, validation, dev, output, args.repeats)
         write_json(args.out, output)
