@@ -121,7 +121,8 @@ def format_report(report: dict) -> str:
     default = report.get("default")
     if default:
         lines.append(
-            f"paper default (gamma 0.9, T 3, one entropy threshold {default['thresholds']:.4f}): "
+            f"default trial (the paper's gamma 0.9 and T 3; lr and final weight from `train:`; "
+            f"one entropy threshold {default['thresholds']:.4f}): "
             f"accuracy {default['accuracy']:.4f}, layer speed-up {default['layer_speedup']:.2f}x"
         )
     return "\n".join(lines)

@@ -204,7 +204,7 @@ def plot_pareto(summary: dict, path: Path, task: str = "sequence") -> Path:
     default = summary.get("default")
     if default:
         ax.plot(default[speed], default[score], "X", ms=11, color="tab:red",
-                label="default settings" if token else "paper default")
+                label="default settings" if token else "gamma 0.9, T 3 (default trial)")
     best = summary[f"best_full_eval_{score}"]
     ax.axhline(best, color="grey", ls="--", lw=1, label="best full depth")
     ax.axhline(best - summary["max_drop"], color="grey", ls=":", lw=1, label=f"best - {summary['max_drop']:g}")
