@@ -285,3 +285,25 @@ def test_a_config_file_wins_over_the_benchmarks_own_defaults(tmp_path):
     assert settings.head_lr == BENCH_DEFAULTS["head_lr"] and settings.pooling == BENCH_DEFAULTS["pooling"]
     plain = bench_settings(None, 1.0)
     assert (plain.lr, plain.max_length, plain.epochs) == (BENCH_DEFAULTS["lr"], BENCH_DEFAULTS["max_length"], 1.0)
+
+
+def test_choosing_on_disjoint_lines_trains_on_the_whole_slice_and_chooses_on_lines_after_it(bench_inputs, capsys):
+    from rayexit.bench.disjoint import disjoint_validation
+
+    root, encoder = bench_inputs
+    out_json = root / "disjoint.json"
+    disjoint = {"--json": out_json, "--work": root / "work-disjoint", "--choose-on": "disjoint"}
+    assert main(bench_args(root, encoder, **disjoint, **{"--methods": "finetune,joint"})) == 0
+    out = json.loads(out_json.read_text())
+    lines = disjoint_validation(task_named("sequence").load(str(root / "datasets" / "sst2" / "train.tsv")), 100)
+    assert out["validation"].startswith(f"{len(lines)} train.tsv lines after the slice")
+    for run in out["runs"].values():
+        assert run["train_examples"] == 100  # nothing carved out of the slice
+        assert run["validation_examples"] == len(lines)
+    fitted = (root / "work-disjoint" / "seed1" / "fit.tsv").read_text().splitlines()
+    assert not {line.split("\t")[0] for line in fitted} & set(lines.texts)
+    # one JSON, one protocol: a carved run cannot join it, and nothing is carved with disjoint
+    assert main(bench_args(root, encoder, **{**disjoint, "--choose-on": "carved"})) == 2
+    assert "validation" in capsys.readouterr().err
+    assert main(bench_args(root, encoder, **disjoint, **{"--valid-fraction": 0.2})) == 2
+    assert "--valid-fraction" in capsys.readouterr().err

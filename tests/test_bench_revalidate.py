@@ -6,7 +6,8 @@ import json
 import pytest
 from conftest import tiny_sequence_model
 
-from rayexit.bench.revalidate import disjoint_validation, ordered_keys
+from rayexit.bench.disjoint import disjoint_validation
+from rayexit.bench.revalidate import ordered_keys
 from rayexit.cli import main
 from rayexit.data import TextExamples
 from rayexit.errors import RayexitError

@@ -4,8 +4,11 @@ fine-tune, at one budget, over several seeds, on SST-2.
 The protocol (DESIGN.md, "Measuring honestly"): every run of a seed trains on the same SST-2
 train slice less a validation split carved from it (stratified, seeded by the seed), every
 policy is chosen on that validation split (`rayexit.sweep`), and every figure is reported on
-the whole SST-2 dev set (872), which nothing is chosen on. Wall-clock speed-ups are medians of
-interleaved rounds against full depth through the same runner at batch 32, with min and max.
+the whole SST-2 dev set (872), which nothing is chosen on. With `--choose-on disjoint` the whole
+slice is trained on and every choice is made on the train.tsv lines after it that share no text
+with it (`rayexit.bench.disjoint`): the carved split shares phrases with the lines trained on.
+Wall-clock speed-ups are medians of interleaved rounds against full depth through the same
+runner at batch 32, with min and max.
 
 Per seed the fine-tune runs first (its validation accuracy is the bar of the "within 1 point of
 the fine-tune" point, and its weights are DeeBERT's stage 1: same step, parameters, seed and
@@ -45,6 +48,7 @@ from rayexit.files import write_json
 SENTENCE_METHODS = ("finetune", "deebert", "pabee", "joint", "romebert")
 BENCH_DEFAULTS = {"lr": 1e-4, "head_lr": 1e-3, "pooling": "mean", "max_length": 64, "batch_size": 32}
 SPEEDUPS = (1.5, 2.0, 3.0)
+CHOOSE_ON = ("carved", "disjoint")
 # What the runs of one JSON must share; a rerun with other values would mix budgets in one table.
 PROTOCOL_KEYS = ("train_slice", "validation", "model", "settings", "snapshots", "max_drop")
 
@@ -56,7 +60,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--datasets", help="the shared datasets folder (default ../shared/datasets)")
     p.add_argument("--model", default="minilm", help="encoder (default: the packaged MiniLM)")
     p.add_argument("--train-examples", type=int, default=20000, help="first N lines of SST-2 train.tsv (of 67,349)")
-    p.add_argument("--valid-fraction", type=float, default=0.1, help="validation carved from the train slice")
+    p.add_argument(
+        "--choose-on", choices=CHOOSE_ON, default="carved",
+        help="carved: a validation split carved from the train slice (the issue's protocol); disjoint: the "
+             "train.tsv lines after the slice sharing no 5-word run with it, the whole slice trained on",
+    )
+    p.add_argument("--valid-fraction", type=float, help="validation carved from the train slice (default 0.1)")
     p.add_argument("--epochs", type=float, default=2.0, help="epochs per stage (DeeBERT has two stages)")
     p.add_argument("--methods", default=",".join(SENTENCE_METHODS), help="comma-separated methods to compare")
     p.add_argument("--seeds", default="1,2,3", help="comma-separated seeds (training and validation split)")
@@ -118,10 +127,12 @@ def run(args: argparse.Namespace) -> int:
     sst2 = datasets_dir(args.datasets) / "sst2"
     work = Path(args.work)
     base = bench_settings(args.config, args.epochs)
+    examples = task.load(str(sst2 / "train.tsv"), args.train_examples)
+    disjoint, validation = validation_source(args, task, sst2)
     fresh = {
         "benchmark": "exit",
         "train_slice": f"SST-2 train.tsv, first {args.train_examples} examples",
-        "validation": f"{args.valid_fraction:g} of the train slice, stratified by label, seeded by the run's seed",
+        "validation": validation,
         "test_set": "SST-2 dev.tsv, all 872 examples (nothing is chosen on it)",
         "model": args.model,
         "settings": base.to_dict(),
@@ -134,7 +145,6 @@ def run(args: argparse.Namespace) -> int:
     }
     output = resume(args.json, fresh)
     plot_path = Path(args.plot) if args.plot else Path(args.json).with_suffix(".png")
-    examples = task.load(str(sst2 / "train.tsv"), args.train_examples)
     order = run_order(methods, seeds)
     splits: dict[int, tuple] = {}
     started = time.perf_counter()
@@ -144,7 +154,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"== {key}: already measured, skipped", flush=True)
             continue
         if seed not in splits:
-            fit, valid = task.split(examples, args.valid_fraction, seed)
+            carved = disjoint is None
+            fit, valid = task.split(examples, args.valid_fraction, seed) if carved else (examples, disjoint)
             splits[seed] = (fit, valid, write_tsv(fit, work / f"seed{seed}" / "fit.tsv"))
         fit, valid, fit_path = splits[seed]
         pending = [(m, planned_steps(m, s, len(fit), base, order, args.reuse_finetune)) for s, m in order[index + 1:]
@@ -166,6 +177,23 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(output))
     print(f"figures -> {args.json}; plot -> {plot_path} ({time.perf_counter() - started:.0f}s this session)")
     return 0
+
+
+def validation_source(args: argparse.Namespace, task, sst2: Path):
+    """(the disjoint validation lines or None, the protocol's description of what is chosen on)."""
+    from rayexit.bench.disjoint import MIN_WORDS, NGRAM, disjoint_validation
+
+    if args.choose_on == "carved":
+        args.valid_fraction = 0.1 if args.valid_fraction is None else args.valid_fraction
+        if not 0 < args.valid_fraction < 1:
+            raise RayexitError(f"--valid-fraction: got {args.valid_fraction}, expected a fraction between 0 and 1")
+        return None, f"{args.valid_fraction:g} of the train slice, stratified by label, seeded by the run's seed"
+    if args.valid_fraction is not None:
+        raise RayexitError("--valid-fraction carves validation from the slice; with --choose-on disjoint "
+                           "nothing is carved (the whole slice is trained on): leave it out")
+    lines = disjoint_validation(task.load(str(sst2 / "train.tsv")), args.train_examples)
+    return lines, (f"{len(lines)} train.tsv lines after the slice with {MIN_WORDS}+ words sharing no "
+                   f"{NGRAM}-word run with it; the whole slice is trained on")
 
 
 def resume(path: str, fresh: dict) -> dict:

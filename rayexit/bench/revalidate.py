@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from rayexit.bench.common import datasets_dir, machine_info
+from rayexit.bench.disjoint import MIN_WORDS, NGRAM, disjoint_validation
 from rayexit.errors import RayexitError
 from rayexit.files import write_json
 
@@ -37,38 +38,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="where to write the figures (resumed if it exists)")
     p.add_argument("--datasets", help="the shared datasets folder (default ../shared/datasets)")
     p.add_argument("--methods", help="comma-separated methods to re-choose (default: every run's)")
-    p.add_argument("--min-words", type=int, default=8, help="shortest validation line, in words")
+    p.add_argument("--min-words", type=int, default=MIN_WORDS, help="shortest validation line, in words")
     p.add_argument("--repeats", type=int, default=0, help="timing rounds per chosen point (0: untimed)")
-    p.add_argument("--ngram", type=int, default=5, help="leave out lines sharing N words in a row with the slice")
+    p.add_argument("--ngram", type=int, default=NGRAM, help="leave out lines sharing N words in a row with the slice")
     p.set_defaults(func=run)
-
-
-def word_ngrams(text: str, n: int) -> set[str]:
-    words = text.split()
-    return {" ".join(words[i:i + n]) for i in range(len(words) - n + 1)}
-
-
-def disjoint_validation(examples, slice_size: int, *, min_words: int = 8, ngram: int = 5):
-    """The lines after the first `slice_size` with at least `min_words` words and no run of `ngram`
-    words in common with any line of the slice (so no phrase of a sentence trained on)."""
-    from rayexit.data import TextExamples
-
-    if slice_size >= len(examples):
-        raise RayexitError(f"{examples.origin}: {len(examples)} lines, none after a slice of {slice_size}")
-    if min_words < ngram or ngram < 1:
-        raise RayexitError(f"--min-words ({min_words}) must be at least --ngram ({ngram}), which must be >= 1")
-    seen: set[str] = set()
-    for text in examples.texts[:slice_size]:
-        seen |= word_ngrams(text, ngram)
-    keep = [i for i in range(slice_size, len(examples))
-            if len(examples.texts[i].split()) >= min_words and not word_ngrams(examples.texts[i], ngram) & seen]
-    if not keep:
-        raise RayexitError(f"{examples.origin}: no line after the first {slice_size} has {min_words}+ words "
-                           f"and no {ngram}-word run in common with them")
-    lines = [examples.lines[i] for i in keep] if examples.lines else None
-    return TextExamples([examples.texts[i] for i in keep], [examples.labels[i] for i in keep],
-                        f"{examples.origin}, lines after the first {slice_size} sharing no {ngram}-gram with them",
-                        lines)
 
 
 def slice_size_of(bench: dict, path: str) -> int:
