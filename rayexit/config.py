@@ -22,7 +22,7 @@ CONFIG_LIMIT = 1 << 20  # a settings file is a few hundred bytes; anything near 
 # papers report against; its intermediate heads stay untrained.
 METHODS = ("romebert", "deebert", "pabee", "joint", "finetune", "self-sampling")
 GR_DIRECTIONS = ("reverse", "final", "none")
-GR_SCOPES = ("encoder", "shared", "per_tensor")
+GR_SCOPES = ("encoder", "shared", "per_tensor", "hidden")
 HEADS = ("pooler", "shared-pooler")
 POOLINGS = ("cls", "mean")
 

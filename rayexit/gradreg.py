@@ -41,3 +41,29 @@ def combine_with_projection(
     """g_l + projected g_m, the update RomeBERT applies to the shared parameters."""
     projected, conflict = project_conflicting(other, leader, per_tensor)
     return [l + m for l, m in zip(leader, projected)], conflict
+
+
+class ProjectingFork(torch.autograd.Function):
+    """A layer's output, handed out twice: to the layers above (`through`) and to its exit (`branch`).
+
+    Forward is the identity. Backward receives the two gradients of that hidden state separately
+    (the layers above carry the final exit's and the deeper exits' pull; the branch carries this
+    exit's own) and combines them with the projection above, over the whole [B, S, H] tensor. It
+    is `gr_scope: hidden`: the conflict is judged on the activations, layer by layer, during one
+    backward pass, instead of on the parameters after two.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, branch_leads: bool, conflicts: list[bool]):  # type: ignore[override]
+        ctx.branch_leads = branch_leads
+        ctx.conflicts = conflicts  # backward appends whether this layer's two gradients conflicted
+        return hidden.view_as(hidden), hidden.view_as(hidden)
+
+    @staticmethod
+    def backward(ctx, through: torch.Tensor | None, branch: torch.Tensor | None):  # type: ignore[override]
+        if through is None or branch is None:  # one side unused: nothing to weigh against
+            return (branch if through is None else through), None, None
+        leader, other = (branch, through) if ctx.branch_leads else (through, branch)
+        (combined,), conflict = combine_with_projection([leader], [other])
+        ctx.conflicts.append(conflict)
+        return combined, None, None

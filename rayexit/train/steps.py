@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from rayexit.config import TrainSettings
-from rayexit.gradreg import combine_with_projection
+from rayexit.gradreg import ProjectingFork, combine_with_projection
 from rayexit.losses import joint_loss, live_word_counts, pabee_loss, romebert_losses, weighted_token_loss
 from rayexit.policy import ExitPolicy
 
@@ -132,6 +132,8 @@ def romebert_step(model, batch, params, settings, epoch, progress: float = 1.0):
     """
     ids, mask, labels = batch
     gamma = distillation_weight(settings.gamma, settings.gamma_warmup, progress)
+    if settings.gr_scope == "hidden" and settings.gr_direction != "none":
+        return romebert_hidden_step(model, batch, params, settings, gamma)
     final, exits = romebert_losses(model(ids, mask), labels, gamma, settings.temperature)
     # Scaling the leader leaves the projection unchanged (it depends on the leader's direction
     # only), so with `final` leading the weight shifts the update's balance and nothing else.
@@ -155,6 +157,36 @@ def romebert_step(model, batch, params, settings, epoch, progress: float = 1.0):
         return out, conflict
 
     return flat, total, combine
+
+
+def romebert_hidden_step(model, batch, params, settings: TrainSettings, gamma: float):
+    """`gr_scope: hidden`: RomeBERT's projection at every layer's output, in one backward pass.
+
+    Each inner layer's hidden state forks into the layers above and its own exit; the fork's
+    backward projects one gradient against the other (`ProjectingFork`). It costs one backward
+    pass where the parameter-space projection needs two. Data-parallel, each worker projects its
+    own slice's gradients before the average (the parameter-space scope projects after it).
+    """
+    ids, mask, labels = batch
+    branch_leads = settings.gr_direction == "reverse"
+    conflicts: list[bool] = []
+    hidden = model.embed(ids)
+    additive = model.additive_mask(mask, hidden.dtype)
+    logits = []
+    for index in range(model.num_layers):
+        hidden = model.run_layer(index, hidden, additive)
+        branch = hidden
+        if index < model.num_layers - 1:
+            hidden, branch = ProjectingFork.apply(hidden, branch_leads, conflicts)
+        logits.append(model.exit_logits(index, branch, mask))
+    final, exits = romebert_losses(logits, labels, gamma, settings.temperature)
+    loss = settings.final_weight * final + exits
+    grads = grads_of(loss, params)
+
+    def combine(averaged: list[torch.Tensor]) -> tuple[list[torch.Tensor], bool]:
+        return averaged, any(conflicts)
+
+    return grads, loss.item(), combine
 
 
 def projected_mask(model, params, settings: TrainSettings) -> list[bool]:
