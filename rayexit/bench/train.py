@@ -68,9 +68,11 @@ def run(args: argparse.Namespace) -> int:
     if not token:
         step_times = measure_step_times(args.model, train_source, base, args.steps)
         ratio = step_times["romebert"]["median_s"] / step_times["joint"]["median_s"]
-        print(f"romebert / joint step time: {ratio:.2f}x (target <= {TARGET_RATIO}x)", flush=True)
-        report.update(step_time=step_times, romebert_over_joint=ratio, target_ratio=TARGET_RATIO,
-                      target_met=ratio <= TARGET_RATIO)
+        hidden = step_times["romebert_hidden"]["median_s"] / step_times["joint"]["median_s"]
+        print(f"romebert / joint step time: {ratio:.2f}x (target <= {TARGET_RATIO}x); "
+              f"with gr_scope hidden: {hidden:.2f}x", flush=True)
+        report.update(step_time=step_times, romebert_over_joint=ratio, romebert_hidden_over_joint=hidden,
+                      target_ratio=TARGET_RATIO, target_met=ratio <= TARGET_RATIO)
     throughput = {}
     if not args.skip_ray:
         for count in [int(c) for c in args.workers.split(",") if c.strip()]:
@@ -107,6 +109,8 @@ def measure_step_times(model_name: str, train_source: str, base: TrainSettings, 
         "joint": {"method": "joint"},
         "romebert_no_projection": {"method": "romebert", "gr_direction": "none"},
         "romebert": {"method": "romebert", "gr_direction": "reverse"},
+        # the projection on the hidden states, one backward pass (docs/romebert.md)
+        "romebert_hidden": {"method": "romebert", "gr_direction": "final", "gr_scope": "hidden"},
     }
     run = prepare(model_name, train_source, None, TrainSettings.from_dict({**base.to_dict(), "dropout": 0.0}))
     for module in run.model.modules():  # the backbone's own dropout too: same work every step
