@@ -4,6 +4,7 @@
 
 Pure functions over lists of tensors, so the same arithmetic runs on every data-parallel worker
 after the gradients were averaged: identical inputs give identical weights everywhere.
+`ProjectingFork` applies the same rule to hidden states inside the backward pass (`gr_scope: hidden`).
 """
 
 from __future__ import annotations
