@@ -65,6 +65,24 @@ class ProjectingFork(torch.autograd.Function):
         if through is None or branch is None:  # one side unused: nothing to weigh against
             return (branch if through is None else through), None, None
         leader, other = (branch, through) if ctx.branch_leads else (through, branch)
-        (combined,), conflict = combine_with_projection([leader], [other])
+        sums = torch.stack([(other.double() * leader.double()).sum(), (leader.double() ** 2).sum()])
+        _sum_over_workers(sums)
+        dot, norm_sq = sums.tolist()
+        conflict = dot < 0 and norm_sq > 0
         ctx.conflicts.append(conflict)
-        return combined, None, None
+        if not conflict:
+            return leader + other, None, None
+        return leader + other - (dot / norm_sq) * leader, None, None
+
+
+def _sum_over_workers(sums: torch.Tensor) -> None:
+    """Data-parallel: the inner product and norm of the whole global batch, not of this slice.
+
+    Each slice's hidden-state gradients are its rows of the global batch's (times the number of
+    workers, the same for both sums), so summing the two scalars over workers gives every worker
+    the projection one process would compute; the gradient average that follows then equals it.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM)

@@ -33,6 +33,9 @@ from rayexit.train.steps import build_stages, sampling_cache
 
 SEED = 2  # model and data seed with a gradient conflict at the first RomeBERT step (asserted below)
 PER_WORKER = 4
+SENTENCE_METHODS = ("joint", "romebert", "romebert-hidden")
+# gr_scope hidden judges conflicts on each layer's output: at SEED's first step none conflicts there
+SEEDS = {"romebert-hidden": 3}
 
 
 def toy_data(seed: int = SEED, n: int = 8) -> EncodedSet:
@@ -45,9 +48,9 @@ def toy_data(seed: int = SEED, n: int = 8) -> EncodedSet:
     return EncodedSet(ids, torch.randint(0, 3, (n,), generator=g).tolist(), 0)
 
 
-def toy_model():
+def toy_model(seed: int = SEED):
     """No dropout anywhere (the backbone's config has 0.1): halves and whole must see the same net."""
-    model = tiny_sequence_model(layers=3, labels=("a", "b", "c"), seed=SEED)
+    model = tiny_sequence_model(layers=3, labels=("a", "b", "c"), seed=seed)
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
@@ -55,7 +58,10 @@ def toy_model():
 
 
 def settings_for(method: str, batch_size: int) -> TrainSettings:
-    return TrainSettings(method=method, batch_size=batch_size, epochs=2, lr=1e-3, dropout=0.0, warmup_ratio=0.0)
+    """`romebert-hidden` is RomeBERT with `gr_scope: hidden` (its workers sum each fork's scalars)."""
+    scope = {"gr_scope": "hidden"} if method == "romebert-hidden" else {}
+    return TrainSettings(method=method.removesuffix("-hidden"), batch_size=batch_size, epochs=2, lr=1e-3,
+                         dropout=0.0, warmup_ratio=0.0, **scope)
 
 
 def one_step_grads(model, data, settings, rank=0, world_size=1, average=None):
@@ -76,13 +82,14 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
-        data = toy_data()
-        for method in ("joint", "romebert"):
+        for method in SENTENCE_METHODS:
+            seed = SEEDS.get(method, SEED)
+            data = toy_data(seed)
             settings = settings_for(method, PER_WORKER)
-            model = toy_model().train()
+            model = toy_model(seed).train()
             grads, _ = one_step_grads(model, data, settings, rank, world_size, allreduce_mean)
             tensors = {f"grad.{i}": g.contiguous() for i, g in enumerate(grads)}
-            model = toy_model()
+            model = toy_model(seed)
             train_model(model, data, settings, rank=rank, world_size=world_size, average=allreduce_mean,
                         show_progress=False)
             tensors.update({f"weight.{k}": v.contiguous() for k, v in model.state_dict().items()})
@@ -106,15 +113,16 @@ def two_worker_results(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("method", ["joint", "romebert"])
+@pytest.mark.parametrize("method", SENTENCE_METHODS)
 def test_two_workers_on_halves_equal_one_worker_on_whole(method, two_worker_results):
-    data = toy_data()
+    seed = SEEDS.get(method, SEED)
+    data = toy_data(seed)
     settings = settings_for(method, PER_WORKER * 2)
-    model = toy_model().train()
+    model = toy_model(seed).train()
     grads, conflict = one_step_grads(model, data, settings)
-    if method == "romebert":
+    if method.startswith("romebert"):
         assert conflict is True, "the test needs a gradient conflict so that the projection acts"
-    reference = toy_model()
+    reference = toy_model(seed)
     initial = {k: v.clone() for k, v in reference.state_dict().items()}
     result = train_model(reference, data, settings, show_progress=False)
     assert result.steps == 2

@@ -164,8 +164,9 @@ def romebert_hidden_step(model, batch, params, settings: TrainSettings, gamma: f
 
     Each inner layer's hidden state forks into the layers above and its own exit; the fork's
     backward projects one gradient against the other (`ProjectingFork`). It costs one backward
-    pass where the parameter-space projection needs two. Data-parallel, each worker projects its
-    own slice's gradients before the average (the parameter-space scope projects after it).
+    pass where the parameter-space projection needs two. Data-parallel, the workers sum each
+    fork's two scalars (inner product, norm) before projecting, so N workers apply what one
+    process would (`rayexit.gradreg`).
     """
     ids, mask, labels = batch
     branch_leads = settings.gr_direction == "reverse"
