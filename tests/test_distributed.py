@@ -58,8 +58,8 @@ def toy_model(seed: int = SEED):
 
 
 def settings_for(method: str, batch_size: int) -> TrainSettings:
-    """`romebert-hidden` is RomeBERT with `gr_scope: hidden` (its workers sum each fork's scalars)."""
-    scope = {"gr_scope": "hidden"} if method == "romebert-hidden" else {}
+    """`romebert` projects on the parameters (`gr_scope: encoder`), `romebert-hidden` on the hidden states."""
+    scope = {"gr_scope": "hidden" if method == "romebert-hidden" else "encoder"}
     return TrainSettings(method=method.removesuffix("-hidden"), batch_size=batch_size, epochs=2, lr=1e-3,
                          dropout=0.0, warmup_ratio=0.0, **scope)
 

@@ -87,13 +87,18 @@ def test_final_weight_scales_the_final_exit_loss_only():
 
 
 def test_final_weight_leaves_the_projection_of_the_exits_gradient_unchanged():
-    """Final leading: update = w * g_final + proj(g_exits); proj depends on g_final's direction only."""
+    """Final leading: update = w * g_final + proj(g_exits); proj depends on g_final's direction only.
+
+    A property of the projection on the parameters (`gr_scope: encoder`); on the hidden states the
+    leader at a lower layer also carries the deeper exits' pull, so the weight moves the projection.
+    """
     model = tiny_sequence_model(layers=3)
     model.eval()
     batch = batch_of()
     updates = {}
     for weight in (1.0, 3.0):
-        settings = TrainSettings(gamma=0.9, temperature=3.0, gr_direction="final", final_weight=weight)
+        settings = TrainSettings(gamma=0.9, temperature=3.0, gr_direction="final", gr_scope="encoder",
+                                 final_weight=weight)
         stage = build_stages(model, settings)[0]
         flat, _, combine = stage.step(model, batch, stage.params, settings, 0)
         updates[weight] = (combine(flat)[0], flat[: len(stage.params)])
