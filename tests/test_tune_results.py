@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
-from rayexit.tune.results import per_trial, plot_pareto, threshold_rate
+from rayexit.policy import FULL_DEPTH, ExitPolicy
+from rayexit.tune.results import choose, per_trial, plot_pareto, threshold_rate
 
 
 def trial(score: str, full: float, seconds: float) -> dict:
@@ -29,3 +32,42 @@ def test_the_pareto_plot_is_written_for_both_tasks(tmp_path, score, speed, task)
                f"best_full_eval_{score}": 0.9, "max_drop": 0.01}
     path = plot_pareto(summary, tmp_path / "pareto.png", task)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def searched_trial(validation_full: float, eval_full: float, points: list[tuple[float, float, float]]) -> dict:
+    """A finished sequence trial whose front holds (validation accuracy, speed-up, drop bound) points."""
+    return {
+        "trial_id": f"t{validation_full}",
+        "params": {},
+        "settings": {"gamma": 0.9, "temperature": 3.0, "lr": 1e-4},
+        "validation_exit_accuracy": [0.5, validation_full],
+        "eval_exit_accuracy": [0.5, eval_full],
+        "front": [
+            {"policy": "entropy", "thresholds": 0.1 * (i + 1),
+             "validation": {"accuracy": acc, "layer_speedup": speed, "drop_bound": bound},
+             "eval": {"accuracy": acc - 0.02, "layer_speedup": speed}}
+            for i, (acc, speed, bound) in enumerate(points)
+        ],
+    }
+
+
+def test_choose_takes_the_fastest_point_whose_bounded_accuracy_is_within_the_drop():
+    trials = [searched_trial(0.90, 0.88, [(0.905, 2.0, 0.005), (0.91, 1.5, 0.0)]),
+              searched_trial(0.85, 0.84, [(0.86, 3.0, 0.0)])]
+    summary = choose(trials, SimpleNamespace(max_drop=0.01), None)
+    assert summary["reference_validation_accuracy"] == 0.90
+    assert (summary["chosen"]["trial"], summary["chosen"]["layer_speedup"]) == (0, 2.0)  # 0.90 - 0.005 >= 0.89
+
+
+def test_choose_falls_back_to_the_best_trial_at_full_depth_when_no_point_is_surely_within(caplog):
+    # Every early-exit point's confidence bound is wider than the drop: nothing is surely within 1 point.
+    trials = [searched_trial(0.85, 0.84, [(0.86, 3.0, 0.05)]),
+              searched_trial(0.90, 0.88, [(0.91, 2.0, 0.04), (0.905, 1.5, 0.03)])]
+    summary = choose(trials, SimpleNamespace(max_drop=0.01), None)
+    chosen = summary["chosen"]
+    assert (chosen["trial"], chosen["policy"], chosen["thresholds"]) == (1, "none", 0.0)
+    assert (chosen["accuracy"], chosen["layer_speedup"]) == (0.88, 1.0)  # measured on eval at full depth
+    assert chosen["validation"] == {"accuracy": 0.90, "layer_speedup": 1.0, "drop_bound": 0.0}
+    assert chosen in summary["front"]
+    assert ExitPolicy(chosen["policy"], chosen["thresholds"]) == FULL_DEPTH  # what write_results exports
+    assert "full depth" in caplog.text

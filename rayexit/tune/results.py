@@ -18,6 +18,7 @@ import torch
 from rayexit.config import ExitPolicy
 from rayexit.errors import RayexitError
 from rayexit.files import write_atomic, write_json
+from rayexit.policy import FULL_DEPTH
 from rayexit.tune.export import export_model, write_serve_config
 from rayexit.tune.pareto import fastest_within, pareto_front
 from rayexit.tune.space import TuneSpec
@@ -65,6 +66,18 @@ def _candidate(record: dict, point: dict, index: int) -> dict:
     }
 
 
+def _full_depth_candidate(record: dict, index: int) -> dict:
+    """A trial's last exit for every input (`FULL_DEPTH`), in the shape of a front point."""
+    validation_full = record["validation_exit_accuracy"][-1]
+    point = {
+        "policy": FULL_DEPTH.kind,
+        "thresholds": FULL_DEPTH.thresholds,
+        "eval": {"accuracy": record["eval_exit_accuracy"][-1], "layer_speedup": 1.0},
+        "validation": {"accuracy": validation_full, "layer_speedup": 1.0, "drop_bound": 0.0},
+    }
+    return _candidate(record, point, index)
+
+
 def choose(trials: list[dict], spec: TuneSpec, default_params: dict | None = None) -> dict:
     if not trials:
         raise RayexitError("no trial finished with a model; see the Tune experiment folder for the errors")
@@ -72,6 +85,16 @@ def choose(trials: list[dict], spec: TuneSpec, default_params: dict | None = Non
     reference = max(r["validation_exit_accuracy"][-1] for r in trials)
     front = pareto_front(candidates, key=VALIDATION)
     chosen = fastest_within(candidates, BOUNDED, reference, spec.max_drop)
+    if chosen is None:
+        # No early-exit point is surely within the drop (a small validation split widens every
+        # bound): the best trial at full depth, which meets the bar by definition.
+        best = max(range(len(trials)), key=lambda i: trials[i]["validation_exit_accuracy"][-1])
+        chosen = _full_depth_candidate(trials[best], best)
+        log.warning(
+            "no early-exit policy of any trial is within max_drop %.3f of the best validation accuracy "
+            "%.4f at 95%% confidence; exporting trial %s at full depth (policy none)",
+            spec.max_drop, reference, trials[best]["trial_id"],
+        )
     if chosen is not None and chosen not in front:
         front.append(chosen)
     summary = {
