@@ -22,7 +22,10 @@ CONFIG_LIMIT = 1 << 20  # a settings file is a few hundred bytes; anything near 
 # papers report against; its intermediate heads stay untrained.
 METHODS = ("romebert", "deebert", "pabee", "joint", "finetune", "self-sampling")
 GR_DIRECTIONS = ("reverse", "final", "none")
-GR_SCOPES = ("encoder", "shared", "per_tensor", "hidden")
+# the projection on the hidden states, in one backward pass (`rayexit.gradreg.ProjectingFork`):
+# over the batch's whole tensor, or each example's slice on its own
+HIDDEN_SCOPES = ("hidden", "hidden_per_example")
+GR_SCOPES = ("encoder", "shared", "per_tensor", *HIDDEN_SCOPES)
 HEADS = ("pooler", "shared-pooler")
 POOLINGS = ("cls", "mean")
 

@@ -55,24 +55,47 @@ class ProjectingFork(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, branch_leads: bool, conflicts: list[bool]):  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx, hidden: torch.Tensor, branch_leads: bool, conflicts: list[bool], per_example: bool = False
+    ):
         ctx.branch_leads = branch_leads
         ctx.conflicts = conflicts  # backward appends whether this layer's two gradients conflicted
+        ctx.per_example = per_example
         return hidden.view_as(hidden), hidden.view_as(hidden)
 
     @staticmethod
     def backward(ctx, through: torch.Tensor | None, branch: torch.Tensor | None):  # type: ignore[override]
         if through is None or branch is None:  # one side unused: nothing to weigh against
-            return (branch if through is None else through), None, None
+            return (branch if through is None else through), None, None, None
         leader, other = (branch, through) if ctx.branch_leads else (through, branch)
+        if ctx.per_example:
+            return _project_per_example(leader, other, ctx.conflicts), None, None, None
         sums = torch.stack([(other.double() * leader.double()).sum(), (leader.double() ** 2).sum()])
         _sum_over_workers(sums)
         dot, norm_sq = sums.tolist()
         conflict = dot < 0 and norm_sq > 0
         ctx.conflicts.append(conflict)
         if not conflict:
-            return leader + other, None, None
-        return leader + other - (dot / norm_sq) * leader, None, None
+            return leader + other, None, None, None
+        return leader + other - (dot / norm_sq) * leader, None, None, None
+
+
+def _project_per_example(leader: torch.Tensor, other: torch.Tensor, conflicts: list[bool]) -> torch.Tensor:
+    """`gr_scope: hidden_per_example`: the rule applied to each example's [S, H] slice on its own.
+
+    An example's hidden-state gradient depends on that example's losses alone (nothing in the
+    encoder mixes examples), so this is the projection of per-example gradients at no extra pass.
+    It needs no sums over workers: data-parallel slices scale every example's two gradients by
+    the same positive factor, which the rule ignores.
+    """
+    dims = tuple(range(1, leader.dim()))
+    dot = (other.double() * leader.double()).sum(dims)
+    norm_sq = (leader.double() ** 2).sum(dims)
+    conflict = (dot < 0) & (norm_sq > 0)
+    conflicts.append(bool(conflict.any()))
+    scale = torch.where(conflict, dot / norm_sq.clamp_min(torch.finfo(torch.float64).tiny), 0.0)
+    shape = (-1,) + (1,) * (leader.dim() - 1)
+    return leader + other - scale.to(leader.dtype).view(shape) * leader
 
 
 def _sum_over_workers(sums: torch.Tensor) -> None:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from rayexit.bench.train import add_scaling_overhead
+from rayexit.bench.train import STEP_VARIANTS, add_scaling_overhead
 from rayexit.cli import main
+from rayexit.config import TrainSettings
 
 
 def test_overhead_is_measured_against_perfect_scaling_from_one_worker():
@@ -18,3 +19,14 @@ def test_overhead_is_measured_against_perfect_scaling_from_one_worker():
 def test_token_task_refuses_skip_ray_naming_the_flag(tmp_path, capsys):
     assert main(["bench", "train", "--task", "token", "--skip-ray", "--json", str(tmp_path / "t.json")]) == 2
     assert "--skip-ray" in capsys.readouterr().err
+
+
+def test_step_time_variants_are_the_scopes_their_names_say():
+    """Each variant is a change from the defaults; the paper's step must not drift with the default scope."""
+    base = TrainSettings(method="romebert")
+    built = {label: TrainSettings.from_dict({**base.to_dict(), **change}) for label, change in STEP_VARIANTS.items()}
+    assert built["joint"].method == "joint"
+    assert (built["romebert"].gr_scope, built["romebert"].gr_direction) == ("encoder", "reverse")
+    assert built["romebert_no_projection"].gr_direction == "none"
+    assert built["romebert_hidden"].gr_scope == "hidden"
+    assert built["romebert_hidden_per_example"].gr_scope == "hidden_per_example"

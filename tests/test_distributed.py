@@ -33,7 +33,7 @@ from rayexit.train.steps import build_stages, sampling_cache
 
 SEED = 2  # model and data seed with a gradient conflict at the first RomeBERT step (asserted below)
 PER_WORKER = 4
-SENTENCE_METHODS = ("joint", "romebert", "romebert-hidden")
+SENTENCE_METHODS = ("joint", "romebert", "romebert-hidden", "romebert-hidden_per_example")
 # gr_scope hidden judges conflicts on each layer's output: at SEED's first step none conflicts there
 SEEDS = {"romebert-hidden": 3}
 
@@ -58,10 +58,11 @@ def toy_model(seed: int = SEED):
 
 
 def settings_for(method: str, batch_size: int) -> TrainSettings:
-    """`romebert` projects on the parameters (`gr_scope: encoder`), `romebert-hidden` on the hidden states."""
-    scope = {"gr_scope": "hidden" if method == "romebert-hidden" else "encoder"}
-    return TrainSettings(method=method.removesuffix("-hidden"), batch_size=batch_size, epochs=2, lr=1e-3,
-                         dropout=0.0, warmup_ratio=0.0, **scope)
+    """`romebert` projects on the parameters (`gr_scope: encoder`), `romebert-SCOPE` on the hidden
+    states (per example: no sums over workers, each example's rule is local to its worker)."""
+    method, _, scope = method.partition("-")
+    return TrainSettings(method=method, batch_size=batch_size, epochs=2, lr=1e-3, dropout=0.0, warmup_ratio=0.0,
+                         gr_scope=scope or "encoder")
 
 
 def one_step_grads(model, data, settings, rank=0, world_size=1, average=None):

@@ -13,10 +13,10 @@ from rayexit.losses import romebert_losses
 from rayexit.train.steps import build_stages
 
 
-def fork_gradient(through_pull: torch.Tensor, branch_pull: torch.Tensor, branch_leads: bool):
+def fork_gradient(through_pull: torch.Tensor, branch_pull: torch.Tensor, branch_leads: bool, per_example=False):
     hidden = torch.zeros_like(through_pull, requires_grad=True)
     conflicts: list[bool] = []
-    through, branch = ProjectingFork.apply(hidden, branch_leads, conflicts)
+    through, branch = ProjectingFork.apply(hidden, branch_leads, conflicts, per_example)
     ((through * through_pull).sum() + (branch * branch_pull).sum()).backward()
     return hidden.grad, conflicts
 
@@ -46,8 +46,26 @@ def test_fork_adds_gradients_that_agree():
     assert conflicts == [False]
 
 
-def hidden_settings(direction: str = "final") -> TrainSettings:
-    return TrainSettings(method="romebert", gr_scope="hidden", gr_direction=direction, final_weight=3.0,
+def test_fork_per_example_projects_only_the_examples_that_conflict():
+    # example 0 conflicts (dot -2), example 1 agrees (dot +3); over the whole batch the dot is +1
+    above = torch.tensor([[[2.0, 0.0]], [[1.0, 1.0]]])
+    branch = torch.tensor([[[-1.0, 1.0]], [[1.0, 2.0]]])
+    grad, conflicts = fork_gradient(above, branch, branch_leads=False, per_example=True)
+    assert torch.allclose(grad, torch.tensor([[[2.0, 1.0]], [[2.0, 3.0]]]))
+    assert conflicts == [True]
+    whole, conflicts = fork_gradient(above, branch, branch_leads=False)
+    assert torch.equal(whole, above + branch) and conflicts == [False]  # the batch-wide rule sees no conflict
+
+
+def test_fork_per_example_leaves_an_example_with_a_zero_leader_alone():
+    above = torch.zeros(2, 1, 2)
+    branch = torch.tensor([[[1.0, -1.0]], [[0.5, 0.5]]])
+    grad, conflicts = fork_gradient(above, branch, branch_leads=False, per_example=True)
+    assert torch.equal(grad, branch) and conflicts == [False]
+
+
+def hidden_settings(direction: str = "final", scope: str = "hidden") -> TrainSettings:
+    return TrainSettings(method="romebert", gr_scope=scope, gr_direction=direction, final_weight=3.0,
                          gamma=0.9, temperature=3.0, dropout=0.0)
 
 
@@ -70,9 +88,12 @@ def reference_gradients(model, batch, settings: TrainSettings):
     names, params = zip(*model.named_parameters())
     above, branch = torch.autograd.grad(loss, [to_layer2, to_exit1], retain_graph=True)
     leader, other = (branch, above) if settings.gr_direction == "reverse" else (above, branch)
-    dot = float((leader * other).sum())
-    conflict = dot < 0
-    combined = leader + other - (dot / float((leader**2).sum())) * leader if conflict else leader + other
+    if settings.gr_scope == "hidden_per_example":  # the rule on each example's [S, H] slice, one by one
+        rows = [_rule(leader[b], other[b]) for b in range(len(leader))]
+        combined = torch.stack([row for row, _ in rows])
+        conflict = any(hit for _, hit in rows)
+    else:
+        combined, conflict = _rule(leader, other)
     upper = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)  # heads and layer 2
     lower = torch.autograd.grad(first, params, grad_outputs=combined, allow_unused=True)  # layer 1, embeddings
     add = [
@@ -82,10 +103,18 @@ def reference_gradients(model, batch, settings: TrainSettings):
     return dict(zip(names, add)), conflict, loss.item()
 
 
+def _rule(leader: torch.Tensor, other: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    dot = float((leader * other).sum())
+    if dot < 0:
+        return leader + other - (dot / float((leader**2).sum())) * leader, True
+    return leader + other, False
+
+
+@pytest.mark.parametrize("scope", ["hidden", "hidden_per_example"])
 @pytest.mark.parametrize("direction", ["final", "reverse"])
-def test_hidden_step_applies_the_rule_at_the_fork_and_nothing_else(direction):
+def test_hidden_step_applies_the_rule_at_the_fork_and_nothing_else(direction, scope):
     torch.manual_seed(0)
-    settings = hidden_settings(direction)
+    settings = hidden_settings(direction, scope)
     seen = set()
     for seed in range(6):  # toy batches whose two gradients conflict, and ones whose do not
         model = tiny_sequence_model(layers=2, seed=seed)
@@ -115,7 +144,7 @@ def test_hidden_scope_is_one_backward_pass():
 
     model = tiny_sequence_model(layers=3)
     batch = batch_of(8)
-    for scope, expected in (("hidden", 1), ("encoder", 2)):
+    for scope, expected in (("hidden", 1), ("hidden_per_example", 1), ("encoder", 2)):
         settings = TrainSettings(method="romebert", gr_scope=scope, gr_direction="final", dropout=0.0)
         stage = build_stages(model, settings)[0]
         calls.clear()

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from rayexit.config import TrainSettings
+from rayexit.config import HIDDEN_SCOPES, TrainSettings
 from rayexit.gradreg import ProjectingFork, combine_with_projection
 from rayexit.losses import joint_loss, live_word_counts, pabee_loss, romebert_losses, weighted_token_loss
 from rayexit.policy import ExitPolicy
@@ -132,7 +132,7 @@ def romebert_step(model, batch, params, settings, epoch, progress: float = 1.0):
     """
     ids, mask, labels = batch
     gamma = distillation_weight(settings.gamma, settings.gamma_warmup, progress)
-    if settings.gr_scope == "hidden" and settings.gr_direction != "none":
+    if settings.gr_scope in HIDDEN_SCOPES and settings.gr_direction != "none":
         return romebert_hidden_step(model, batch, params, settings, gamma)
     final, exits = romebert_losses(model(ids, mask), labels, gamma, settings.temperature)
     # Scaling the leader leaves the projection unchanged (it depends on the leader's direction
@@ -160,7 +160,8 @@ def romebert_step(model, batch, params, settings, epoch, progress: float = 1.0):
 
 
 def romebert_hidden_step(model, batch, params, settings: TrainSettings, gamma: float):
-    """`gr_scope: hidden`: RomeBERT's projection at every layer's output, in one backward pass.
+    """`gr_scope: hidden` (or `hidden_per_example`): RomeBERT's projection at every layer's
+    output, in one backward pass.
 
     Each inner layer's hidden state forks into the layers above and its own exit; the fork's
     backward projects one gradient against the other (`ProjectingFork`). It costs one backward
@@ -170,6 +171,7 @@ def romebert_hidden_step(model, batch, params, settings: TrainSettings, gamma: f
     """
     ids, mask, labels = batch
     branch_leads = settings.gr_direction == "reverse"
+    per_example = settings.gr_scope == "hidden_per_example"
     conflicts: list[bool] = []
     hidden = model.embed(ids)
     additive = model.additive_mask(mask, hidden.dtype)
@@ -178,7 +180,7 @@ def romebert_hidden_step(model, batch, params, settings: TrainSettings, gamma: f
         hidden = model.run_layer(index, hidden, additive)
         branch = hidden
         if index < model.num_layers - 1:
-            hidden, branch = ProjectingFork.apply(hidden, branch_leads, conflicts)
+            hidden, branch = ProjectingFork.apply(hidden, branch_leads, conflicts, per_example)
         logits.append(model.exit_logits(index, branch, mask))
     final, exits = romebert_losses(logits, labels, gamma, settings.temperature)
     loss = settings.final_weight * final + exits
