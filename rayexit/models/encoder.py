@@ -9,6 +9,7 @@ which records task, labels, heads and the exit policy.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -109,14 +110,27 @@ class MultiExitEncoder(MultiExitPreTrainedModel):
         out = self.backbone.encoder.layer[index](hidden, mask)
         return out[0] if isinstance(out, tuple) else out
 
-    def layer_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[torch.Tensor]:
-        """Hidden states after every layer (layer 1 first)."""
+    def layer_states(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        fork: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ) -> list[torch.Tensor]:
+        """Hidden states after every layer (layer 1 first).
+
+        `fork`, when given, splits each inner layer's output into what the next layer reads and
+        what is returned for its exit (`rayexit.gradreg.ProjectingFork`: the two paths' gradients
+        meet there apart).
+        """
         hidden = self.embed(input_ids)
         mask = self.additive_mask(attention_mask, hidden.dtype)
         states = []
         for index in range(self.num_layers):
             hidden = self.run_layer(index, hidden, mask)
-            states.append(hidden)
+            exit_input = hidden
+            if fork is not None and index < self.num_layers - 1:
+                hidden, exit_input = fork(hidden)
+            states.append(exit_input)
         return states
 
     def backbone_parameters(self) -> list[nn.Parameter]:

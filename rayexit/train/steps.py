@@ -173,15 +173,10 @@ def romebert_hidden_step(model, batch, params, settings: TrainSettings, gamma: f
     branch_leads = settings.gr_direction == "reverse"
     per_example = settings.gr_scope == "hidden_per_example"
     conflicts: list[bool] = []
-    hidden = model.embed(ids)
-    additive = model.additive_mask(mask, hidden.dtype)
-    logits = []
-    for index in range(model.num_layers):
-        hidden = model.run_layer(index, hidden, additive)
-        branch = hidden
-        if index < model.num_layers - 1:
-            hidden, branch = ProjectingFork.apply(hidden, branch_leads, conflicts, per_example)
-        logits.append(model.exit_logits(index, branch, mask))
+    states = model.layer_states(
+        ids, mask, fork=lambda hidden: ProjectingFork.apply(hidden, branch_leads, conflicts, per_example)
+    )
+    logits = [model.exit_logits(index, state, mask) for index, state in enumerate(states)]
     final, exits = romebert_losses(logits, labels, gamma, settings.temperature)
     loss = settings.final_weight * final + exits
     grads = grads_of(loss, params)
