@@ -26,6 +26,7 @@ GR_DIRECTIONS = ("reverse", "final", "none")
 # over the batch's whole tensor, or each example's slice on its own
 HIDDEN_SCOPES = ("hidden", "hidden_per_example")
 GR_SCOPES = ("encoder", "shared", "per_tensor", *HIDDEN_SCOPES)
+EXIT_WEIGHTS = ("uniform", "depth")
 HEADS = ("pooler", "shared-pooler")
 POOLINGS = ("cls", "mean")
 
@@ -55,6 +56,10 @@ class TrainSettings:
     # paper's L has 1). In layers 1-2 the inner exits' gradient is 1.7-3.5x the final exit's on a
     # trained MiniLM; 3 lifted the 3x point and validation in both seeds measured (docs/romebert.md).
     final_weight: float = 3.0
+    # RomeBERT: `uniform` (the paper's: every inner exit's loss weighs 1) or `depth` (inner exit i
+    # weighs i, scaled to a mean of 1: PABEE's weighting, whose full depth is the best of the
+    # multi-exit methods in the main benchmark)
+    exit_weights: str = "uniform"
     # `final` (the final exit's gradient leads) rather than the paper's `reverse` for SST-2: measured
     # on MiniLM, `reverse` left the final exit below the exits it teaches (docs/romebert.md).
     gr_direction: str = "final"
@@ -79,6 +84,7 @@ class TrainSettings:
         _choice("method", self.method, METHODS)
         _choice("gr_direction", self.gr_direction, GR_DIRECTIONS)
         _choice("gr_scope", self.gr_scope, GR_SCOPES)
+        _choice("exit_weights", self.exit_weights, EXIT_WEIGHTS)
         _choice("head", self.head, HEADS)
         if self.pooling is not None:
             _choice("pooling", self.pooling, POOLINGS)

@@ -34,11 +34,13 @@ def distillation_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: f
 
 
 def romebert_losses(
-    logits: list[torch.Tensor], labels: torch.Tensor, gamma: float, temperature: float
+    logits: list[torch.Tensor], labels: torch.Tensor, gamma: float, temperature: float, exit_weights: str = "uniform"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(final-exit CE, the inner exits' self-distillation loss); their sum is RomeBERT's L.
 
     Kept apart because gradient regularization projects one's gradient against the other's.
+    `exit_weights: depth` weighs inner exit i by i, as PABEE's loss does, scaled to a mean of 1 so
+    the inner exits' total keeps the paper's size (`inner_exit_weights`).
     """
     final = F.cross_entropy(logits[-1], labels)
     teacher = logits[-1]
@@ -46,8 +48,20 @@ def romebert_losses(
         (1.0 - gamma) * F.cross_entropy(z, labels) + gamma * distillation_kl(z, teacher, temperature)
         for z in logits[:-1]
     ]
-    exits = torch.stack(inner).sum() if inner else final.new_zeros(())
-    return final, exits
+    if not inner:
+        return final, final.new_zeros(())
+    weights = torch.tensor(inner_exit_weights(len(inner), exit_weights), dtype=final.dtype, device=final.device)
+    return final, (weights * torch.stack(inner)).sum()
+
+
+def inner_exit_weights(count: int, kind: str) -> list[float]:
+    """Weights of inner exits 1..count: all 1 (`uniform`, the paper's), or i * count / sum(1..count) (`depth`)."""
+    if kind == "uniform":
+        return [1.0] * count
+    if kind == "depth":
+        total = count * (count + 1) / 2
+        return [i * count / total for i in range(1, count + 1)]
+    raise ValueError(f"exit_weights: got {kind!r}, expected uniform or depth")
 
 
 def weighted_token_loss(

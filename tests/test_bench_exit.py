@@ -233,11 +233,13 @@ def test_a_json_written_before_a_setting_existed_resumes_only_at_the_value_it_ha
     fresh = {"benchmark": "exit", "runs": {}, "train_slice": "s", "validation": "v", "model": "m",
              "snapshots": 8, "max_drop": 0.01, "settings": dict(defaults, final_weight=1.0)}
     older = dict(fresh, runs={"joint/seed1": {"full": 0.9}})
-    older["settings"] = {k: v for k, v in fresh["settings"].items() if k != "final_weight"}
+    older["settings"] = {k: v for k, v in fresh["settings"].items() if k not in ("final_weight", "exit_weights")}
     (tmp_path / "old.json").write_text(json.dumps(older))
     assert bench_exit.resume(tmp_path / "old.json", fresh)["runs"] == {"joint/seed1": {"full": 0.9}}
     with pytest.raises(RayexitError, match="settings"):
         bench_exit.resume(tmp_path / "old.json", dict(fresh, settings=defaults))
+    with pytest.raises(RayexitError, match="settings"):  # made with uniform inner exits, as the paper's loss
+        bench_exit.resume(tmp_path / "old.json", dict(fresh, settings=dict(fresh["settings"], exit_weights="depth")))
 
 
 def test_snapshots_leave_training_unchanged_and_stay_off_its_clock(monkeypatch):

@@ -154,3 +154,22 @@ def test_hidden_scope_is_one_backward_pass():
         finally:
             torch.autograd.grad = original
         assert len(calls) == expected, scope
+
+
+@pytest.mark.parametrize("scope", ["encoder", "hidden"])
+def test_the_step_weighs_inner_exits_as_exit_weights_says(scope):
+    model = tiny_sequence_model(layers=3, seed=1)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    batch = batch_of(8)
+    ids, mask, labels = batch
+    losses = {}
+    for weights in ("uniform", "depth"):
+        settings = TrainSettings(method="romebert", gr_scope=scope, gr_direction="final", final_weight=3.0,
+                                 dropout=0.0, exit_weights=weights)
+        stage = build_stages(model, settings)[0]
+        _, losses[weights], _ = stage.step(model, batch, stage.params, settings, 0)
+        final, exits = romebert_losses(model(ids, mask), labels, settings.gamma, settings.temperature, weights)
+        assert math.isclose(losses[weights], (3.0 * final + exits).item(), rel_tol=1e-5)
+    assert not math.isclose(losses["uniform"], losses["depth"], rel_tol=1e-4)

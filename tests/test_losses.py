@@ -1,8 +1,11 @@
 import math
 
+import pytest
 import torch
 
-from rayexit.losses import distillation_kl, joint_loss, pabee_loss, romebert_losses
+from rayexit.config import TrainSettings
+from rayexit.errors import RayexitError
+from rayexit.losses import distillation_kl, inner_exit_weights, joint_loss, pabee_loss, romebert_losses
 
 
 def ce(logits, label):
@@ -57,3 +60,22 @@ def test_romebert_teacher_is_detached():
     exits.backward()
     assert logits[1].grad is None or torch.all(logits[1].grad == 0)
     assert logits[0].grad.abs().sum() > 0
+
+
+def test_depth_weights_grow_with_the_exit_and_keep_a_mean_of_one():
+    assert inner_exit_weights(3, "uniform") == [1.0, 1.0, 1.0]
+    assert inner_exit_weights(5, "depth") == pytest.approx([1 / 3, 2 / 3, 1.0, 4 / 3, 5 / 3])  # i * 5 / 15
+
+
+def test_romebert_losses_with_depth_weights_by_hand():
+    gamma, t = 0.5, 2.0
+    final, exits = romebert_losses(LOGITS, LABELS, gamma, t, exit_weights="depth")
+    per_exit = [(1 - gamma) * ce(z[0].tolist(), 1) + gamma * distillation_kl(z, LOGITS[-1], t).item()
+                for z in LOGITS[:-1]]
+    assert math.isclose(exits.item(), (2 / 3) * per_exit[0] + (4 / 3) * per_exit[1], rel_tol=1e-6)
+    assert math.isclose(final.item(), ce([1, 3], 1), rel_tol=1e-6)  # the final exit's loss is not reweighted
+
+
+def test_exit_weights_setting_names_its_choices():
+    with pytest.raises(RayexitError, match="exit_weights"):
+        TrainSettings(exit_weights="linear")

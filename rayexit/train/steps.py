@@ -134,7 +134,7 @@ def romebert_step(model, batch, params, settings, epoch, progress: float = 1.0):
     gamma = distillation_weight(settings.gamma, settings.gamma_warmup, progress)
     if settings.gr_scope in HIDDEN_SCOPES and settings.gr_direction != "none":
         return romebert_hidden_step(model, batch, params, settings, gamma)
-    final, exits = romebert_losses(model(ids, mask), labels, gamma, settings.temperature)
+    final, exits = romebert_losses(model(ids, mask), labels, gamma, settings.temperature, settings.exit_weights)
     # Scaling the leader leaves the projection unchanged (it depends on the leader's direction
     # only), so with `final` leading the weight shifts the update's balance and nothing else.
     final = settings.final_weight * final
@@ -177,7 +177,7 @@ def romebert_hidden_step(model, batch, params, settings: TrainSettings, gamma: f
         ids, mask, fork=lambda hidden: ProjectingFork.apply(hidden, branch_leads, conflicts, per_example)
     )
     logits = [model.exit_logits(index, state, mask) for index, state in enumerate(states)]
-    final, exits = romebert_losses(logits, labels, gamma, settings.temperature)
+    final, exits = romebert_losses(logits, labels, gamma, settings.temperature, settings.exit_weights)
     loss = settings.final_weight * final + exits
     grads = grads_of(loss, params)
 
