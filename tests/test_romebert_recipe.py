@@ -54,9 +54,9 @@ def test_the_loop_drives_the_warmup_step_by_step(monkeypatch):
     seen = []
     original = steps.romebert_losses
 
-    def spy(logits, labels, gamma, temperature):
+    def spy(logits, labels, gamma, temperature, exit_weights="uniform"):
         seen.append(gamma)
-        return original(logits, labels, gamma, temperature)
+        return original(logits, labels, gamma, temperature, exit_weights)
 
     monkeypatch.setattr(steps, "romebert_losses", spy)
     model = tiny_sequence_model(layers=3)
