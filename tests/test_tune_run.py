@@ -59,8 +59,7 @@ def test_tune_resumes_without_redoing_finished_trials(ray_session, tmp_path, tin
     evaluation = write_data(tmp_path / "eval.tsv", 80, seed=2)
     config = load_tune_config(
         None,
-        {"epochs": 3, "batch_size": 16, "lr": 3e-3, "max_length": 16, "head_lr": 3e-3,
-         "gr_scope": "encoder"},  # sized at encoder; under hidden no trial met the drop
+        {"epochs": 3, "batch_size": 16, "lr": 3e-3, "max_length": 16, "head_lr": 3e-3},
         {
             "trials": 2,
             "trainer": "local",
