@@ -95,7 +95,7 @@ def choose(trials: list[dict], spec: TuneSpec, default_params: dict | None = Non
             "%.4f at 95%% confidence; exporting trial %s at full depth (policy none)",
             spec.max_drop, reference, trials[best]["trial_id"],
         )
-    if chosen is not None and chosen not in front:
+    if chosen not in front:
         front.append(chosen)
     summary = {
         "reference_validation_accuracy": reference,
