@@ -156,6 +156,33 @@ def sentence_statistic(kind: str, probs: torch.Tensor, agree: torch.Tensor) -> t
     return torch.zeros(probs.shape[:-1], dtype=probs.dtype, device=probs.device)
 
 
+# A maxprob threshold no softmax reaches: the exit never answers early (finite, as policies must be).
+NEVER_SURE = 1.001
+
+
+def precision_thresholds(confidence: torch.Tensor, correct: torch.Tensor, precision: float) -> list[float]:
+    """Per inner exit, the lowest maxprob threshold at which the exit is still right `precision` of the time.
+
+    `confidence` and `correct` are [N, L] over a validation set (top softmax probability, and
+    whether that exit's answer is right). For exit i the examples are ranked by confidence; the
+    threshold is the confidence of the longest top run whose accuracy is at least `precision`
+    (cut only between distinct confidences, since a threshold cannot split a tie). An exit that
+    never reaches the precision gets `NEVER_SURE`. One global threshold asks the same confidence
+    of a shallow exit and a deep one though the shallow one is wrong more often at any given
+    confidence; this asks each for the same precision instead. The final exit's entry is omitted.
+    """
+    thresholds = []
+    for layer in range(confidence.shape[1] - 1):
+        order = torch.argsort(confidence[:, layer], descending=True, stable=True)
+        ranked, right = confidence[order, layer], correct[order, layer].double()
+        running = right.cumsum(0) / torch.arange(1, len(right) + 1, dtype=torch.float64)
+        tie_end = torch.ones_like(ranked, dtype=torch.bool)
+        tie_end[:-1] = ranked[:-1] > ranked[1:]
+        cuts = ((running >= precision) & tie_end).nonzero()
+        thresholds.append(float(ranked[int(cuts.max())]) if len(cuts) else NEVER_SURE)
+    return thresholds
+
+
 # -- token statistics ------------------------------------------------------------------------
 
 

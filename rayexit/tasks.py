@@ -25,7 +25,12 @@ from rayexit.policy import FULL_DEPTH, ExitPolicy
 
 log = logging.getLogger(__name__)
 
-SENTENCE_GRID_QUANTILES = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+# Replay is cheap and a coarse grid leaves speed on the table at the fine-tune's bar (a 10-point grid
+# chose 2.1x where its neighbours reach 2.5x: docs/romebert.md, "Choosing the point"), so every 2%.
+SENTENCE_GRID_QUANTILES = tuple(round(0.02 * i, 2) for i in range(1, 50))
+# Per-exit precision targets for `precision_thresholds`, as fractions of the way from the final
+# exit's validation accuracy (0) to always right (1); negative steps ask less than the final gives.
+PRECISION_STEPS = (-0.2, -0.1, 0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 TOKEN_GRID_QUANTILES = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99)
 # Most words are sure at every exit, so quantiles of all word uncertainties bunch near zero and
 # stop short of the thresholds a 2-3x point needs; this ladder (the paper's recipes sit at 0.1-0.25)
@@ -270,6 +275,26 @@ class SentenceTask(Task):
         grid = [ExitPolicy("entropy", _round(t)) for t in sorted(set(entropies))]
         grid += [ExitPolicy("maxprob", _round(t)) for t in sorted(set(confidences), reverse=True)]
         grid += [ExitPolicy("patience", p) for p in range(1, cache.num_layers)]
+        return grid + self.precision_grid(replay)
+
+    def precision_grid(self, replay) -> list[ExitPolicy]:
+        """Maxprob with one threshold per exit, each exit held to the same validation precision."""
+        from rayexit.policy import NEVER_SURE, precision_thresholds
+
+        cache = replay.cache
+        if cache.num_layers < 2:
+            return []
+        correct = cache.argmax == replay.labels[:, None]
+        final = float(correct[:, -1].double().mean())
+        grid, seen = [], set()
+        for step in PRECISION_STEPS:
+            target = final + step * (1.0 - final)
+            thresholds = precision_thresholds(cache.confidence, correct, target)
+            values = [t if t == NEVER_SURE else _round(t) for t in thresholds]
+            if all(t == NEVER_SURE for t in values) or tuple(values) in seen:
+                continue
+            seen.add(tuple(values))
+            grid.append(ExitPolicy("maxprob", values))
         return grid
 
 

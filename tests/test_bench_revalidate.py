@@ -147,3 +147,31 @@ def test_revalidate_refuses_models_that_are_not_the_jsons(finished_bench, capsys
     assert "--methods: got 'romebrt', expected some of deebert, finetune, pabee" in capsys.readouterr().err
     assert revalidate(tmp_path, tmp_path / "missing.json", tmp_path / "third.json") != 0
     assert "cannot read it as a `rayexit bench exit` JSON" in capsys.readouterr().err
+
+
+def test_revalidate_on_the_carved_split_re_draws_it_and_needs_no_fine_tune_model(finished_bench, capsys):
+    import shutil
+
+    tmp_path, bench_path, bench = finished_bench
+    out = tmp_path / "carved.json"
+    # a JSON from a --choose-on disjoint benchmark has no carved split to re-draw
+    bench["validation"] = "3343 train.tsv lines after the slice with 8+ words sharing no 5-word run with it"
+    bench_path.write_text(json.dumps(bench))
+    assert revalidate(tmp_path, bench_path, out, "--choose-on", "carved") != 0
+    assert "not a carved split" in capsys.readouterr().err
+    bench["validation"] = "0.2 of the train slice, stratified by label, seeded by the run's seed"
+    bench_path.write_text(json.dumps(bench))
+    shutil.rmtree(tmp_path / "work" / "seed1" / "finetune")  # its figures come from the JSON
+    assert revalidate(tmp_path, bench_path, out, "--choose-on", "carved") == 0
+    figures = json.loads(out.read_text())
+    task = task_named("sequence")
+    slice_ = task.load(str(tmp_path / "datasets" / "sst2" / "train.tsv"), 30)
+    carved = task.split(slice_, 0.2, 1)[1]  # what `bench exit` carved for seed 1
+    assert figures["choose_on"] == "carved" and figures["validation_examples"] == len(carved)
+    dee = figures["runs"]["deebert/seed1"]
+    assert all(dee[p]["validation"]["examples"] == len(carved) for p in ("at_1.5x", "at_2x", "within_reference"))
+    assert dee["within_reference"]["validation"]["full"] == 0.9  # the fine-tune's bar, as the JSON has it
+    assert figures["runs"]["finetune/seed1"]["validation_full"] == 0.9
+    # a file re-chosen on one validation is not resumed on the other
+    assert revalidate(tmp_path, bench_path, out) != 0
+    assert "was written with choose_on 'carved'" in capsys.readouterr().err

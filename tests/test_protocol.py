@@ -199,3 +199,52 @@ def test_eval_times_on_a_subset_but_scores_on_all_the_data():
     for field in ("accuracy", "layer_speedup", "flops_speedup"):
         assert timed["selected"][field] == whole["selected"][field]
     assert timed["selected"]["accuracy"] == SENTENCE.run_live(model, data, SENTENCE.eval_batches(data, 8), policy).score
+
+
+def test_precision_thresholds_hold_each_exit_to_the_precision_by_hand():
+    from rayexit.policy import NEVER_SURE, precision_thresholds
+
+    # exit 1 ranked by confidence: right, right, wrong, right -> running precision 1, 1, 2/3, 3/4
+    # exit 2: wrong at the top, so no top run reaches 0.9 -> it never answers early
+    confidence = torch.tensor([[0.95, 0.99, 0.9], [0.90, 0.80, 0.9], [0.85, 0.70, 0.9], [0.60, 0.60, 0.9]])
+    correct = torch.tensor([[True, False, True], [True, True, True], [False, True, True], [True, True, True]])
+    assert precision_thresholds(confidence, correct, 0.9) == pytest.approx([0.90, NEVER_SURE])
+    assert precision_thresholds(confidence, correct, 0.7) == pytest.approx([0.60, 0.60])
+    # a threshold cannot split a tie: at 0.90 both tied examples leave, one of them wrong (1/2)
+    tied = torch.tensor([[0.95, 0.5], [0.90, 0.5], [0.90, 0.5], [0.50, 0.5]])
+    right = torch.tensor([[True, True], [True, True], [False, True], [False, True]])
+    assert precision_thresholds(tied, right, 0.9) == pytest.approx([0.95])
+    assert precision_thresholds(tied, right, 0.6) == pytest.approx([0.90])
+
+
+def test_the_precision_grid_comes_from_validation_and_meets_its_precision_there():
+    from types import SimpleNamespace
+
+    from rayexit.exits import ExitCache
+
+    torch.manual_seed(0)
+    labels = torch.randint(0, 2, (400,))
+    # deeper exits are right more often and sure of it; shallow ones are right only when very sure
+    logits = torch.randn(400, 4, 2)
+    for layer in range(4):
+        margin = logits[:, layer, 1] - logits[:, layer, 0]
+        flip = (margin.abs() < 1.5 - 0.4 * layer) & (torch.rand(400) < 0.5)
+        logits[flip, layer] = logits[flip, layer].flip(-1)
+    for row, label in enumerate(labels.tolist()):  # align the answers with the labels
+        logits[row] = logits[row].flip(-1) if label == 0 else logits[row]
+    cache = ExitCache(logits)
+    replay = SimpleNamespace(cache=cache, labels=labels)
+    task = task_named("sequence")
+    grid = task.precision_grid(replay)
+    assert grid and all(p.kind == "maxprob" and len(p.thresholds) == 3 for p in grid)
+    correct = cache.argmax == labels[:, None]
+    final = correct[:, -1].double().mean().item()
+    for policy in grid:
+        for layer, threshold in enumerate(policy.thresholds):
+            leaving = cache.confidence[:, layer] >= threshold
+            if leaving.any():  # each exit, on its own, is at least as right as the final exit asks
+                assert correct[leaving, layer].double().mean().item() >= final - 0.2 * (1 - final) - 1e-3
+    # stricter targets never lower a threshold
+    for looser, stricter in zip(grid, grid[1:]):
+        assert all(s >= lo for lo, s in zip(looser.thresholds, stricter.thresholds))
+    assert all(p in task.default_grid(replay) for p in grid)

@@ -1,5 +1,5 @@
 """`rayexit bench revalidate`: a finished `bench exit` re-chosen on validation that shares no
-text with training.
+text with training (or, with `--choose-on carved`, on its own carved split with today's grid).
 
 SST-2's train.tsv holds phrases of the same sentences at many lengths, so a validation split
 carved from a slice of it shares text with the lines trained on: a phrase held out is often a
@@ -11,6 +11,11 @@ n-gram with any line of the slice, makes every choice again on it, and reports o
 set, side by side with the points chosen on the carved split. Nothing is trained. Wall-clock is
 measured only with `--repeats` (as `bench exit` does it: batch 32, median of interleaved rounds
 against full depth); layer and FLOPs speed-ups need no timing.
+
+`--choose-on carved` re-draws each seed's carved split exactly as `bench exit` did and makes the
+choices again there: a change to the sweep's grid or rule is then measured on the same models,
+against the same validation, without training anything. Its "within 1 point" bar is the
+fine-tune's validation score from the JSON, so the fine-tune's model folders are not needed.
 """
 
 from __future__ import annotations
@@ -38,6 +43,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="where to write the figures (resumed if it exists)")
     p.add_argument("--datasets", help="the shared datasets folder (default ../shared/datasets)")
     p.add_argument("--methods", help="comma-separated methods to re-choose (default: every run's)")
+    p.add_argument("--choose-on", choices=("disjoint", "carved"), default="disjoint",
+                   help="disjoint: train.tsv lines after the slice sharing no N-word run with it; carved: each "
+                        "seed's split as the benchmark carved it (to measure a new grid or rule on the same models)")
     p.add_argument("--min-words", type=int, default=MIN_WORDS, help="shortest validation line, in words")
     p.add_argument("--repeats", type=int, default=0, help="timing rounds per chosen point (0: untimed)")
     p.add_argument("--ngram", type=int, default=NGRAM, help="leave out lines sharing N words in a row with the slice")
@@ -52,6 +60,34 @@ def slice_size_of(bench: dict, path: str) -> int:
     return int(found.group(1))
 
 
+def carved_fraction_of(bench: dict, path: str) -> float:
+    found = re.match(r"([0-9.]+) of the train slice", str(bench.get("validation", "")))
+    if not found:
+        raise RayexitError(f"{path}: its `validation` is {bench.get('validation')!r}, not a carved split "
+                           "('F of the train slice ...'); --choose-on carved needs a `bench exit` run that carved one")
+    return float(found.group(1))
+
+
+def validation_sets(args: argparse.Namespace, task, bench: dict, sst2: Path):
+    """(validation set per seed name, what it is, its size) for `--choose-on`."""
+    slice_size = slice_size_of(bench, args.json)
+    if args.choose_on == "carved":
+        fraction = carved_fraction_of(bench, args.json)
+        examples = task.load(str(sst2 / "train.tsv"), slice_size)
+        splits: dict[str, object] = {}
+
+        def carved(seed: str):
+            if seed not in splits:  # the benchmark's own split: same slice, fraction and seed
+                splits[seed] = task.split(examples, fraction, int(seed.removeprefix("seed")))[1]
+            return splits[seed]
+
+        first = min((key.split("/")[1] for key in bench["runs"]), default="seed1")
+        return carved, bench["validation"], len(carved(first))
+    validation = disjoint_validation(task.load(str(sst2 / "train.tsv")), slice_size,
+                                     min_words=args.min_words, ngram=args.ngram)
+    return (lambda seed: validation), validation.origin, len(validation)
+
+
 def run(args: argparse.Namespace) -> int:
     from rayexit.tasks import task_named
 
@@ -61,14 +97,12 @@ def run(args: argparse.Namespace) -> int:
         bench = json.loads(Path(args.json).read_text())
     except (OSError, ValueError) as exc:
         raise RayexitError(f"--json {args.json}: cannot read it as a `rayexit bench exit` JSON ({exc})") from None
-    slice_size = slice_size_of(bench, args.json)
     sst2 = datasets_dir(args.datasets) / "sst2"
     task = task_named("sequence")
-    validation = disjoint_validation(task.load(str(sst2 / "train.tsv")), slice_size,
-                                     min_words=args.min_words, ngram=args.ngram)
+    validation_of, origin, size = validation_sets(args, task, bench, sst2)
     dev = task.load(str(sst2 / "dev.tsv"))
-    fresh = {"benchmark": "revalidate", "source": str(args.json), "validation": validation.origin,
-             "validation_examples": len(validation), "min_words": args.min_words, "ngram": args.ngram,
+    fresh = {"benchmark": "revalidate", "source": str(args.json), "choose_on": args.choose_on, "validation": origin,
+             "validation_examples": size, "min_words": args.min_words, "ngram": args.ngram,
              "repeats": args.repeats,
              "test_set": bench.get("test_set"), "max_drop": bench.get("max_drop", 0.01),
              "machine": machine_info(), "runs": {}}
@@ -78,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
     if wanted is not None and (not wanted or wanted - known):
         raise RayexitError(f"--methods: got {args.methods!r}, expected some of {', '.join(sorted(known))} "
                            f"(the methods {args.json} holds)")
-    print(f"validation: {len(validation)} lines ({validation.origin}); test: {len(dev)} dev lines", flush=True)
+    print(f"validation: {size} lines ({origin}); test: {len(dev)} dev lines", flush=True)
     # a seed's fine-tune is needed only as the bar of a wanted method's run of that seed
     seeds = {key.split("/")[1] for key in bench["runs"] if wanted is None or key.split("/")[0] in wanted}
     for key in ordered_keys(bench["runs"]):
@@ -89,8 +123,11 @@ def run(args: argparse.Namespace) -> int:
             print(f"== {key}: already re-chosen, skipped", flush=True)
             continue
         started = time.perf_counter()
-        output["runs"][key] = rechoose(task, bench["runs"][key], Path(args.work) / seed / method,
-                                       key, validation, dev, output, args.repeats)
+        if method == REFERENCE and args.choose_on == "carved":  # nothing to choose; its bar is in the JSON
+            output["runs"][key] = reference_as_benchmarked(bench["runs"][key])
+        else:
+            output["runs"][key] = rechoose(task, bench["runs"][key], Path(args.work) / seed / method,
+                                           key, validation_of(seed), dev, output, args.repeats)
         write_json(args.out, output)
         print(format_run(key, output["runs"][key], time.perf_counter() - started), flush=True)
     output["summary"] = summarize(output["runs"])
@@ -104,7 +141,8 @@ def resume(path: str, fresh: dict) -> dict:
     if not Path(path).exists():
         return fresh
     stored = json.loads(Path(path).read_text())
-    for key in ("source", "validation", "min_words", "ngram", "repeats"):
+    stored.setdefault("choose_on", "disjoint")  # written before --choose-on existed
+    for key in ("source", "choose_on", "validation", "min_words", "ngram", "repeats"):
         if stored.get(key) != fresh[key]:
             raise RayexitError(f"{path}: was written with {key} {stored.get(key)!r}, this run has {fresh[key]!r}; "
                                "pass another --out")
@@ -114,6 +152,11 @@ def resume(path: str, fresh: dict) -> dict:
 def ordered_keys(runs: dict) -> list[str]:
     """Each seed's fine-tune first: its validation score is the others' "within 1 point" bar."""
     return sorted(runs, key=lambda k: (k.split("/")[1], k.split("/")[0] != REFERENCE))
+
+
+def reference_as_benchmarked(run: dict) -> dict:
+    return {"single_exit": True, "full": run["full"], "validation_full": run["validation_full"],
+            "as_benchmarked_validation_full": run["validation_full"]}
 
 
 def rechoose(task, run: dict, directory: Path, key: str, validation, dev, output: dict, repeats: int = 0) -> dict:
