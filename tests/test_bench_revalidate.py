@@ -172,6 +172,7 @@ def test_revalidate_on_the_carved_split_re_draws_it_and_needs_no_fine_tune_model
     assert all(dee[p]["validation"]["examples"] == len(carved) for p in ("at_1.5x", "at_2x", "within_reference"))
     assert dee["within_reference"]["validation"]["full"] == 0.9  # the fine-tune's bar, as the JSON has it
     assert figures["runs"]["finetune/seed1"]["validation_full"] == 0.9
+    assert "validation full: carved, re-chosen / as benchmarked" in capsys.readouterr().out
     # a file re-chosen on one validation is not resumed on the other
     assert revalidate(tmp_path, bench_path, out) != 0
     assert "was written with choose_on 'carved'" in capsys.readouterr().err
