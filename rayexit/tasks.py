@@ -21,12 +21,12 @@ from dataclasses import dataclass, field
 import torch
 
 from rayexit.errors import RayexitError
-from rayexit.policy import FULL_DEPTH, ExitPolicy
+from rayexit.policy import FULL_DEPTH, NEVER_SURE, ExitPolicy, precision_thresholds
 
 log = logging.getLogger(__name__)
 
-# Replay is cheap and a coarse grid leaves speed on the table at the fine-tune's bar (a 10-point grid
-# chose 2.1x where its neighbours reach 2.5x: docs/romebert.md, "Choosing the point"), so every 2%.
+# Replay is cheap, and with 10 quantiles the fastest point within a bar was often a long step short
+# of the bar's edge (docs/romebert.md, "Choosing the point"), so every 2%.
 SENTENCE_GRID_QUANTILES = tuple(round(0.02 * i, 2) for i in range(1, 50))
 # Per-exit precision targets for `precision_thresholds`, as fractions of the way from the final
 # exit's validation accuracy (0) to always right (1); negative steps ask less than the final gives.
@@ -279,8 +279,6 @@ class SentenceTask(Task):
 
     def precision_grid(self, replay) -> list[ExitPolicy]:
         """Maxprob with one threshold per exit, each exit held to the same validation precision."""
-        from rayexit.policy import NEVER_SURE, precision_thresholds
-
         cache = replay.cache
         if cache.num_layers < 2:
             return []
