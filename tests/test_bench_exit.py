@@ -1,6 +1,7 @@
 """`rayexit bench exit`: run order, resume, time-to-quality, the within-1-point choice and the targets."""
 
 import json
+import time
 
 import pytest
 import torch
@@ -192,6 +193,9 @@ def test_bench_runs_every_method_and_resumes_without_rerunning(bench_inputs, mon
     assert all(s["train_seconds"] > finetune["train_seconds"] for s in deebert["snapshots"])
     assert deebert["time_to_quality"]["reached"]  # its own final 2x accuracy, by the last snapshot
     assert out["summary"]["joint"]["full"]["n"] == 1 and out["targets"]
+    for run in (finetune, joint, deebert):  # how much of the CPU the training had, beside its seconds
+        cpu = run["training_cpu"]
+        assert 0 < cpu["cpu_share"] and cpu["torch_threads"] >= 1 and isinstance(cpu["shared_cpu"], bool)
     assert (root / "out.png").read_bytes()[:4] == b"\x89PNG"
     printed = capsys.readouterr().out
     assert "method" in printed and any(tag in printed for tag in ("[MISS]", "[MET ]", "[ ? ]"))
@@ -309,3 +313,34 @@ def test_choosing_on_disjoint_lines_trains_on_the_whole_slice_and_chooses_on_lin
     assert "validation" in capsys.readouterr().err
     assert main(bench_args(root, encoder, **disjoint, **{"--valid-fraction": 0.2})) == 2
     assert "--valid-fraction" in capsys.readouterr().err
+
+
+def test_the_cpu_meter_is_cpu_seconds_per_wall_second_per_thread(monkeypatch):
+    from rayexit.bench import common
+
+    clocks = {"wall": 100.0, "cpu": 10.0}
+    monkeypatch.setattr(common.time, "perf_counter", lambda: clocks["wall"])
+    monkeypatch.setattr(common.time, "process_time", lambda: clocks["cpu"])
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    meter = common.CpuMeter()
+    clocks.update(wall=110.0, cpu=28.0)  # 18 CPU seconds in 10 s on 2 threads: the cores were ours
+    quiet = meter.figures()
+    assert quiet["cpu_share"] == pytest.approx(0.9) and not quiet["shared_cpu"]
+    clocks.update(wall=130.0, cpu=38.0)  # 28 CPU seconds in 30 s: something else had half of them
+    shared = meter.figures()
+    assert shared["cpu_share"] == pytest.approx(28 / 30 / 2, abs=1e-3) and shared["shared_cpu"]
+
+
+def test_a_sleeping_span_reads_as_not_having_the_cpu():
+    from rayexit.bench.common import CpuMeter
+
+    meter = CpuMeter()
+    time.sleep(0.3)  # what a starved process sees: wall-clock passing with little CPU time of its own
+    assert meter.figures()["cpu_share"] < 0.1 and meter.figures()["shared_cpu"]
+
+
+def test_a_run_that_shared_the_cpu_says_so_and_older_runs_say_nothing():
+    quiet = {"training_cpu": {"cpu_share": 0.93, "torch_threads": 2, "shared_cpu": False}}
+    shared = {"training_cpu": {"cpu_share": 0.41, "torch_threads": 2, "shared_cpu": True}}
+    assert bench_exit.shared_cpu_note(quiet) == "" and bench_exit.shared_cpu_note({}) == ""
+    assert "41% of 2 threads" in bench_exit.shared_cpu_note(shared)

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import os
 import platform
+import time
 from pathlib import Path
 
 import torch
 
 DEFAULT_DATASETS = Path("..") / "shared" / "datasets"
+# Below this share of its threads' time a timed span was competing for the cores: its seconds
+# say more about the machine than about the method. A quiet 2-core run reads 0.9 or more.
+SHARED_CPU_BELOW = 0.75
 
 
 def machine_info() -> dict:
@@ -29,3 +33,24 @@ def datasets_dir(given: str | None) -> Path:
     if not path.is_dir():
         raise RayexitError(f"{path}: datasets folder not found; pass --datasets DIR (the shared/datasets folder)")
     return path
+
+
+class CpuMeter:
+    """Whether a timed span had the cores to itself: the process's CPU seconds per wall-clock
+    second, as a share of the threads torch was given, and the load average at the end.
+
+    Training seconds from a span that shared the machine (a test suite beside it, another
+    benchmark) are not comparable with a quiet one's; this is recorded beside them so a reader
+    can tell which is which.
+    """
+
+    def __init__(self) -> None:
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+    def figures(self) -> dict:
+        wall = max(time.perf_counter() - self.wall, 1e-9)
+        threads = torch.get_num_threads()
+        share = (time.process_time() - self.cpu) / wall / threads
+        load = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+        return {"cpu_share": round(share, 3), "torch_threads": threads, "load_average": load,
+                "shared_cpu": share < SHARED_CPU_BELOW}

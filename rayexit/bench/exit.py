@@ -30,7 +30,7 @@ import math
 import time
 from pathlib import Path
 
-from rayexit.bench.common import datasets_dir, machine_info
+from rayexit.bench.common import CpuMeter, datasets_dir, machine_info
 from rayexit.bench.exit_summary import (
     POINTS,
     REFERENCE,
@@ -282,10 +282,12 @@ def measure_run(args, task, output: dict, seed: int, method: str, fit_path, vali
         output["in_progress"] = {"run": key, "snapshots": progress.snapshots}
         write_json(args.json, output)
 
+    meter = CpuMeter()
     trained = train_with_snapshots(
         task, model, prepared.train_data, settings, valid_data, test_data, count=count,
         batch_size=args.batch_size, start_stage=start_stage, seconds_before=before, on_snapshot=on_snapshot,
     )
+    meter_figures = meter.figures()
     save_run(prepared, work / f"seed{seed}" / method, settings, trained.result, base_model=args.model,
              train=str(fit_path), stage1_from=stage1_from)
     if method == REFERENCE:
@@ -298,7 +300,7 @@ def measure_run(args, task, output: dict, seed: int, method: str, fit_path, vali
         method=method, seed=seed, train_seconds=trained.train_seconds, steps=trained.result.steps,
         stage_names=trained.stage_names, stage_steps=trained.stage_steps, stage_seconds=trained.stage_seconds,
         snapshot_seconds=trained.eval_seconds, snapshots=trained.snapshots, wall_seconds=time.perf_counter() - wall,
-        train_examples=len(prepared.train_data),
+        train_examples=len(prepared.train_data), training_cpu=meter_figures,
     )
     if stage1_from:
         figures.update(stage1_from=stage1_from, stage1_reused=before)
@@ -369,7 +371,7 @@ def step_times(r: dict) -> str:
 def format_run(key: str, r: dict) -> str:
     if r.get("single_exit"):
         return (f"{key}: full {r['full']:.4f} (validation {r['validation_full']:.4f}); train {r['train_seconds']:.0f}s "
-                f"({step_times(r)}); run {r['wall_seconds']:.0f}s in all")
+                f"({step_times(r)}); run {r['wall_seconds']:.0f}s in all{shared_cpu_note(r)}")
     exits = " ".join(f"{a:.3f}" for a in r["exit_accuracy"])
     parts = [f"{key}: exits {exits}"]
     for point in ("at_1.5x", "at_2x", "at_3x", "within_reference"):
@@ -382,5 +384,13 @@ def format_run(key: str, r: dict) -> str:
         parts.append(f"to DeeBERT's 2x accuracy {ttq['bar']:.4f}: "
                      + (f"{ttq['seconds']:.0f}s" if ttq["reached"] else "not reached"))
     parts.append(f"oracle {r['oracle_layer_speedup']:.2f}x; train {r['train_seconds']:.0f}s ({step_times(r)}); "
-                 f"snapshots {r['snapshot_seconds']:.0f}s; run {r['wall_seconds']:.0f}s in all")
+                 f"snapshots {r['snapshot_seconds']:.0f}s; run {r['wall_seconds']:.0f}s in all{shared_cpu_note(r)}")
     return "; ".join(parts)
+
+
+def shared_cpu_note(r: dict) -> str:
+    cpu = r.get("training_cpu")  # absent from runs written before it was recorded
+    if not cpu or not cpu["shared_cpu"]:
+        return ""
+    return (f" [training shared the CPU: {cpu['cpu_share']:.0%} of {cpu['torch_threads']} threads' time; "
+            "its seconds are not comparable with a quiet run's]")
