@@ -147,6 +147,16 @@ def test_remaining_time_is_measured_step_time_times_steps_plus_measured_overhead
     assert remaining_seconds([("joint", [200])], {}) is None  # nothing measured: no made-up estimate
 
 
+def test_remaining_time_prefers_step_times_measured_on_a_quiet_machine():
+    shared = {"method": "joint", "seed": 1, "stage_steps": [100], "stage_seconds": [150.0], "train_seconds": 150.0,
+              "wall_seconds": 150.0, "training_cpu": {"shared_cpu": True}}
+    quiet = {**shared, "seed": 2, "stage_seconds": [50.0], "train_seconds": 50.0, "wall_seconds": 50.0,
+             "training_cpu": {"shared_cpu": False}}
+    # alone, the shared run is all there is (1.5 s/step); beside a quiet run, only the quiet one counts
+    assert remaining_seconds([("joint", [100])], {"joint/seed1": shared}) == pytest.approx(150.0)
+    assert remaining_seconds([("joint", [100])], {"joint/seed1": shared, "joint/seed2": quiet}) == pytest.approx(50.0)
+
+
 # -- end to end on a tiny encoder ---------------------------------------------------------------
 
 

@@ -213,16 +213,21 @@ def remaining_seconds(
 
     `pending` lists (method, steps per stage to train) for runs not started; `current` is the
     run in progress: {method, rate (seconds per step now), steps_left}. A method not measured
-    yet borrows the mean rate of those that are. None before any step has been measured.
+    yet borrows the mean rate of those that are. A run whose training shared the CPU
+    (`training_cpu`) counts only where no quiet run of its method and stage has been measured.
+    None before any step has been measured.
     """
-    rates: dict[tuple[str, int], list[float]] = {}
+    quiet: dict[tuple[str, int], list[float]] = {}
+    shared: dict[tuple[str, int], list[float]] = {}
     overheads: list[float] = []
     for run in runs.values():
+        into = shared if (run.get("training_cpu") or {}).get("shared_cpu") else quiet
         for index, (steps, seconds) in enumerate(zip(run.get("stage_steps", []), run.get("stage_seconds", []))):
             if steps and seconds and not (index == 0 and run.get("stage1_from")):
-                rates.setdefault((run["method"], index), []).append(seconds / steps)
+                into.setdefault((run["method"], index), []).append(seconds / steps)
         if run.get("wall_seconds") is not None and run.get("train_seconds") is not None:
             overheads.append(max(0.0, run["wall_seconds"] - run["train_seconds"] - run.get("stage1_reused", 0.0)))
+    rates = {**shared, **quiet}
     fallback = [statistics.fmean(v) for v in rates.values()]
     if current is not None and current.get("rate"):
         fallback.append(current["rate"])
