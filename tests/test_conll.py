@@ -13,6 +13,7 @@ from rayexit.data.conll import (
     make_batch,
     read_conll,
     tag_set,
+    tagged_token_counts,
 )
 from rayexit.errors import RayexitError
 
@@ -219,3 +220,20 @@ def test_cli_train_on_a_wrong_layout_is_one_line_exit_2(tmp_path, capsys):
     expected = "3 columns, but line 1 has 2; expected the same columns on every line (token first, tag last)"
     assert err == f"error: {path}:3: {expected}"
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("max_length", [8, 16, 64])
+def test_token_counts_are_what_encode_tagged_lays_out(minilm_tokenizer, max_length):
+    sentences = [
+        ["Peter", "Blackburn", "visited", "Brussels"],
+        ["\x01"] * 5,  # the tokenizer strips these to nothing; each still takes an [UNK] slot
+        ["\u200b", "a", "\ufe0f"],
+        [f"w{i}" for i in range(30)],  # split into windows, each with its special tokens
+        ["Pneumonoultramicroscopicsilicovolcanoconiosis"],  # one word longer than a small window
+    ]
+    data = encode_tagged(minilm_tokenizer, sentences, None, max_length)
+    laid_out = [0] * len(sentences)
+    for ids, (sentence, _) in zip(data.input_ids, data.pieces, strict=True):
+        laid_out[sentence] += len(ids)
+    assert tagged_token_counts(minilm_tokenizer, sentences, max_length) == laid_out
+    assert laid_out[1] == 5 + 2  # a count of the tokenizer's own pieces would say 0 + 2

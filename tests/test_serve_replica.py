@@ -66,3 +66,57 @@ def test_a_model_failure_in_a_batch_fails_only_the_request_that_caused_it(replic
             assert [r["label"] for r in answer.json()["results"]] == [a.label for a in expected]
     assert replica.admission.queued_texts == 0  # everything taken or released
     assert any(t == {"reason": "model_error"} for t in replica.metrics.failed.tags)
+
+
+def _post(replica, path: str, body: dict) -> httpx.Response:
+    async def send():
+        api = replica.__serve_build_asgi_app__()
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=api), base_url="http://replica") as client:
+            return await client.post(path, json=body)
+
+    return asyncio.run(send())
+
+
+@pytest.mark.parametrize("wordless", ["\x00", "\u200b", "\ufeff", "\u0301"])
+def test_a_text_the_tokenizer_drops_entirely_is_a_422_not_a_made_up_label(replica, wordless):
+    # non-blank to the schema, yet nothing but [CLS] [SEP] once tokenized
+    answer = _post(replica, "/v1/classify", {"texts": ["a fine text", wordless]})
+    error = answer.json()["error"]
+    assert answer.status_code == 422 and error["field"] == "texts[1]" and error["reason"] == "no_words"
+    emoji = {"texts": ["a fine text", "\U0001f600"]}  # [UNK] is a word
+    assert _post(replica, "/v1/classify", emoji).status_code == 200
+
+
+@pytest.fixture(scope="module")
+def tagger_replica(tmp_path_factory, minilm_tokenizer):
+    from test_token_exits import tiny_tagger
+
+    directory = tmp_path_factory.mktemp("replica") / "tagger"
+    tiny_tagger().save_pretrained(directory, minilm_tokenizer)
+    settings = {"model_dir": str(directory), "max_texts": 8, "adaptive": False, "max_batch_size": 16,
+                "batch_wait_ms": 5, "max_queue_wait_ms": 5000, "max_text_tokens": 40}
+    with in_process_replica(settings) as obj:
+        yield obj
+
+
+def test_tagging_counts_the_slots_that_stripped_words_take(tagger_replica):
+    # 45 words the tokenizer strips to nothing: 45 [UNK] slots to tag, not the 0 pieces the tokenizer reports
+    answer = _post(tagger_replica, "/v1/tag", {"texts": [" ".join(["\x01"] * 45)]})
+    error = answer.json()["error"]
+    assert answer.status_code == 422 and error["reason"] == "too_many_tokens" and error["limit"] == 40
+    assert _post(tagger_replica, "/v1/tag", {"texts": [" ".join(["\x01"] * 5)]}).status_code == 200
+
+
+def test_a_tag_text_with_no_words_is_a_422(tagger_replica):
+    answer = _post(tagger_replica, "/v1/tag", {"texts": ["Peter visited Brussels", "\x1c"]})  # \x1c: split() drops it
+    error = answer.json()["error"]
+    assert answer.status_code == 422 and error["field"] == "texts[1]" and error["reason"] == "no_words"
+
+
+def test_model_info_runs_on_the_event_loop_that_writes_the_state_it_reads(replica):
+    # A plain `def` route runs in a worker thread, where it could read the guard's window mid-write.
+    import inspect
+
+    api = replica.__serve_build_asgi_app__()
+    route = next(r for r in api.routes if getattr(r, "path", None) == "/v1/model")
+    assert inspect.iscoroutinefunction(route.endpoint)

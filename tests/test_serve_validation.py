@@ -126,6 +126,19 @@ def test_serve_settings_refuse_unknown_and_bad_fields(tmp_path):
         ServeSettings.from_args({"model_dir": str(tmp_path)}).resolved()
 
 
+@pytest.mark.parametrize("name, value", [
+    ("target_p99_ms", float("nan")), ("rebatch_hold_ms", float("nan")), ("window_s", float("inf")),
+    ("batch_wait_ms", float("inf")), ("max_queue_wait_ms", float("inf")), ("max_queue_wait_ms", float("nan")),
+    ("guard_boost", float("inf")), ("guard_boost", float("nan")), ("overload_layer_cap", 2.5),
+    ("overload_layer_cap", True),
+])
+def test_serve_settings_refuse_nan_infinity_and_non_whole_caps(name, value):
+    # NaN passes every "< 0" check and would switch shedding (target_p99_ms) or rebatching off unseen;
+    # either would also make /v1/model answer 500, since it echoes the settings as strict JSON.
+    with pytest.raises(RayexitError, match=f"serve args.{name}: got .*expected a (finite number|whole number)"):
+        ServeSettings.from_args({"model_dir": "x", name: value})
+
+
 def confident_tiny_model(seed: int = 3):
     """A tiny random model whose exits are not all uniform (fresh heads start near zero), so texts leave
     at different layers under a 0.15 entropy threshold."""

@@ -244,18 +244,8 @@ def encode_tagged(
     room = max_length - len(lead) - len(tail)
     if room < 1:
         raise RayexitError(f"max_length: got {max_length}, too small to hold one word and the special tokens")
-    unk = tokenizer.unk_token_id if tokenizer.unk_token_id is not None else 0
     out = EncodedTokens([], [], [], [], tokenizer.pad_token_id or 0, len(words), len(tail))
-    encodings = tokenizer(words, is_split_into_words=True, add_special_tokens=False) if words else None
-    for s, sentence in enumerate(words):
-        if not sentence:
-            raise RayexitError(f"sentence {s}: no words")
-        ids = encodings["input_ids"][s]
-        per_word: list[list[int]] = [[] for _ in sentence]
-        for piece, word in zip(ids, encodings.word_ids(s), strict=True):
-            if word is not None:
-                per_word[word].append(piece)
-        per_word = [p or [unk] for p in per_word]  # a word of only stripped characters still needs a slot
+    for s, (sentence, per_word) in enumerate(zip(words, _pieces_per_word(tokenizer, words), strict=True)):
         known = origin is not None and tag_list is not None
         tags = [index[t] for t in origin.tags[s]] if known else [0] * len(sentence)
         windows = _windows(per_word, room)
@@ -278,6 +268,35 @@ def encode_tagged(
             out.word_starts.append(starts)
             out.labels.append(tags[first:last])
             out.pieces.append((s, first))
+    return out
+
+
+def tagged_token_counts(tokenizer, sentences: list[list[str]], max_length: int) -> list[int]:
+    """Word-pieces each sentence takes once `encode_tagged` has laid it out: every word at least
+    one piece, at most a window's room, and each window with its special tokens. What tagging it
+    costs, which a count of the tokenizer's pieces alone understates (a word the tokenizer strips
+    to nothing still takes a slot; a long sentence repeats the special tokens per window)."""
+    lead, tail = _special_ids(tokenizer)
+    room = max_length - len(lead) - len(tail)
+    if room < 1:
+        raise RayexitError(f"max_length: got {max_length}, too small to hold one word and the special tokens")
+    return [sum(min(len(p), room) for p in per_word) + len(_windows(per_word, room)) * (len(lead) + len(tail))
+            for per_word in _pieces_per_word(tokenizer, sentences)]
+
+
+def _pieces_per_word(tokenizer, sentences: list[list[str]]) -> list[list[list[int]]]:
+    """Each sentence's word-pieces, word by word (no special tokens)."""
+    unk = tokenizer.unk_token_id if tokenizer.unk_token_id is not None else 0
+    encodings = tokenizer(sentences, is_split_into_words=True, add_special_tokens=False) if sentences else None
+    out = []
+    for s, sentence in enumerate(sentences):
+        if not sentence:
+            raise RayexitError(f"sentence {s}: no words")
+        per_word: list[list[int]] = [[] for _ in sentence]
+        for piece, word in zip(encodings["input_ids"][s], encodings.word_ids(s), strict=True):
+            if word is not None:
+                per_word[word].append(piece)
+        out.append([p or [unk] for p in per_word])  # a word of only stripped characters still needs a slot
     return out
 
 

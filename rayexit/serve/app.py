@@ -104,6 +104,14 @@ def _encode_checked(encode, texts: list[str]) -> list:
         raise
 
 
+def _refuse_wordless(has_words: list[bool], what: str) -> None:
+    """422 naming the first text that leaves nothing to read (the schema's "non-blank" lets through
+    control, zero-width and lone combining characters, which tokenizers drop)."""
+    for i, ok in enumerate(has_words):
+        if not ok:
+            raise RequestError(422, f"texts[{i}]", f"{what}; expected at least one word", reason="no_words")
+
+
 @serve.deployment(name=DEPLOYMENT_NAME, max_ongoing_requests=256, ray_actor_options={"num_cpus": 1})
 @serve.ingress()
 class ExitClassifier:
@@ -224,6 +232,8 @@ class ExitClassifier:
             )
         self._check_depth(max_layers)
         sequences = _encode_checked(self.engine.encode, texts)
+        _refuse_wordless([len(s) > self.engine.special_tokens for s in sequences],
+                         "nothing left once tokenized (only characters the tokenizer drops)")
         items = self._items(sequences, [len(s) for s in sequences], max_layers)
         batcher = self._classify_batch if self.rebatched is None else self._classify_batch_rebatched
         answers = await self._submit(batcher, items)
@@ -239,6 +249,7 @@ class ExitClassifier:
             )
         self._check_depth(max_layers)
         sentences = [text.split() for text in texts]
+        _refuse_wordless([bool(s) for s in sentences], "no words once split on whitespace")
         costs = _encode_checked(self.tagger.count_tokens, sentences)
         items = self._items(sentences, costs, max_layers)
         results = await self._submit(self._tag_batch, items)

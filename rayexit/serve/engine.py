@@ -8,6 +8,7 @@ replica; Ray stays in app.py.
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,6 +123,11 @@ class ServedClassifier(ServedModel):
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         return self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
+
+    @functools.cached_property
+    def special_tokens(self) -> int:
+        """How many ids an encoded text has before any of its words ([CLS] and [SEP] for BERT)."""
+        return len(self.encode([""])[0])
 
     def classify(
         self, texts: list[str], layer_caps: list[int | None] | None = None, relax_level: int = 0

@@ -113,8 +113,9 @@ class GuardConfig:
         if not isinstance(self.recent, int) or isinstance(self.recent, bool) or self.recent < 0:
             raise RayexitError(f"serve args.guard_recent: got {self.recent!r}, expected a whole number >= 0 "
                                "(0, or guard_window and above: no separate view of the newest rows)")
-        if not isinstance(self.boost, (int, float)) or isinstance(self.boost, bool) or self.boost < 1:
-            raise RayexitError(f"serve args.guard_boost: got {self.boost!r}, expected a number >= 1 (1: no boost)")
+        if not isinstance(self.boost, (int, float)) or isinstance(self.boost, bool) or not 1 <= self.boost < math.inf:
+            raise RayexitError(f"serve args.guard_boost: got {self.boost!r}, "
+                               "expected a finite number >= 1 (1: no boost)")
         for name in ("relax_margin", "max_overhead", "tighten_margin"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 1:

@@ -203,8 +203,10 @@ def build_api(service: Service, failed) -> FastAPI:
     def healthz_head() -> Response:
         return Response(status_code=200)
 
+    # async: it reads the guard's and the queue's state on the event loop that writes them. A plain def would
+    # run in a worker thread and could read the guard's two row deques between one write and the next.
     @api.get("/v1/model", summary="the served model, its limits and the batching and queue state now")
-    def model_info() -> dict[str, Any]:
+    async def model_info() -> dict[str, Any]:
         return service.model_info()
 
     @api.post(

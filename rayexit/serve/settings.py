@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,10 @@ from rayexit.serve.validation import Limits
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass
@@ -90,19 +95,18 @@ class ServeSettings:
             raise RayexitError(f"serve args.rebatch: got {self.rebatch!r}, expected true or false")
         for name in ("batch_wait_ms", "max_batch_wait_ms", "target_p99_ms", "window_s", "rebatch_hold_ms"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
-                raise RayexitError(f"serve args.{name}: got {value!r}, expected a number >= 0")
-        if self.max_queue_wait_ms is not None and (
-            not isinstance(self.max_queue_wait_ms, (int, float)) or isinstance(self.max_queue_wait_ms, bool)
-            or self.max_queue_wait_ms <= 0
-        ):
-            raise RayexitError(f"serve args.max_queue_wait_ms: got {self.max_queue_wait_ms!r}, expected a number > 0")
+            if not _finite(value) or value < 0:  # NaN or inf would switch shedding or rebatching off unseen
+                raise RayexitError(f"serve args.{name}: got {value!r}, expected a finite number >= 0")
+        if self.max_queue_wait_ms is not None and (not _finite(self.max_queue_wait_ms) or self.max_queue_wait_ms <= 0):
+            raise RayexitError(f"serve args.max_queue_wait_ms: got {self.max_queue_wait_ms!r}, "
+                               "expected a finite number > 0")
         if self.device not in DEVICES:
             raise RayexitError(f"serve args.device: got {self.device!r}, expected one of {', '.join(DEVICES)}")
         if self.dtype not in DTYPES:
             raise RayexitError(f"serve args.dtype: got {self.dtype!r}, expected one of {', '.join(DTYPES)}")
-        if self.overload_layer_cap is not None and self.overload_layer_cap < 1:
-            raise RayexitError(f"serve args.overload_layer_cap: got {self.overload_layer_cap}, expected >= 1")
+        cap = self.overload_layer_cap
+        if cap is not None and (not isinstance(cap, int) or isinstance(cap, bool) or cap < 1):
+            raise RayexitError(f"serve args.overload_layer_cap: got {cap!r}, expected a whole number >= 1 (or null)")
         if not isinstance(self.guard_shift_moves_thin_exits, bool):
             raise RayexitError(f"serve args.guard_shift_moves_thin_exits: got {self.guard_shift_moves_thin_exits!r}, "
                                "expected true or false")

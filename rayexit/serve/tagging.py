@@ -47,11 +47,12 @@ class ServedTagger(ServedModel):
         return cache_token_exits(self.model, data)
 
     def count_tokens(self, sentences: list[list[str]]) -> list[int]:
-        """Word-pieces per sentence before any window split, with the special tokens: the cost of tagging it.
+        """Word-pieces per sentence as tagging will run them (windows and their special tokens
+        included): the cost of tagging it. Raises whatever the tokenizer raises on a sentence it
+        cannot encode."""
+        from rayexit.data.conll import tagged_token_counts
 
-        Raises whatever the tokenizer raises on a sentence it cannot encode."""
-        pieces = self.tokenizer(sentences, is_split_into_words=True, add_special_tokens=False)["input_ids"]
-        return [len(p) + 2 for p in pieces]
+        return tagged_token_counts(self.tokenizer, sentences, self.max_length)
 
     def tag(self, texts: list[str], max_layers: int | None = None, relax_level: int = 0) -> list[dict]:
         return self.tag_words([text.split() for text in texts], [max_layers] * len(texts), relax_level)[0]

@@ -25,6 +25,7 @@ REASONS = (
     "invalid_field",
     "unknown_field",
     "text_not_encodable",
+    "no_words",  # 422: a text with nothing the model can read once split or tokenized
     "too_many_tokens",
     "wrong_route",
     "not_found",
