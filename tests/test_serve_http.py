@@ -286,7 +286,7 @@ def test_a_big_tag_request_does_not_starve_a_small_one(server):
     """The tagger app takes batches of 2 and waits 300 ms to fill one. Queued whole, the big request's
     four texts would fill two batches ahead of the small one; in 64-token waves it holds one text at a
     time, so the small one (sent 0.1 s later) shares the big one's first or second batch."""
-    big = {"texts": [" ".join(["Peter Blackburn visited Brussels"] * 50)] * 4}  # 4 x 202 tokens
+    big = {"texts": [" ".join(["Peter Blackburn visited Brussels"] * 50)] * 4}  # 4 x 204 tokens (2 windows of 128)
     small = {"texts": ["German advice"]}
     done: dict[str, float] = {}
 
