@@ -88,32 +88,26 @@ class TrainSettings:
         _choice("head", self.head, HEADS)
         if self.pooling is not None:
             _choice("pooling", self.pooling, POOLINGS)
-        _positive("epochs", self.epochs)
-        _positive("batch_size", self.batch_size)
-        if self.lr is not None:
-            _positive("lr", self.lr)
-        _positive("temperature", self.temperature)
-        _positive("final_weight", self.final_weight)
-        _positive("max_length", self.max_length)
-        if self.head_lr is not None:
-            _positive("head_lr", self.head_lr)
+        for name in ("epochs", "temperature", "final_weight"):
+            _positive(name, getattr(self, name))
+        for name in ("lr", "head_lr", "deebert_stage2_epochs"):  # None: chosen when the run is prepared
+            if getattr(self, name) is not None:
+                _positive(name, getattr(self, name))
+        for name in ("batch_size", "max_length", "log_every"):
+            _positive(name, getattr(self, name), whole=True)
         if self.max_examples is not None:
-            _positive("max_examples", self.max_examples)
-        if not 0.0 <= self.gamma <= 1.0:
-            raise RayexitError(f"gamma: got {self.gamma}, expected a value in [0, 1]")
-        warmup = self.gamma_warmup
-        if isinstance(warmup, bool) or not isinstance(warmup, (int, float)) or not 0.0 <= warmup <= 1.0:
-            raise RayexitError(f"gamma_warmup: got {self.gamma_warmup!r}, expected a fraction of training in [0, 1]")
-        if not 0.0 <= self.warmup_ratio < 1.0:
-            raise RayexitError(f"warmup_ratio: got {self.warmup_ratio}, expected a value in [0, 1)")
-        if not self.sampling_windows or any(
-            not isinstance(w, int) or isinstance(w, bool) or w < 1 for w in self.sampling_windows
-        ):
+            _positive("max_examples", self.max_examples, whole=True)
+        if not _whole(self.seed) or self.seed < 0:
+            raise RayexitError(f"seed: got {self.seed!r}, expected a whole number >= 0")
+        _in_range("gamma", self.gamma, "[0, 1]")
+        _in_range("gamma_warmup", self.gamma_warmup, "[0, 1]", "a fraction of training")
+        _in_range("warmup_ratio", self.warmup_ratio, "[0, 1)")
+        _in_range("sampling_max_threshold", self.sampling_max_threshold, "(0, 1]")
+        _in_range("dropout", self.dropout, "[0, 1)")
+        if not _finite(self.weight_decay) or self.weight_decay < 0:
+            raise RayexitError(f"weight_decay: got {self.weight_decay!r}, expected a finite number >= 0")
+        if not self.sampling_windows or any(not _whole(w) or w < 1 for w in self.sampling_windows):
             raise RayexitError(f"sampling_windows: got {self.sampling_windows!r}, expected whole numbers >= 1")
-        if not 0.0 < self.sampling_max_threshold <= 1.0:
-            raise RayexitError(f"sampling_max_threshold: got {self.sampling_max_threshold}, expected (0, 1]")
-        if not 0.0 <= self.dropout < 1.0:
-            raise RayexitError(f"dropout: got {self.dropout}, expected a value in [0, 1)")
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -225,6 +219,25 @@ def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
         raise RayexitError(f"{name}: got {value!r}, expected one of {', '.join(allowed)}")
 
 
-def _positive(name: str, value: float) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-        raise RayexitError(f"{name}: got {value!r}, expected a number > 0")
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _positive(name: str, value: Any, whole: bool = False) -> None:
+    if whole and (not _whole(value) or value <= 0):
+        raise RayexitError(f"{name}: got {value!r}, expected a whole number >= 1")
+    if not _finite(value) or value <= 0:  # NaN and inf pass "> 0" but train nothing (or crash steps later)
+        raise RayexitError(f"{name}: got {value!r}, expected a finite number > 0")
+
+
+def _in_range(name: str, value: Any, interval: str, what: str = "a value") -> None:
+    """`interval` like "[0, 1)": brackets say whether each end is allowed."""
+    low, high = (float(x) for x in interval[1:-1].split(","))
+    inside = _finite(value) and (low <= value if interval[0] == "[" else low < value) and (
+        value <= high if interval[-1] == "]" else value < high)
+    if not inside:
+        raise RayexitError(f"{name}: got {value!r}, expected {what} in {interval}")

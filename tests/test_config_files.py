@@ -40,12 +40,35 @@ def test_quoted_number_for_a_float_setting_is_accepted(tmp_path):
 @pytest.mark.parametrize(
     "text, message",
     [
-        ("train:\n  lr: fast\n", "lr: got 'fast', expected a number > 0"),
-        ("train:\n  lr: 'nan'\n", "lr: got 'nan', expected a number > 0"),
+        ("train:\n  lr: fast\n", "lr: got 'fast', expected a finite number > 0"),
+        ("train:\n  lr: 'nan'\n", "lr: got 'nan', expected a finite number > 0"),
         ("train:\n  batch_size: '32'\n", "batch_size: got '32'"),  # whole-number settings are not coerced
     ],
 )
 def test_strings_that_are_not_numbers_are_still_refused(tmp_path, text, message):
+    with pytest.raises(RayexitError, match=message):
+        train_settings(write(tmp_path, text), {})
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("train:\n  epochs: .inf\n", r"epochs: got inf, expected a finite number > 0"),
+        ("train:\n  lr: .nan\n", r"lr: got nan, expected a finite number > 0"),
+        ("train:\n  temperature: .inf\n", r"temperature: got inf"),
+        ("train:\n  final_weight: .nan\n", r"final_weight: got nan"),
+        ("train:\n  deebert_stage2_epochs: -1\n", r"deebert_stage2_epochs: got -1, expected a finite number > 0"),
+        ("train:\n  weight_decay: -1\n", r"weight_decay: got -1, expected a finite number >= 0"),
+        ("train:\n  weight_decay: abc\n", r"weight_decay: got 'abc'"),
+        ("train:\n  batch_size: 2.5\n", r"batch_size: got 2.5, expected a whole number >= 1"),
+        ("train:\n  max_examples: 2.5\n", r"max_examples: got 2.5, expected a whole number >= 1"),
+        ("train:\n  seed: x\n", r"seed: got 'x', expected a whole number >= 0"),
+        ("train:\n  gamma: null\n", r"gamma: got None, expected a value in \[0, 1\]"),
+        ("train:\n  dropout: .nan\n", r"dropout: got nan, expected a value in \[0, 1\)"),
+    ],
+)
+def test_non_finite_negative_and_mistyped_settings_are_refused_by_name(tmp_path, text, message):
+    # NaN and inf pass a plain "> 0"; before, they failed steps later in math.ceil or AdamW, or trained silently
     with pytest.raises(RayexitError, match=message):
         train_settings(write(tmp_path, text), {})
 
