@@ -37,6 +37,17 @@ TRAINING_FILE = "training.json"
 LEFT_BEHIND = ("trial_points.json", ".is_checkpoint", ".metadata.pkl")  # Ray bookkeeping, not model files
 
 
+def check_output_dir(path: str | Path) -> Path:
+    """The folder a model directory may be written to: new, empty, or a model directory to replace.
+    Called before training as well as at the write, so a bad --output costs nothing."""
+    target = Path(path)
+    if target.exists() and not target.is_dir():
+        raise RayexitError(f"{target}: is a file; the output must be a folder (new, or a rayexit model directory)")
+    if target.is_dir() and any(target.iterdir()) and not (target / EXIT_CONFIG_FILE).exists():
+        raise RayexitError(f"{target}: exists and is not a rayexit model directory; choose a new folder")
+    return target
+
+
 class ModelDir:
     """One model directory on disk."""
 
@@ -111,9 +122,7 @@ class ModelDir:
         cls, path: str | Path, model, tokenizer=None, training: dict[str, Any] | None = None
     ) -> ModelDir:
         """Write `model` (and its tokenizer and training record) as a whole new directory."""
-        target = Path(path)
-        if target.is_dir() and any(target.iterdir()) and not (target / EXIT_CONFIG_FILE).exists():
-            raise RayexitError(f"{target}: exists and is not a rayexit model directory; choose a new folder")
+        target = check_output_dir(path)
         with staging_dir(target) as staging:
             MultiExitConfig.describing(model.backbone.config, model.exit_config).save_pretrained(staging)
             state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}

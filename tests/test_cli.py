@@ -120,6 +120,24 @@ def test_bad_input_is_one_clear_line_and_leaves_nothing(tmp_path, encoder_dir, c
     assert not out.exists()
 
 
+@pytest.mark.parametrize("kind", ["file", "folder"])
+def test_an_output_that_cannot_take_a_model_is_refused_before_anything_loads(tmp_path, capsys, kind):
+    out = tmp_path / "out"
+    if kind == "file":
+        out.write_text("notes I keep\n")
+    else:
+        out.mkdir()
+        (out / "notes.txt").write_text("notes I keep\n")
+    # the training file does not exist: the output is what is refused, so it was checked first
+    code = main(["train", "--model", "minilm", "--train", str(tmp_path / "absent.tsv"), "--output", str(out)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert str(out) in err and ("is a file" if kind == "file" else "not a rayexit model directory") in err
+    assert "absent.tsv" not in err
+    kept = out if kind == "file" else out / "notes.txt"
+    assert kept.read_text() == "notes I keep\n"  # nothing renamed aside or replaced
+
+
 def test_eval_on_a_folder_that_is_not_a_model(tmp_path, capsys):
     code = main(["eval", "--model", str(tmp_path), "--data", "x.tsv", "--json", str(tmp_path / "r.json")])
     assert code == 2

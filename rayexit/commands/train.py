@@ -49,6 +49,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from rayexit.model_dir import check_output_dir
+    from rayexit.storage import is_uri
     from rayexit.tasks import task_named
     from rayexit.train.recipe import train_to_directory
 
@@ -70,6 +72,8 @@ def run(args: argparse.Namespace) -> int:
         "seed": args.seed,
     }
     settings = train_settings(args.config, overrides)
+    if not is_uri(args.output):  # a URI is written by Ray at the end; a local folder is checked now
+        check_output_dir(args.output)
     where = {"task": task.name, "init": args.init}
     if args.num_workers is not None:
         from rayexit.train.distributed import fit_distributed
