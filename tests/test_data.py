@@ -41,6 +41,9 @@ def test_packaged_atis_intents():
         ("", "empty file"),
         ("sentence\tlabel\n", "no examples"),
         ("sentence\tlabel\nfine\t1\n\t0\n", "line 3: empty `sentence`"),
+        # a space typed for the tab: the short first row named at its line, not "missing a `label` column"
+        ("sentence\tlabel\nhello there 1\nfine\t0\n", "line 2: empty `label`"),
+        ("sentence\tlabel\tlabel\nhi\t1\t0\n", "bad.tsv:1: the header names label more than once"),
     ],
 )
 def test_bad_files_name_what_is_wrong(tmp_path, content, message):

@@ -102,6 +102,10 @@ def _read_delimited(path: Path, delimiter: str) -> tuple[list[dict], list[int]]:
         for record in reader:
             if header is None:
                 header = [name.strip() for name in record]
+                repeated = sorted({name for name in header if header.count(name) > 1})
+                if repeated:
+                    raise RayexitError(f"{path}:{reader.line_num}: the header names {', '.join(repeated)} more "
+                                       "than once; expected each column once")
                 continue
             if not record:
                 continue
@@ -110,7 +114,9 @@ def _read_delimited(path: Path, delimiter: str) -> tuple[list[dict], list[int]]:
                     f"{path}:{reader.line_num}: {len(record)} fields, but the header names {len(header)} "
                     f"({', '.join(header)}); expected one {kind} field per column"
                 )
-            rows.append(dict(zip(header, record)))
+            # a short row keeps every column (empty): a missing field is then named at its line, and
+            # a short first row cannot hide a column the header has
+            rows.append(dict(zip(header, record + [""] * (len(header) - len(record)))))
             lines.append(reader.line_num)
     except csv.Error as exc:
         raise RayexitError(f"{path}:{reader.line_num}: unreadable {kind} ({one_line(exc)})") from None
