@@ -17,6 +17,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from rayexit.errors import RayexitError
+
 
 def _umask() -> int:
     try:  # Linux says it without changing it; os.umask can only read it by setting it (process-wide)
@@ -58,6 +60,9 @@ def write_atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
         if Path(tmp).exists():  # a writer may replace the file; whatever is there gets the plain mode
             shareable(tmp)
         os.replace(tmp, path)
+    except IsADirectoryError:
+        Path(tmp).unlink(missing_ok=True)
+        raise RayexitError(f"{path}: is a folder; expected a file name to write") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

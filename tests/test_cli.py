@@ -138,6 +138,29 @@ def test_an_output_that_cannot_take_a_model_is_refused_before_anything_loads(tmp
     assert kept.read_text() == "notes I keep\n"  # nothing renamed aside or replaced
 
 
+@pytest.mark.parametrize("flag, value, named", [
+    ("--batch-size", "0", "--batch-size: got 0"), ("--max-drop", "nan", "--max-drop: got nan"),
+    ("--max-drop", "-1", "--max-drop: got -1.0"), ("--min-speedup", "nan", "--min-speedup: got nan"),
+    ("--time-front", "-1", "--time-front: got -1"), ("--json", "FOLDER", "is a folder"),
+])
+def test_eval_flags_are_checked_before_the_model_loads(tmp_path, capsys, flag, value, named):
+    options = {"--model": str(tmp_path / "no-model"), "--data": "x.tsv", "--json": str(tmp_path / "r.json"),
+               flag: str(tmp_path) if value == "FOLDER" else value}
+    code = main(["eval", *[x for pair in options.items() for x in pair]])
+    err = capsys.readouterr().err
+    assert code == 2 and named in err and "no-model" not in err  # the flag, not the (missing) model
+
+
+def test_a_json_written_over_a_folder_is_a_clear_error(tmp_path):
+    from rayexit.errors import RayexitError
+    from rayexit.files import write_json
+
+    (tmp_path / "report").mkdir()
+    with pytest.raises(RayexitError, match="report: is a folder"):
+        write_json(tmp_path / "report", {"a": 1})
+    assert [p.name for p in tmp_path.iterdir()] == ["report"]  # no temporary file left beside it
+
+
 def test_eval_on_a_folder_that_is_not_a_model(tmp_path, capsys):
     code = main(["eval", "--model", str(tmp_path), "--data", "x.tsv", "--json", str(tmp_path / "r.json")])
     assert code == 2

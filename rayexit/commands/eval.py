@@ -7,6 +7,8 @@ The policy reported as `selected` is chosen on `--select-on` (validation data) o
 from __future__ import annotations
 
 import argparse
+import math
+from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -48,6 +50,17 @@ def run(args: argparse.Namespace) -> int:
         raise RayexitError(f"--repeats: got {args.repeats}, expected a whole number >= 1")
     if args.time_examples < 0:
         raise RayexitError(f"--time-examples: got {args.time_examples}, expected a whole number >= 0 (0: all)")
+    if args.batch_size < 1:
+        raise RayexitError(f"--batch-size: got {args.batch_size}, expected a whole number >= 1")
+    if args.time_front < 0:
+        raise RayexitError(f"--time-front: got {args.time_front}, expected a whole number >= 0")
+    if not math.isfinite(args.max_drop) or not 0 <= args.max_drop < 1:
+        raise RayexitError(f"--max-drop: got {args.max_drop}, expected a score drop in [0, 1), e.g. 0.01")
+    if args.min_speedup is not None and (not math.isfinite(args.min_speedup) or args.min_speedup < 1):
+        raise RayexitError(f"--min-speedup: got {args.min_speedup}, expected a layer speed-up >= 1, e.g. 2")
+    for flag, value in (("--json", args.json), ("--plot", args.plot)):
+        if value and Path(value).is_dir():  # found now, not after the whole evaluation
+            raise RayexitError(f"{flag} {value}: is a folder; expected a file name to write")
     loaded = load(args.model)  # the Python API's loader (rayexit.load), as Serve uses
     task = task_named(loaded.task)
     model, tokenizer = loaded.model, loaded.tokenizer
