@@ -186,3 +186,10 @@ def test_unknown_config_setting_is_refused(tmp_path, encoder_dir, sst2_slice, ca
     )
     assert code == 2
     assert "unknown setting(s) gama" in capsys.readouterr().err
+
+
+def test_tune_refuses_a_max_examples_below_one_before_ray_starts(tmp_path, capsys):
+    code = main(["tune", "--model", "minilm", "--train", "x.tsv", "--eval", "y.tsv", "--output", str(tmp_path / "t"),
+                 "--max-examples", "0"])
+    assert code == 2 and "--max-examples: got 0" in capsys.readouterr().err
+    assert not (tmp_path / "t").exists()

@@ -82,6 +82,20 @@ def test_tune_config_reads_exponents_too(tmp_path):
     assert (config.tune.space["lr"].low, config.tune.space["lr"].high) == (1e-5, 1e-4)
 
 
+@pytest.mark.parametrize("text, message", [
+    ("tune: fast\n", r"`tune:` is str, expected a mapping"),
+    ("tune:\n  - trials\n", r"`tune:` is list, expected a mapping"),
+    ("train: [1, 2]\n", r"`train:` is list, expected a mapping"),
+    ("tune: {trials: 2, 1: x}\n", r"tune: unknown setting\(s\) 1; known"),
+    ("1: x\ntune: {trials: 2}\n", r"unknown section\(s\) 1; expected train: and tune:"),
+])
+def test_a_tune_config_whose_sections_are_not_settings_is_named(tmp_path, text, message):
+    from rayexit.tune.space import load_tune_config
+
+    with pytest.raises(RayexitError, match=message):
+        load_tune_config(write(tmp_path, text), {}, {})
+
+
 @pytest.mark.parametrize("text", ["train:\n  lr: 1e-4\ntune:\n  trials: 4\n", "lr: 1e-4\ntune:\n  trials: 4\n"])
 def test_train_refuses_a_tune_section_instead_of_ignoring_it(tmp_path, text):
     path = write(tmp_path, text)

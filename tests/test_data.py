@@ -247,3 +247,11 @@ def test_cli_train_on_a_binary_file_is_one_line_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: {path}:1: ") and "\n" not in err and "UTF-8" in err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("count", [0, -1])
+def test_a_count_of_examples_below_one_is_refused(tmp_path, count):
+    path = tmp_path / "d.tsv"
+    path.write_text("sentence\tlabel\na\t1\nb\t0\n")
+    with pytest.raises(RayexitError, match=f"max_examples: got {count}, expected a whole number >= 1"):
+        load_text_classification(str(path), count)

@@ -64,6 +64,8 @@ def run(args: argparse.Namespace) -> int:
         missing = [flag for flag in ("model", "train", "eval", "output") if not getattr(args, flag)]
         if missing:
             raise RayexitError(f"missing --{', --'.join(missing)} (or --resume DIR to continue a run)")
+        if args.max_examples is not None and args.max_examples < 1:
+            raise RayexitError(f"--max-examples: got {args.max_examples}, expected a whole number >= 1")
         output = output_folder(args.output)
         config = load_tune_config(
             args.config,

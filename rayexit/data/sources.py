@@ -72,6 +72,8 @@ def load_text_classification(source: str, max_examples: int | None = None) -> Te
         )
     if len(examples) == 0:
         raise RayexitError(f"{examples.origin}: no examples found (empty file?)")
+    if max_examples is not None and max_examples < 1:  # head(0) would be empty, head(-1) one short
+        raise RayexitError(f"max_examples: got {max_examples}, expected a whole number >= 1")
     return examples.head(max_examples)
 
 

@@ -180,7 +180,7 @@ class TuneSpec:
         if not isinstance(data, dict):
             raise RayexitError(f"tune: expected a mapping of settings, got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(map(str, set(data) - known))
         if unknown:
             raise RayexitError(f"tune: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         return cls(**data)
@@ -292,9 +292,13 @@ def load_tune_config(
 ) -> TuneConfig:
     """`train:` and `tune:` sections of a YAML file (either may be absent), flags on top."""
     raw: dict[str, Any] = load_yaml(path) if path else {}
-    unknown = sorted(set(raw) - {"train", "tune"})
+    unknown = sorted(map(str, set(raw) - {"train", "tune"}))
     if unknown:
         raise RayexitError(f"{path}: unknown section(s) {', '.join(unknown)}; expected train: and tune:")
+    for section in ("train", "tune"):
+        if not isinstance(raw.get(section) or {}, dict):
+            raise RayexitError(f"{path}: `{section}:` is {type(raw[section]).__name__}, expected a mapping of "
+                               f"settings (e.g. `{section}:` then indented `name: value` lines)")
     train_data = dict(raw.get("train") or {})
     train_data.update({k: v for k, v in train_overrides.items() if v is not None})
     tune_data = dict(raw.get("tune") or {})
