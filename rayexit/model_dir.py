@@ -71,6 +71,8 @@ class ModelDir:
             config = ExitConfig.from_dict(data)
         except (TypeError, ValueError, AttributeError) as exc:
             raise RayexitError(f"{path}: unreadable exit config ({one_line(exc)})") from None
+        except RayexitError as exc:  # a hand-edited field (e.g. a policy threshold): say which file
+            raise RayexitError(f"{path}: {exc}") from None
         integrity.check_exit_config(config, path)
         return config
 

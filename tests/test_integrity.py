@@ -204,6 +204,8 @@ def test_legacy_directory_loads_with_a_warning_and_the_same_outputs(model_dir, c
         (b'{"format_version": 1, "task": "vision", "labels": ["a", "b"]}', "task 'vision'"),
         (b'{"format_version": 1, "task": "sequence", "labels": ["a", "b"], "max_length": "x"}', "max_length 'x'"),
         (b'{"format_version": 1, "task": "sequence", "labels": ["a", "b"], "dropout": 3}', "dropout 3"),
+        (b'{"format_version": 1, "task": "sequence", "labels": ["a", "b"], "policy": {"kind": "entropy", '
+         b'"thresholds": "0.3"}}', "policy.thresholds: got '0.3'"),  # a hand edit, named with its file
     ],
 )
 def test_binary_or_mismatched_rayexit_json_is_one_line(model_dir, content, message):

@@ -137,3 +137,31 @@ def test_tune_resumes_without_redoing_finished_trials(ray_session, tmp_path, tin
     for path in [output / "serve.yaml", output / "tune.json", output / "pareto.png", *(output / "best").iterdir()]:
         assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path
     torch.set_num_threads(torch.get_num_threads())  # the search restores thread settings it changes
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{\"model\": \"m\"", "not valid JSON"),  # cut short by an interrupt
+    ("{\"model\": \"m\"}", "not a tune job record \\(missing train_settings, tune, fit_path"),
+    ("[]", "not a tune job record"),
+])
+def test_a_damaged_job_record_is_named_on_resume(tmp_path, content, message):
+    from rayexit.errors import RayexitError
+    from rayexit.tune.experiment import JOB_FILE, load_job
+
+    (tmp_path / JOB_FILE).write_text(content)
+    with pytest.raises(RayexitError, match=message) as info:
+        load_job(tmp_path)
+    assert JOB_FILE in str(info.value)
+
+
+def test_earlier_search_seconds_are_read_back_and_a_damaged_file_is_named(tmp_path):
+    from rayexit.errors import RayexitError
+    from rayexit.tune.run import _earlier_seconds
+
+    path = tmp_path / "timing.json"
+    assert _earlier_seconds(path) == 0.0
+    path.write_text('{"seconds": 12.5}')
+    assert _earlier_seconds(path) == 12.5
+    path.write_text('{"secs": 1}')
+    with pytest.raises(RayexitError, match="timing.json: expected"):
+        _earlier_seconds(path)

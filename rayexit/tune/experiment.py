@@ -11,7 +11,6 @@ file://...) the experiment goes there instead, under the output folder's name.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +20,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from rayexit.errors import RayexitError
 from rayexit.files import write_json
+from rayexit.reading import read_json
 from rayexit.tune.space import INTEGER_SETTINGS, TuneConfig, TuneSpec
 from rayexit.tune.split import carve_validation, write_conll, write_tsv
 from rayexit.tune.trial import TrialJob, run_trial
@@ -160,9 +160,14 @@ def load_job(output: str | Path) -> tuple[TrialJob, dict]:
     path = output / JOB_FILE
     if not path.is_file():
         raise RayexitError(f"{output}: no {JOB_FILE}; --resume takes the DIR of an earlier `rayexit tune --output DIR`")
-    data = json.loads(path.read_text())
+    data = read_json(path)  # a damaged file is named, with what is wrong in it
     from rayexit.config import TrainSettings
 
+    keys = ("train_settings", "tune", "model", "fit_path", "validation_path", "eval")
+    missing = [k for k in keys if k not in data] if isinstance(data, dict) else list(keys)
+    if missing:
+        raise RayexitError(f"{path}: not a tune job record (missing {', '.join(missing)}); "
+                           "--resume takes the DIR of an earlier `rayexit tune --output DIR`")
     config = TuneConfig(TrainSettings.from_dict(data["train_settings"]), TuneSpec.from_dict(data["tune"]))
     job = TrialJob(data["model"], data["fit_path"], data["validation_path"], data["eval"], config)
     return job, data
