@@ -12,6 +12,7 @@ that loads here loads there, with the same checks.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,13 +73,20 @@ class LoadedModel:
             )
         return chosen.check_task(self.task)
 
-    def predict(self, texts: list[str], policy: PolicyLike = None, batch_size: int = 32) -> list[dict[str, Any]]:
-        """One dict per text, in order: `label`, `probability` (of that label at the exit taken), `exit_layer`."""
+    def predict(
+        self, texts: Sequence[str], policy: PolicyLike = None, batch_size: int = 32, max_layers: int | None = None
+    ) -> list[dict[str, Any]]:
+        """One dict per text, in order: `label`, `probability` (of that label at the exit taken), `exit_layer`.
+
+        `texts`: a list (or any sequence, e.g. a pandas Series) of strings, each cut at the model's
+        `max_length` word-pieces, as in training. `max_layers` bounds the depth any text may use.
+        """
         if self.task != "sequence":
             raise RayexitError(f"predict: {self._name()} is a {self.task} model (one tag per word); use tag()")
         texts = _checked_texts(texts, "texts")
         chosen = self.resolve_policy(policy)
         size = _checked_batch_size(batch_size)
+        cap = self._checked_max_layers(max_layers)
         if not texts:
             return []
         from rayexit.data.encode import pad_batch
@@ -91,7 +99,7 @@ class LoadedModel:
         for start in range(0, len(order), size):
             rows = order[start : start + size]
             batch, mask = pad_batch([ids[i] for i in rows], self.tokenizer.pad_token_id or 0)
-            result = run_early_exit(self.model, batch.to(device), mask.to(device), chosen)
+            result = run_early_exit(self.model, batch.to(device), mask.to(device), chosen, cap)
             for row, label, probability, layer in zip(
                 rows, result.predictions.tolist(), result.confidences.float().tolist(), result.exit_layers.tolist()
             ):
@@ -99,16 +107,17 @@ class LoadedModel:
         return out  # type: ignore[return-value]
 
     def tag(
-        self, texts: list[str] | list[list[str]], policy: PolicyLike = None, batch_size: int = 32
+        self, texts: Sequence[str] | Sequence[list[str]], policy: PolicyLike = None, batch_size: int = 32,
+        max_layers: int | None = None,
     ) -> list[dict[str, Any]]:
         """One dict per text, in order: `words`, `tags` and `exit_layers` (one per word).
 
-        A text is a string (split on whitespace) or a list of words.
+        A text is a string (split on whitespace) or a list of words; a sentence longer than the
+        model's `max_length` runs as several windows. `max_layers` bounds the depth any word may use.
         """
         if self.task != "token":
             raise RayexitError(f"tag: {self._name()} is a {self.task} model (one label per text); use predict()")
-        if isinstance(texts, str) or not isinstance(texts, list):
-            raise RayexitError(f"texts: expected a list of strings or of word lists, got {type(texts).__name__}")
+        texts = _as_list(texts, "texts", "a list of strings or of word lists")
         sentences = []
         for index, text in enumerate(texts):
             if isinstance(text, str):
@@ -119,6 +128,7 @@ class LoadedModel:
                 raise RayexitError(f"texts[{index}]: expected a string or a list of non-empty word strings")
         chosen = self.resolve_policy(policy)
         size = _checked_batch_size(batch_size)
+        cap = self._checked_max_layers(max_layers)
         out = [{"words": words, "tags": [], "exit_layers": []} for words in sentences]
         filled = [i for i, words in enumerate(sentences) if words]
         if not filled:
@@ -127,11 +137,18 @@ class LoadedModel:
         from rayexit.token_exits import run_over_tokens
 
         data = encode_tagged(self.tokenizer, [sentences[i] for i in filled], None, self.model.exit_config.max_length)
-        run = run_over_tokens(self.model, data, chosen, size)
+        run = run_over_tokens(self.model, data, chosen, size, cap)
         for k, i in enumerate(filled):
             out[i]["tags"] = [self.labels[t] for t in run.predictions[k]]
             out[i]["exit_layers"] = [int(layer) for layer in run.exit_layers[k]]
         return out
+
+    def _checked_max_layers(self, max_layers: Any) -> int | None:
+        layers = self.model.num_layers
+        if max_layers is not None and (not isinstance(max_layers, int) or isinstance(max_layers, bool)
+                                       or not 1 <= max_layers <= layers):
+            raise RayexitError(f"max_layers: got {max_layers!r}, expected a whole number from 1 to {layers} (or None)")
+        return max_layers
 
     def _name(self) -> str:
         return str(self.path) if self.path is not None else "this model"
@@ -155,9 +172,16 @@ def load(path: str | Path, *, device: str = "cpu", task: str | None = None) -> L
     return LoadedModel(model, tokenizer, Path(path))
 
 
+def _as_list(texts: Any, name: str, expected: str) -> list:
+    """Any sequence of texts (a list, a tuple, a pandas Series, a datasets column) as a list; one
+    string is refused rather than read as a sequence of characters."""
+    if isinstance(texts, (str, bytes, dict)) or not isinstance(texts, Iterable):
+        raise RayexitError(f"{name}: expected {expected}, got {type(texts).__name__}")
+    return list(texts)
+
+
 def _checked_texts(texts: Any, name: str) -> list[str]:
-    if isinstance(texts, str) or not isinstance(texts, list):
-        raise RayexitError(f"{name}: expected a list of strings, got {type(texts).__name__}")
+    texts = _as_list(texts, name, "a list of strings")
     for index, text in enumerate(texts):
         if not isinstance(text, str):
             raise RayexitError(f"{name}[{index}]: expected a string, got {type(text).__name__}")

@@ -38,14 +38,24 @@ LEFT_BEHIND = ("trial_points.json", ".is_checkpoint", ".metadata.pkl")  # Ray bo
 
 
 def check_output_dir(path: str | Path) -> Path:
-    """The folder a model directory may be written to: new, empty, or a model directory to replace.
-    Called before training as well as at the write, so a bad --output costs nothing."""
+    """The folder a model directory may be written to: new, empty, holding only a tokenizer's files
+    (saved first, as transformers users do), or a model directory to replace. Called before
+    training as well as at the write, so a bad --output costs nothing."""
     target = Path(path)
     if target.exists() and not target.is_dir():
         raise RayexitError(f"{target}: is a file; the output must be a folder (new, or a rayexit model directory)")
-    if target.is_dir() and any(target.iterdir()) and not (target / EXIT_CONFIG_FILE).exists():
-        raise RayexitError(f"{target}: exists and is not a rayexit model directory; choose a new folder")
+    if target.is_dir() and not (target / EXIT_CONFIG_FILE).exists():
+        foreign = sorted(p.name for p in target.iterdir() if not _is_tokenizer_file(p.name))
+        if foreign:
+            raise RayexitError(f"{target}: exists and is not a rayexit model directory (it holds "
+                               f"{', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); choose a new folder")
     return target
+
+
+def _is_tokenizer_file(name: str) -> bool:
+    """A file `tokenizer.save_pretrained` writes (BERT, BPE and SentencePiece tokenizers)."""
+    return name.startswith(("tokenizer", "special_tokens_map", "vocab.", "merges.", "added_tokens", "spiece.",
+                            "sentencepiece", "chat_template"))
 
 
 class ModelDir:
@@ -123,7 +133,12 @@ class ModelDir:
     def write(
         cls, path: str | Path, model, tokenizer=None, training: dict[str, Any] | None = None
     ) -> ModelDir:
-        """Write `model` (and its tokenizer and training record) as a whole new directory."""
+        """Write `model` (and its tokenizer and training record) as a whole new directory.
+
+        Without `tokenizer`, the tokenizer files already at `path` are kept (a model saved back
+        where it was loaded from, or beside a tokenizer saved first); nothing else of the old
+        folder is: its training record described other weights.
+        """
         target = check_output_dir(path)
         with staging_dir(target) as staging:
             MultiExitConfig.describing(model.backbone.config, model.exit_config).save_pretrained(staging)
@@ -131,6 +146,10 @@ class ModelDir:
             save_file(_untie(state), staging / WEIGHTS_FILE, metadata={"format": "pt"})
             if tokenizer is not None:
                 tokenizer.save_pretrained(staging)
+            elif target.is_dir():
+                for old in target.iterdir():
+                    if old.is_file() and _is_tokenizer_file(old.name):
+                        shutil.copy2(old, staging / old.name)
             if training is not None:
                 write_json(staging / TRAINING_FILE, training)
             _write_record(staging, model.exit_config)

@@ -198,3 +198,64 @@ def test_device_auto_places_both_tasks_and_a_missing_gpu_is_named(sequence_dir, 
         for directory in (sequence_dir, token_dir):
             with pytest.raises(RayexitError, match=r"device: could not use 'cuda'"):
                 rayexit.load(directory, device="cuda")
+
+
+def test_hf_style_calls_sequences_and_max_layers(sequence_dir, token_dir, minilm_tokenizer):
+    from transformers import AutoModelForSequenceClassification
+
+    loaded = rayexit.load(sequence_dir)
+    # model(**tokenizer(...)): token_type_ids (all zero) and a left-out mask are taken, as transformers does
+    auto = AutoModelForSequenceClassification.from_pretrained(sequence_dir).eval()
+    inputs = minilm_tokenizer(["good film", "a dull and tired plot"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        logits = auto(**inputs)
+        alone = auto(inputs["input_ids"][1:])
+    assert len(logits) == auto.num_layers and logits[-1].shape == (2, len(auto.labels))
+    assert torch.allclose(alone[-1], logits[-1][1:], atol=1e-5)  # row 1, the longer, has no padding: all ones
+    with pytest.raises(RayexitError, match="token_type_ids: a second segment is not supported"):
+        auto(inputs["input_ids"], inputs["attention_mask"], torch.ones_like(inputs["input_ids"]))
+    with pytest.raises(RayexitError, match=r"forward: unsupported argument\(s\) labels"):
+        auto(**inputs, labels=torch.tensor([0, 1]))
+    # any sequence of texts, not only a list; one string is still refused
+    assert loaded.predict(("good film", "bad film")) == loaded.predict(["good film", "bad film"])
+    tagger = rayexit.load(token_dir)
+    assert tagger.tag(("John lives in Berlin",)) == tagger.tag(["John lives in Berlin"])
+    # max_layers bounds every answer's depth, as the server's does
+    capped = loaded.predict(TEXTS, policy="none", max_layers=1)
+    assert {a["exit_layer"] for a in capped} == {1}
+    tagged = tagger.tag(["John lives in Berlin"], policy="none", max_layers=1)
+    assert tagged[0]["exit_layers"] == [1, 1, 1, 1]
+    for bad in (0, loaded.model.num_layers + 1, 1.5, True):
+        with pytest.raises(RayexitError, match=r"max_layers: got .*expected a whole number from 1 to"):
+            loaded.predict(["good film"], max_layers=bad)
+
+
+def test_save_pretrained_keeps_the_tokenizer_and_takes_safe_serialization(sequence_dir, tmp_path, minilm_tokenizer):
+    loaded = rayexit.load(sequence_dir)
+    loaded.model.save_pretrained(sequence_dir, safe_serialization=True, max_shard_size="5GB")  # back where it was
+    again = rayexit.load(sequence_dir)  # its tokenizer was kept: loading needs it
+    assert again.predict(["good film"]) == loaded.predict(["good film"])
+    with pytest.raises(RayexitError, match="safe_serialization=False"):
+        loaded.model.save_pretrained(tmp_path / "x", safe_serialization=False)
+    # transformers' order: the tokenizer first, then the model, into one folder
+    both = tmp_path / "both"
+    minilm_tokenizer.save_pretrained(both)
+    loaded.model.save_pretrained(both)
+    assert rayexit.load(both).predict(["good film"]) == loaded.predict(["good film"])
+    stranger = tmp_path / "stranger"
+    stranger.mkdir()
+    (stranger / "notes.txt").write_text("mine")
+    with pytest.raises(RayexitError, match=r"not a rayexit model directory \(it holds notes.txt\)"):
+        loaded.model.save_pretrained(stranger)
+
+
+def test_a_dtype_that_is_not_one_is_named(sequence_dir):
+    from transformers import AutoModelForSequenceClassification
+
+    from rayexit.models.sequence import MultiExitForSequenceClassification
+
+    # (through AutoModel, transformers itself resolves the name first and raises its own error)
+    with pytest.raises(RayexitError, match=r"dtype: got 'fp16', expected \"auto\", one of float32"):
+        MultiExitForSequenceClassification.from_pretrained(sequence_dir, dtype="fp16")
+    half = AutoModelForSequenceClassification.from_pretrained(sequence_dir, dtype="bfloat16")
+    assert next(half.parameters()).dtype == torch.bfloat16

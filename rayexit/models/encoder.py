@@ -95,6 +95,22 @@ class MultiExitEncoder(MultiExitPreTrainedModel):
     def labels(self) -> list[str]:
         return self.exit_config.labels
 
+    @staticmethod
+    def hf_attention_mask(
+        input_ids: torch.Tensor, attention_mask: torch.Tensor | None, token_type_ids: torch.Tensor | None,
+        extra: dict[str, Any],
+    ) -> torch.Tensor:
+        """The mask of a Hugging Face style call (`model(**tokenizer(texts, return_tensors="pt"))`):
+        all ones when left out, as transformers does; a second segment or another option is refused
+        by name rather than ignored."""
+        unknown = sorted(name for name, value in extra.items() if value is not None)
+        if unknown:
+            raise RayexitError(f"forward: unsupported argument(s) {', '.join(unknown)}; a rayexit model takes "
+                               "input_ids and attention_mask and returns every exit's logits (exit 1 first)")
+        if token_type_ids is not None and bool(token_type_ids.ne(0).any()):
+            raise RayexitError("token_type_ids: a second segment is not supported; rayexit models read single texts")
+        return torch.ones_like(input_ids) if attention_mask is None else attention_mask
+
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         hidden = self.backbone.embeddings(input_ids=input_ids)
         project = getattr(self.backbone, "embeddings_project", None)  # ELECTRA's small embeddings

@@ -149,7 +149,13 @@ class MultiExitPreTrainedModel(PreTrainedModel):
         """Write the model directory atomically (see `rayexit.model_dir.ModelDir.write`)."""
         from rayexit.model_dir import ModelDir
 
+        # what rayexit always does (safetensors, one file) is accepted when asked for; the opposite is refused
+        if kwargs.get("safe_serialization") is True:
+            del kwargs["safe_serialization"]
+        kwargs.pop("max_shard_size", None)  # one weights file, whatever its size
         unknown = sorted(k for k, v in kwargs.items() if v not in (None, False) and k != "is_main_process")
+        if kwargs.get("safe_serialization") is False:
+            unknown.append("safe_serialization=False (rayexit writes safetensors only)")
         if unknown:
             raise RayexitError(f"save_pretrained: unsupported option(s) {', '.join(unknown)} for a rayexit model")
         ModelDir.write(save_directory, self, tokenizer, training)
@@ -171,10 +177,18 @@ class MultiExitPreTrainedModel(PreTrainedModel):
         return task_named(config.task).model_class()(backbone, exit_config)
 
 
+DTYPE_NAMES = ("float32", "float16", "bfloat16")
+
+
 def _torch_dtype(dtype: Any):
     import torch
 
-    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        return dtype
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in DTYPE_NAMES:
+        return getattr(torch, dtype.removeprefix("torch."))
+    raise RayexitError(f"dtype: got {dtype!r}, expected \"auto\", one of {', '.join(DTYPE_NAMES)} or a torch "
+                       "floating-point dtype")
 
 
 def register() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -36,8 +37,12 @@ class MultiExitForSequenceClassification(MultiExitEncoder):
     def exit_logits(self, layer: int, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.heads(layer, hidden, attention_mask)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[torch.Tensor]:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None, **extra: Any,
+    ) -> list[torch.Tensor]:
         """Logits of every exit, exit 1 first (training and full-depth evaluation)."""
+        attention_mask = self.hf_attention_mask(input_ids, attention_mask, token_type_ids, extra)
         states = self.layer_states(input_ids, attention_mask)
         return [self.exit_logits(i, h, attention_mask) for i, h in enumerate(states)]
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -40,8 +42,12 @@ class MultiExitForTokenClassification(MultiExitEncoder):
         """Tag logits of exit `layer` (0-based) for states of any shape [..., H]."""
         return self.heads[layer](hidden)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[torch.Tensor]:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None, **extra: Any,
+    ) -> list[torch.Tensor]:
         """Tag logits [B, S, T] of every exit, exit 1 first, for every word-piece position."""
+        attention_mask = self.hf_attention_mask(input_ids, attention_mask, token_type_ids, extra)
         states = self.layer_states(input_ids, attention_mask)
         return [self.exit_logits(i, h) for i, h in enumerate(states)]
 
