@@ -104,7 +104,7 @@ class TrainSettings:
         _in_range("warmup_ratio", self.warmup_ratio, "[0, 1)")
         _in_range("sampling_max_threshold", self.sampling_max_threshold, "(0, 1]")
         _in_range("dropout", self.dropout, "[0, 1)")
-        if not _finite(self.weight_decay) or self.weight_decay < 0:
+        if not finite_number(self.weight_decay) or self.weight_decay < 0:
             raise RayexitError(f"weight_decay: got {self.weight_decay!r}, expected a finite number >= 0")
         if not self.sampling_windows or any(not _whole(w) or w < 1 for w in self.sampling_windows):
             raise RayexitError(f"sampling_windows: got {self.sampling_windows!r}, expected whole numbers >= 1")
@@ -219,7 +219,8 @@ def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
         raise RayexitError(f"{name}: got {value!r}, expected one of {', '.join(allowed)}")
 
 
-def _finite(value: Any) -> bool:
+def finite_number(value: Any) -> bool:
+    """A real number, not a bool, not NaN or infinite (what every numeric setting must be)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -230,14 +231,14 @@ def _whole(value: Any) -> bool:
 def _positive(name: str, value: Any, whole: bool = False) -> None:
     if whole and (not _whole(value) or value <= 0):
         raise RayexitError(f"{name}: got {value!r}, expected a whole number >= 1")
-    if not _finite(value) or value <= 0:  # NaN and inf pass "> 0" but train nothing (or crash steps later)
+    if not finite_number(value) or value <= 0:  # NaN and inf pass "> 0" but train nothing (or crash steps later)
         raise RayexitError(f"{name}: got {value!r}, expected a finite number > 0")
 
 
 def _in_range(name: str, value: Any, interval: str, what: str = "a value") -> None:
     """`interval` like "[0, 1)": brackets say whether each end is allowed."""
     low, high = (float(x) for x in interval[1:-1].split(","))
-    inside = _finite(value) and (low <= value if interval[0] == "[" else low < value) and (
+    inside = finite_number(value) and (low <= value if interval[0] == "[" else low < value) and (
         value <= high if interval[-1] == "]" else value < high)
     if not inside:
         raise RayexitError(f"{name}: got {value!r}, expected {what} in {interval}")

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from rayexit.config import finite_number
 from rayexit.errors import RayexitError
 from rayexit.serve.controller import ControllerConfig
 from rayexit.serve.guard import GuardConfig
@@ -14,10 +14,6 @@ from rayexit.serve.validation import Limits
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass
@@ -95,11 +91,11 @@ class ServeSettings:
             raise RayexitError(f"serve args.rebatch: got {self.rebatch!r}, expected true or false")
         for name in ("batch_wait_ms", "max_batch_wait_ms", "target_p99_ms", "window_s", "rebatch_hold_ms"):
             value = getattr(self, name)
-            if not _finite(value) or value < 0:  # NaN or inf would switch shedding or rebatching off unseen
+            if not finite_number(value) or value < 0:  # NaN or inf would switch shedding or rebatching off unseen
                 raise RayexitError(f"serve args.{name}: got {value!r}, expected a finite number >= 0")
-        if self.max_queue_wait_ms is not None and (not _finite(self.max_queue_wait_ms) or self.max_queue_wait_ms <= 0):
-            raise RayexitError(f"serve args.max_queue_wait_ms: got {self.max_queue_wait_ms!r}, "
-                               "expected a finite number > 0")
+        wait = self.max_queue_wait_ms
+        if wait is not None and (not finite_number(wait) or wait <= 0):
+            raise RayexitError(f"serve args.max_queue_wait_ms: got {wait!r}, expected a finite number > 0")
         if self.device not in DEVICES:
             raise RayexitError(f"serve args.device: got {self.device!r}, expected one of {', '.join(DEVICES)}")
         if self.dtype not in DTYPES:

@@ -10,12 +10,11 @@ every trial searches them on its cached validation logits, which costs no retrai
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rayexit.config import TrainSettings, load_yaml
+from rayexit.config import TrainSettings, finite_number, load_yaml
 from rayexit.errors import RayexitError
 
 # Searchable training settings: allowed interval and whether to sample on a log scale by default.
@@ -130,16 +129,16 @@ class TuneSpec:
         _choice("tune.objective", self.objective, OBJECTIVES)
         _choice("tune.scheduler", self.scheduler, SCHEDULERS)
         _choice("tune.trainer", self.trainer, TRAINERS)
-        if not _number(self.max_drop) or self.max_drop < 0:
+        if not finite_number(self.max_drop) or self.max_drop < 0:
             raise RayexitError(f"tune.max_drop: got {self.max_drop!r}, expected an accuracy drop >= 0 (0.01 = 1 point)")
         if self.max_drop >= 1:
             raise RayexitError(f"tune.max_drop: got {self.max_drop}, expected a fraction below 1 (0.01 = 1 point)")
-        if not _number(self.validation_fraction) or not 0 < self.validation_fraction < 1:
+        if not finite_number(self.validation_fraction) or not 0 < self.validation_fraction < 1:
             raise RayexitError(
                 f"tune.validation_fraction: got {self.validation_fraction!r}, expected a value in (0, 1)"
             )
         if self.reference_accuracy is not None and (
-            not _number(self.reference_accuracy) or not 0 <= self.reference_accuracy <= 1
+            not finite_number(self.reference_accuracy) or not 0 <= self.reference_accuracy <= 1
         ):
             raise RayexitError(f"tune.reference_accuracy: got {self.reference_accuracy!r}, expected a value in [0, 1]")
         if not isinstance(self.policies, list) or not self.policies:
@@ -158,7 +157,7 @@ class TuneSpec:
                 "tune.scheduler: asha needs a report after every epoch, which the trial makes when it trains "
                 "itself; use trainer: local with it"
             )
-        if self.cpus_per_trial is not None and (not _number(self.cpus_per_trial) or self.cpus_per_trial < 0):
+        if self.cpus_per_trial is not None and (not finite_number(self.cpus_per_trial) or self.cpus_per_trial < 0):
             raise RayexitError(f"tune.cpus_per_trial: got {self.cpus_per_trial!r}, expected a number >= 0")
         for name in ("per_layer", "include_default", "use_gpu", "optuna_db"):
             if not isinstance(getattr(self, name), bool):
@@ -203,15 +202,15 @@ def parse_space(space: Any, task: str = "sequence") -> dict[str, Range]:
 
 
 def _parse_range(where: str, value: Any) -> Range:
-    if _number(value):
+    if finite_number(value):
         return Range(float(value), float(value))
-    if isinstance(value, (list, tuple)) and len(value) == 2 and all(_number(v) for v in value):
+    if isinstance(value, (list, tuple)) and len(value) == 2 and all(finite_number(v) for v in value):
         return Range(float(value[0]), float(value[1]))
     if isinstance(value, dict):
         extra = sorted(set(value) - {"low", "high", "log"})
         if extra or "low" not in value or "high" not in value:
             raise RayexitError(f"{where}: expected keys low, high and optionally log; got {', '.join(map(str, value))}")
-        if not (_number(value["low"]) and _number(value["high"])):
+        if not (finite_number(value["low"]) and finite_number(value["high"])):
             raise RayexitError(f"{where}: low and high must be numbers, got {value['low']!r} and {value['high']!r}")
         log = value.get("log", False)
         if not isinstance(log, bool):
@@ -309,8 +308,6 @@ def load_tune_config(
         raise RayexitError(f"{path}: {exc}" if path else str(exc)) from None
 
 
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _integer(name: str, value: Any, minimum: int) -> None:
