@@ -51,6 +51,10 @@ class TrainSettings:
     # RomeBERT: fraction of training over which gamma ramps from 0 (no distillation: the final
     # exit, the teacher, is still uninformed) up to `gamma`; 0 distils at full weight from step 0
     gamma_warmup: float = 0.0
+    # RomeBERT: fraction of training in which the final exit trains alone (a single-exit
+    # fine-tune's step: no inner exits, no distillation, no projection) before the one-stage
+    # phase; 0 trains every exit from step 0 (the paper's)
+    final_only_warmup: float = 0.0
     temperature: float = 3.0
     # RomeBERT: weight of the final exit's cross-entropy against the inner exits' summed loss (the
     # paper's L has 1). In layers 1-2 the inner exits' gradient is 1.7-3.5x the final exit's on a
@@ -101,6 +105,7 @@ class TrainSettings:
             raise RayexitError(f"seed: got {self.seed!r}, expected a whole number >= 0")
         _in_range("gamma", self.gamma, "[0, 1]")
         _in_range("gamma_warmup", self.gamma_warmup, "[0, 1]", "a fraction of training")
+        _in_range("final_only_warmup", self.final_only_warmup, "[0, 1)", "a fraction of training")
         _in_range("warmup_ratio", self.warmup_ratio, "[0, 1)")
         _in_range("sampling_max_threshold", self.sampling_max_threshold, "(0, 1]")
         _in_range("dropout", self.dropout, "[0, 1)")

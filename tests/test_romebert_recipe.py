@@ -1,4 +1,5 @@
-"""RomeBERT's recipe knobs: the gamma warm-up (schedule, loss at step 0, the loop driving it)."""
+"""RomeBERT's recipe knobs: the gamma warm-up (schedule, loss at step 0, the loop driving it), the
+final exit's warm-up alone, the final exit's weight."""
 
 import math
 
@@ -112,3 +113,52 @@ def test_final_weight_leaves_the_projection_of_the_exits_gradient_unchanged():
 def test_final_weight_must_be_positive(bad):
     with pytest.raises(RayexitError, match="final_weight"):
         TrainSettings(final_weight=bad)
+
+
+def test_final_only_warmup_steps_as_a_fine_tune_then_joins_the_exits():
+    model = tiny_sequence_model(layers=3)
+    model.eval()  # dropout off: every call sees the same forward
+    ids, mask, labels = batch_of()
+    settings = TrainSettings(gamma=0.9, temperature=3.0, final_weight=3.0, final_only_warmup=0.25)
+    stage = build_stages(model, settings)[0]
+    inner_heads = [id(p) for head in model.heads.exits[:-1] for p in head.parameters()]
+    with torch.no_grad():
+        final_ce = F.cross_entropy(model(ids, mask)[-1], labels).item()
+    stage.progress = 0.2  # inside the warm-up: the final exit's cross-entropy alone, at weight 1
+    grads, loss, combine = stage.step(model, (ids, mask, labels), stage.params, settings, 0)
+    assert loss == pytest.approx(final_ce, rel=1e-5)
+    by_param = {id(p): g for p, g in zip(stage.params, combine(grads)[0])}
+    assert all(by_param[i].abs().sum() == 0 for i in inner_heads)  # the inner exits do not train yet
+    assert combine(grads)[1] is None  # no projection, so no conflict to count
+    backbone = [by_param[id(p)] for p in model.backbone_parameters()]
+    assert any(g.abs().sum() > 0 for g in backbone)
+    stage.progress = 0.25  # the warm-up is over: every exit, distillation and the projection
+    grads, later, combine = stage.step(model, (ids, mask, labels), stage.params, settings, 0)
+    assert later > 3.0 * final_ce
+    by_param = {id(p): g for p, g in zip(stage.params, combine(grads)[0])}
+    assert all(by_param[i].abs().sum() > 0 for i in inner_heads)
+
+
+def test_the_loop_runs_the_final_only_warmup_for_its_fraction(monkeypatch):
+    import rayexit.train.steps as steps
+
+    calls = []
+    original = steps.final_only_step
+
+    def spy(*args):
+        calls.append("final")
+        return original(*args)
+
+    monkeypatch.setattr(steps, "final_only_step", spy)
+    model = tiny_sequence_model(layers=3)
+    # 16 examples, batch 4: 4 steps at progress 0, 1/4, 2/4, 3/4; the first two alone
+    settings = TrainSettings(epochs=1, batch_size=4, lr=1e-3, final_only_warmup=0.5, warmup_ratio=0.0)
+    result = train_model(model, toy_data(16), settings, show_progress=False)
+    assert calls == ["final", "final"]
+    assert result.conflict_rate is not None  # the two one-stage steps still count their conflicts
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.0, float("nan"), "x", True])
+def test_final_only_warmup_must_be_a_fraction_below_one(bad):
+    with pytest.raises(RayexitError, match="final_only_warmup"):
+        TrainSettings(final_only_warmup=bad)

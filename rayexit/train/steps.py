@@ -127,9 +127,13 @@ def distillation_weight(gamma: float, warmup: float, progress: float) -> float:
 def romebert_step(model, batch, params, settings, epoch, progress: float = 1.0):
     """Both gradients go out in one flat list (one all-reduce); `combine` projects after averaging.
 
-    `progress` (fraction of the stage done) only matters with a gamma warm-up; a bare call is
-    treated as past it.
+    `progress` (fraction of the stage done) only matters with a warm-up (of gamma, or of the
+    final exit alone); a bare call is treated as past both.
     """
+    if progress < settings.final_only_warmup:
+        # The backbone first learns the task for the final exit alone, as a fine-tune would;
+        # the inner exits join with a trained teacher and a backbone that already reads the task.
+        return final_only_step(model, batch, params, settings, epoch)
     ids, mask, labels = batch
     gamma = distillation_weight(settings.gamma, settings.gamma_warmup, progress)
     if settings.gr_scope in HIDDEN_SCOPES and settings.gr_direction != "none":
