@@ -98,6 +98,8 @@ class ModelDir:
         """The multi-exit model this directory holds, in eval mode; refuses another task's."""
         from rayexit.tasks import task_named
 
+        if expected_task is not None:
+            task_named(expected_task)  # a misspelt task is named with the valid ones, before the folder is read
         exit_config = self.exit_config()
         if expected_task is not None and exit_config.task != expected_task:
             raise RayexitError(f"{self.path}: holds a {exit_config.task!r} model, expected {expected_task!r}")

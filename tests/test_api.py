@@ -200,6 +200,24 @@ def test_device_auto_places_both_tasks_and_a_missing_gpu_is_named(sequence_dir, 
                 rayexit.load(directory, device="cuda")
 
 
+def test_load_runs_in_the_dtype_asked_for_and_names_a_bad_one_or_task(sequence_dir, token_dir):
+    full = rayexit.load(sequence_dir).predict(TEXTS)
+    half = rayexit.load(sequence_dir, dtype="bfloat16")
+    assert {p.dtype for p in half.model.parameters()} == {torch.bfloat16}
+    answers = half.predict(TEXTS)
+    assert [a["label"] for a in answers] == [d["label"] for d in full]
+    assert [a["probability"] for a in answers] == pytest.approx([d["probability"] for d in full], abs=0.05)
+    tagger = rayexit.load(token_dir, dtype=torch.bfloat16)
+    assert next(tagger.model.parameters()).dtype == torch.bfloat16
+    assert tagger.tag(["John lives in Berlin"])[0]["words"] == ["John", "lives", "in", "Berlin"]
+    assert next(rayexit.load(sequence_dir, dtype="auto").model.parameters()).dtype == torch.float32
+    for bad in ("int8", "half", torch.int64, 16):
+        with pytest.raises(RayexitError, match=r"dtype: got .*expected \"auto\", one of float32, float16, bfloat16"):
+            rayexit.load(sequence_dir, dtype=bad)
+    with pytest.raises(RayexitError, match=r"task: got 'sequnce', expected one of sequence, token"):
+        rayexit.load(sequence_dir, task="sequnce")
+
+
 def test_hf_style_calls_sequences_and_max_layers(sequence_dir, token_dir, minilm_tokenizer):
     from transformers import AutoModelForSequenceClassification
 
