@@ -8,9 +8,11 @@ umask 022).
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -86,9 +88,16 @@ def staging_dir(target: str | Path) -> Iterator[Path]:
 
 
 def replace_dir(staging: Path, target: Path) -> None:
-    """Put the finished `staging` folder at `target`, replacing what was there in two renames."""
+    """Put the finished `staging` folder at `target`, replacing what was there.
+
+    On Linux the two folders swap in one step, so a reader (a server reloading, a second job)
+    sees the old folder or the new one, never none; elsewhere, or on a filesystem that cannot
+    swap, the old folder is renamed aside first, which leaves a moment with nothing at `target`.
+    """
     share_tree(staging)  # readable by other users on shared storage (mkdtemp and safetensors make 0700/0600)
-    if target.exists():
+    if target.is_dir() and exchange_paths(staging, target):
+        shutil.rmtree(staging, ignore_errors=True)  # now holds the old folder
+    elif target.exists():
         old = target.with_name(f".{target.name}.old-{os.getpid()}")
         shutil.rmtree(old, ignore_errors=True)
         target.rename(old)
@@ -96,3 +105,21 @@ def replace_dir(staging: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         staging.rename(target)
+
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+def exchange_paths(first: Path, second: Path) -> bool:
+    """Swap two existing paths atomically (Linux `renameat2` with RENAME_EXCHANGE); False where
+    the platform, the C library or the filesystem cannot, and nothing has moved."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # a C library older than glibc 2.28, or not glibc
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    renameat2.restype = ctypes.c_int
+    return renameat2(_AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), _RENAME_EXCHANGE) == 0
