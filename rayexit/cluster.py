@@ -103,10 +103,20 @@ def connect(
             ray.init(address=target, log_to_driver=log_to_driver)
     except ConnectionError as exc:
         raise RayexitError(f"could not connect to the Ray cluster at {target} ({exc}); {AUTH_HINT}") from None
-    except RuntimeError as exc:
-        # Ray raises RuntimeError for a missing token in token mode and for "no cluster found" with `auto`.
+    except _authentication_errors() as exc:  # token mode on, but no token found (or a wrong one)
+        reason = _first_line(exc)
+        raise RayexitError(f"could not connect to the Ray cluster at {target}: {reason}; {AUTH_HINT}") from None
+    except RuntimeError as exc:  # "no cluster found" with `auto`, among others
         raise RayexitError(f"could not connect to the Ray cluster at {target}: {_first_line(exc)}") from None
     return _describe(started=False)
+
+
+def _authentication_errors() -> tuple[type[BaseException], ...]:
+    """Ray's AuthenticationError (a RayError, not a RuntimeError, whatever Ray's docstring says)."""
+    from ray import exceptions
+
+    error = getattr(exceptions, "AuthenticationError", None)  # Ray releases before token authentication lack it
+    return (error,) if error is not None else ()
 
 
 @contextlib.contextmanager

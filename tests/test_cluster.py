@@ -12,7 +12,7 @@ from concurrent import futures
 import pytest
 from serve_process import free_port
 
-from rayexit.cluster import _preflight, wants_local
+from rayexit.cluster import _preflight, connect, wants_local
 from rayexit.errors import RayexitError
 
 
@@ -66,3 +66,20 @@ def test_a_token_cluster_without_the_token_mode_says_what_to_set(monkeypatch, to
     assert "\n" not in message
     monkeypatch.setenv("RAY_AUTH_MODE", "token")
     _preflight(token_gcs)  # in token mode ray.init sends the token and reports a wrong one itself
+
+
+def test_token_mode_without_a_token_is_one_line_with_the_hint(monkeypatch, token_gcs):
+    import ray
+    from ray.exceptions import AuthenticationError
+
+    def refuse(**kwargs):  # what ray.init raises in token mode when no token can be found
+        raise AuthenticationError("Token authentication is enabled but no authentication token was found.\nmore")
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", refuse)
+    with pytest.raises(RayexitError) as caught:
+        connect(token_gcs)
+    message = str(caught.value)
+    assert message.startswith(f"could not connect to the Ray cluster at {token_gcs}: Token authentication")
+    assert "RAY_AUTH_TOKEN" in message and "\n" not in message
