@@ -118,9 +118,15 @@ def test_trials_run_side_by_side_as_the_cluster_allows():
     from rayexit.tune.experiment import concurrent_trials
 
     spec = TuneSpec(workers=2)
-    assert concurrent_trials(spec, {"CPU": 2.0}) == 1  # 2 workers + the trial's token share do not fit twice
+    assert concurrent_trials(spec, {"CPU": 3.0}) == 1  # 2 workers + the trial's token share do not fit twice
     assert concurrent_trials(spec, {"CPU": 16.0}) == 7
-    assert concurrent_trials(TuneSpec(workers=1), {"CPU": 1.0}) == 1  # never zero
+    # not even once (2 + 0.01 > 2): refused, where Ray Train would wait for the workers without end
+    with pytest.raises(RayexitError, match=r"tune.workers: 2 worker\(s\) need 2 CPU\(s\).*use tune.workers 1 or less"):
+        concurrent_trials(spec, {"CPU": 2.0})
+    with pytest.raises(RayexitError, match="too few for one worker beside the trial; use trainer: local"):
+        concurrent_trials(TuneSpec(workers=1), {"CPU": 1.0})
+    with pytest.raises(RayexitError, match=r"8 CPU\(s\) and 0 GPU\(s\), too few for one worker with a GPU"):
+        concurrent_trials(TuneSpec(workers=1, use_gpu=True), {"CPU": 8.0})
     assert concurrent_trials(TuneSpec(workers=1, use_gpu=True), {"CPU": 32.0, "GPU": 4.0}) == 4
     assert concurrent_trials(TuneSpec(trainer="local"), {"CPU": 16.0}) is None  # its reservation decides
     assert concurrent_trials(TuneSpec(cpus_per_trial=2), {"CPU": 16.0}) is None

@@ -301,10 +301,24 @@ def concurrent_trials(spec: TuneSpec, cluster: dict) -> int | None:
     if spec.trainer == "local" or spec.cpus_per_trial is not None:
         return None
     per_trial = spec.workers * WORKER_CPUS + TRIAL_TOKEN_CPU
-    fit = int(float(cluster.get("CPU", 0)) // per_trial)
+    cpus = float(cluster.get("CPU", 0))
+    fit = int(cpus // per_trial)
     if spec.use_gpu:
         fit = min(fit, int(float(cluster.get("GPU", 0)) // spec.workers))
-    return max(1, fit)
+    if fit == 0:
+        # Not even one trial's workers fit: Ray Train would wait for them and retry without end.
+        gpus = f" and {spec.workers} GPU(s)" if spec.use_gpu else ""
+        most = max(int((cpus - TRIAL_TOKEN_CPU) // WORKER_CPUS), 0)
+        if spec.use_gpu:
+            most = min(most, int(float(cluster.get("GPU", 0))))
+        raise RayexitError(
+            f"tune.workers: {spec.workers} worker(s) need {spec.workers * WORKER_CPUS:g} CPU(s){gpus} beside the "
+            f"trial's {TRIAL_TOKEN_CPU}, the cluster has {cpus:g} CPU(s) and {float(cluster.get('GPU', 0)):g} GPU(s); "
+            f"use tune.workers {most} or less, or trainer: local" if most else
+            f"tune.workers: the cluster has {cpus:g} CPU(s) and {float(cluster.get('GPU', 0)):g} GPU(s), too few for "
+            f"one worker{' with a GPU' if spec.use_gpu else ''} beside the trial; use trainer: local"
+        )
+    return fit
 
 
 class ResumableLimiter(ConcurrencyLimiter):
