@@ -78,7 +78,7 @@ def connect(
     if ray.is_initialized():
         return _describe(started=False)
     if wants_local(address):
-        with _loopback_node_ip(), _handlers_kept(keep_signal_handlers):
+        with loopback_node_ip(), _handlers_kept(keep_signal_handlers):
             ray.init(
                 address="local",
                 num_cpus=num_cpus,
@@ -98,7 +98,7 @@ def connect(
         _preflight(target)
     loopback_only = target != "auto" and _is_loopback_only(target)
     try:
-        with _loopback_node_ip() if loopback_only else contextlib.nullcontext(), \
+        with loopback_node_ip() if loopback_only else contextlib.nullcontext(), \
                 _handlers_kept(keep_signal_handlers):
             ray.init(address=target, log_to_driver=log_to_driver)
     except ConnectionError as exc:
@@ -166,7 +166,7 @@ def _describe(started: bool) -> RayCluster:
 
 
 @contextlib.contextmanager
-def _loopback_node_ip() -> Iterator[None]:
+def loopback_node_ip() -> Iterator[None]:
     """Keep `node_ip_address=127.0.0.1` as given.
 
     On Linux Ray rewrites a loopback node address to the machine's outward IP, and its GCS, raylet

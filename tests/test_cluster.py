@@ -83,3 +83,26 @@ def test_token_mode_without_a_token_is_one_line_with_the_hint(monkeypatch, token
     message = str(caught.value)
     assert message.startswith(f"could not connect to the Ray cluster at {token_gcs}: Token authentication")
     assert "RAY_AUTH_TOKEN" in message and "\n" not in message
+
+
+def test_tunes_own_ray_starts_on_loopback_with_its_dashboard(monkeypatch):
+    """`rayexit tune` without an address starts Ray bound to loopback, as `rayexit.cluster` does."""
+    import ray
+    from ray._private import ray_constants
+
+    from rayexit.tune.experiment import connect as tune_connect
+
+    seen = {}
+
+    def record(**kwargs):
+        seen.update(kwargs, cluster_switch=ray_constants.ENABLE_RAY_CLUSTER)
+        return None
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", record)
+    monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", True)  # Linux's default: the rewrite would happen
+    tune_connect()
+    # held off during start-up (Ray then keeps 127.0.0.1 rather than the outward IP), put back after
+    assert seen["cluster_switch"] is False and ray_constants.ENABLE_RAY_CLUSTER is True
+    assert seen["_node_ip_address"] == "127.0.0.1" and seen["dashboard_host"] == "127.0.0.1"

@@ -168,10 +168,11 @@ def fit_prepared(
     num_workers, use_gpu, cpus_per_worker = options.num_workers, options.use_gpu, options.cpus_per_worker
     show_progress = options.show_progress
     import ray
-    from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     start = time.perf_counter()
+    resume_from = _resume_source(options.resume_from)  # a wrong path is named before Ray starts
     global_batch = settings.batch_size * num_workers
     if len(run.train_data) < global_batch:
         raise RayexitError(
@@ -200,6 +201,9 @@ def fit_prepared(
         "checkpoint_every": options.checkpoint_every,
         "show_progress": show_progress,
         "fault": fault,
+        # Train V2 refuses TorchTrainer(resume_from_checkpoint=...): the workers read the path
+        # themselves, and only when Ray has no checkpoint of this run to restore
+        "resume_from": resume_from,
     }
     trainer = TorchTrainer(
         _worker,
@@ -215,7 +219,6 @@ def fit_prepared(
             checkpoint_config=CheckpointConfig(num_to_keep=options.num_to_keep),
             callbacks=callbacks,
         ),
-        resume_from_checkpoint=Checkpoint.from_directory(options.resume_from) if options.resume_from else None,
     )
     try:
         result = trainer.fit()
@@ -269,7 +272,9 @@ def _worker(config: dict[str, Any]) -> dict:
         autocast = torch.bfloat16 if torch.cuda.is_bf16_supported() else None
 
     resume: LoopState | None = None
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = ray.train.get_checkpoint()  # this run's own latest (a restart, or the same name again)
+    if checkpoint is None and config.get("resume_from"):
+        checkpoint = ray.train.Checkpoint(config["resume_from"])
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             resume, extra = read_checkpoint(directory, model)
@@ -277,6 +282,12 @@ def _worker(config: dict[str, Any]) -> dict:
             raise RayexitError(
                 "the checkpoint to resume from was trained with other settings; "
                 "start a new run (another name) or resume with the same settings"
+            )
+        # Steps and the place in the epoch count global batches, whose size is per-worker batch x workers
+        if extra.get("world_size", world_size) != world_size:
+            raise RayexitError(
+                f"the checkpoint to resume from was trained with {extra['world_size']} worker(s), this run has "
+                f"{world_size}; resume with --num-workers {extra['world_size']}"
             )
         log.info("rank %d resumes at stage %d, step %d, epoch %d", rank, resume.stage, resume.step, resume.epoch)
 
@@ -292,9 +303,8 @@ def _worker(config: dict[str, Any]) -> dict:
             ray.train.report(metrics)
             return
         with tempfile.TemporaryDirectory(prefix="rayexit-ckpt-") as tmp:
-            directory = write_checkpoint(
-                Path(tmp) / "checkpoint", model, state, config["tokenizer"], {"settings": config["settings"]}
-            )
+            extra = {"settings": config["settings"], "world_size": world_size}
+            directory = write_checkpoint(Path(tmp) / "checkpoint", model, state, config["tokenizer"], extra)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
         print(f"rayexit-checkpoint step={metrics['global_step']} epoch_end={metrics['epoch_end']}", flush=True)
 
@@ -490,6 +500,26 @@ def _drop_checkpoints(result) -> None:
             result.checkpoint.filesystem.delete_dir(path)
         except Exception as exc:  # space, not correctness: the model is already in memory
             log.warning("%s: checkpoint not deleted (%s)", path, exc)
+
+
+def _resume_source(resume_from: str | None) -> str | None:
+    """`--resume-from` as every worker will read it: a URI as given, a local folder made absolute.
+
+    The workers may run on other nodes: a local folder must be on storage they all see.
+    """
+    if not resume_from:
+        return None
+    if "://" in resume_from:
+        return resume_from
+    path = Path(resume_from).expanduser().absolute()
+    from rayexit.train.checkpoints import STATE_FILE
+
+    if not (path / STATE_FILE).is_file():
+        raise RayexitError(
+            f"--resume-from: {resume_from} is not a training checkpoint (no {STATE_FILE}); pass a "
+            "checkpoint_* folder of a run's storage (STORAGE/NAME/checkpoint_...)"
+        )
+    return str(path)
 
 
 def _default_name(output: str | Path) -> str:

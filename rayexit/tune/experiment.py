@@ -359,17 +359,20 @@ def connect(address: str | None = None) -> str | None:
 
     if ray.is_initialized():
         return None
+    from rayexit.cluster import LOOPBACK, loopback_node_ip
+
     if address or os.environ.get("RAY_ADDRESS"):
         from rayexit.cluster import connect as join
 
         join(address, log_to_driver=True)  # one line, not a traceback, when a token is missing
         return None
-    context = ray.init(
-        include_dashboard=True,
-        dashboard_host="127.0.0.1",
-        _node_ip_address="127.0.0.1",
-        log_to_driver=True,
-    )
+    with loopback_node_ip():  # else Ray swaps 127.0.0.1 for the machine's outward address
+        context = ray.init(
+            include_dashboard=True,
+            dashboard_host=LOOPBACK,
+            _node_ip_address=LOOPBACK,
+            log_to_driver=True,
+        )
     url = getattr(context, "dashboard_url", None)
     return f"http://{url}" if url and "://" not in url else url
 
