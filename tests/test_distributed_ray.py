@@ -88,6 +88,8 @@ def test_killed_worker_resumes_from_checkpoint_and_finishes(ray_session, tmp_pat
     assert marker.exists(), "the worker was never killed; the test proved nothing"
     assert result.steps == 6
     assert [h["epoch"] for h in result.history] == [1, 2, 3]
+    # every epoch's row, though Ray keeps 2 checkpoints (and, in its own results, only their rows)
+    assert [(row["epoch"], row["global_step"]) for row in result.metrics] == [(1, 2), (2, 4), (3, 6)]
     # resumed from the epoch-1 checkpoint: the same weights as a run that was never interrupted
     assert_same_weights(run.model, reference_weights("joint", 16, 3))
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from test_distributed import PER_WORKER, settings_for, toy_data, toy_model
 
 from rayexit.tasks import task_named
-from rayexit.train.distributed import fit_prepared
+from rayexit.train.distributed import _default_name, fit_prepared
 from rayexit.train.recipe import PreparedRun
 
 
@@ -25,6 +25,14 @@ def test_checkpoints_go_to_a_file_uri_and_can_be_dropped_after_training(ray_sess
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))  # the epochs, kept
     assert not [p for p in run_dir.glob("checkpoint_*") if p.is_dir()]  # the model is in memory (the caller saves it)
     assert result.steps == 8 and [h["epoch"] for h in result.history] == [1, 2]  # 16 examples / batch 4, 2 epochs
+    # Ray's list of the dropped checkpoints goes too: a run of the same name (a trial rerun) would
+    # find it naming folders that are gone and refuse the folder as corrupted
+    assert not (run_dir / "checkpoint_manager_snapshot.json").exists()
+    again = fit_prepared(
+        PreparedRun(task_named("sequence"), toy_model(), None, data, data), settings, num_workers=1,
+        storage_path=f"file://{store}", name="uri", show_progress=False, keep_checkpoints=False,
+    )
+    assert again.steps == 8 and [h["epoch"] for h in again.history] == [1, 2]  # afresh
 
 
 def train_in_trial(config: dict) -> None:
@@ -38,7 +46,7 @@ def train_in_trial(config: dict) -> None:
     result = fit_prepared(run, settings_for("joint", PER_WORKER), num_workers=1, name="train", show_progress=False)
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "model.txt").write_text("the trial's one checkpoint")
-        metrics = {"run_path": result.run_path, "steps": result.steps}
+        metrics = {"run_path": result.run_path, "steps": result.steps, "default_name": _default_name("out/model")}
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
 
 
@@ -65,3 +73,6 @@ def test_a_trial_keeps_one_checkpoint_and_its_train_run_lives_in_the_experiment(
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     assert not [p for p in run_dir.glob("checkpoint_*") if p.is_dir()]  # Ray Train's copy dropped after training
     assert [p.name for p in trial_dir.glob("checkpoint_*/model.txt")] == ["model.txt"]
+    # a trial's run is named after the trial, not the clock: Tuner.restore's rerun of it resumes that run
+    assert result.metrics["default_name"] == f"train-{result.metrics['trial_id']}"
+    assert _default_name("out/model").startswith("rayexit-model-")  # outside a trial: a new run each time

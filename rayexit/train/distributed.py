@@ -52,7 +52,7 @@ class DistributedResult:
     wall_seconds: float = 0.0  # the whole call: Ray start-up, workers, checkpoints, final save
     checkpoint: str | None = None  # the run's latest checkpoint (a model directory + resume state)
     run_path: str | None = None  # Ray Train's run folder: checkpoints, metrics, tensorboard/
-    metrics: list[dict] = field(default_factory=list)  # what reached Ray's results, one row per report
+    metrics: list[dict] = field(default_factory=list)  # one row per epoch, as each epoch's report to Ray had it
 
 
 def allreduce_mean(grads: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -233,9 +233,9 @@ def fit_prepared(
     if options.keep_checkpoints is False or (options.keep_checkpoints is None and in_tune and own_storage):
         _drop_checkpoints(result)
     summary = result.return_value or {}
-    metrics = []
-    if result.metrics_dataframe is not None:
-        metrics = result.metrics_dataframe.to_dict("records")
+    # Not result.metrics_dataframe: Train V2 builds it from the checkpoints it kept (num_to_keep), so
+    # a 3-epoch run would show its last two epochs only
+    metrics = _epoch_rows(summary.get("history", []))
     return DistributedResult(
         model_dir=Path(result.checkpoint.path),
         seconds=summary.get("seconds", 0.0),
@@ -298,7 +298,7 @@ def _worker(config: dict[str, Any]) -> dict:
     def on_checkpoint(state: LoopState, record: dict | None) -> None:
         if record is not None and world_size > 1:
             record["loss"] = _mean_over_workers(record["loss"], device)  # each rank saw only its slice
-        metrics = _flat_metrics(record, state)
+        metrics = _flat_metrics(record, state.steps_before + state.step)
         if rank != 0:  # identical weights everywhere: rank 0 alone writes them
             ray.train.report(metrics)
             return
@@ -339,9 +339,9 @@ def _mean_over_workers(value: float, device: torch.device | None) -> float:
     return tensor.item() / dist.get_world_size()
 
 
-def _flat_metrics(record: dict | None, state: LoopState) -> dict:
+def _flat_metrics(record: dict | None, global_step: int) -> dict:
     """Scalars for Ray's results and TensorBoard; per-exit accuracy as exit{i}_accuracy."""
-    metrics: dict[str, Any] = {"global_step": state.steps_before + state.step, "epoch_end": record is not None}
+    metrics: dict[str, Any] = {"global_step": global_step, "epoch_end": record is not None}
     if record is not None:
         metrics.update({k: v for k, v in record.items() if not isinstance(v, list)})
         for key, values in record.items():  # per-exit lists (exit_accuracy, exit_f1) as exit{i}_accuracy ...
@@ -349,6 +349,17 @@ def _flat_metrics(record: dict | None, state: LoopState) -> dict:
                 for i, value in enumerate(values, start=1):
                     metrics[f"exit{i}_{key[len('exit_'):]}"] = value
     return metrics
+
+
+def _epoch_rows(history: list[dict]) -> list[dict]:
+    """The epoch records as their reports had them (a stage's `step` counts from 0; global_step does not)."""
+    rows, before, previous = [], 0, None
+    for record in history:
+        if previous is not None and record["stage"] != previous["stage"]:
+            before += previous["step"]
+        rows.append(_flat_metrics(record, before + record["step"]))
+        previous = record
+    return rows
 
 
 def _fault_injecting(average, rank: int, fault: dict):
@@ -490,16 +501,30 @@ def _tensorboard_dir(storage_path: str, filesystem, name: str) -> str:
     return str(Path(os.path.expanduser(DEFAULT_STORAGE_PATH)) / name / "tensorboard")
 
 
+# Train V2's record of a run's checkpoints, in the run folder: it must go with them, or a later run of
+# the same name (a Tune trial rerun by Tuner.restore) finds it naming folders that are gone and refuses
+RUN_SNAPSHOT = "checkpoint_manager_snapshot.json"
+
+
 def _drop_checkpoints(result) -> None:
-    """Delete a finished run's checkpoint folders (resume state only); metrics and TensorBoard stay."""
+    """Delete a finished run's checkpoint folders (resume state only) and Ray's list of them;
+    TensorBoard logs stay. A run of the same name afterwards starts afresh."""
     seen = {(c.path) for c, _ in (result.best_checkpoints or [])}
     if result.checkpoint is not None:
         seen.add(result.checkpoint.path)
+    filesystem = result.checkpoint.filesystem
     for path in sorted(seen):
         try:
-            result.checkpoint.filesystem.delete_dir(path)
+            filesystem.delete_dir(path)
         except Exception as exc:  # space, not correctness: the model is already in memory
             log.warning("%s: checkpoint not deleted (%s)", path, exc)
+    snapshot = f"{str(result.path).rstrip('/')}/{RUN_SNAPSHOT}"
+    try:
+        filesystem.delete_file(snapshot)
+    except FileNotFoundError:
+        pass
+    except Exception as exc:
+        log.warning("%s: not deleted (%s); a run of the same name would refuse this folder", snapshot, exc)
 
 
 def _resume_source(resume_from: str | None) -> str | None:
@@ -523,7 +548,25 @@ def _resume_source(resume_from: str | None) -> str | None:
 
 
 def _default_name(output: str | Path) -> str:
+    """Timestamped, so a rerun starts afresh; inside a Tune trial the same on every attempt of the
+    trial, so a trial `Tuner.restore` reruns resumes from its run's checkpoints."""
+    trial_id = _tune_trial_id()
+    if trial_id is not None:
+        return f"train-{trial_id}"
     return f"rayexit-{Path(output).name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _tune_trial_id() -> str | None:
+    try:
+        from ray.tune.trainable.trainable_fn_utils import _in_tune_session
+
+        if not _in_tune_session():
+            return None
+        import ray.tune
+
+        return ray.tune.get_context().get_trial_id()
+    except (ImportError, AttributeError, RuntimeError):
+        return None
 
 
 def _root_message(exc: BaseException) -> str:
