@@ -114,6 +114,15 @@ def test_resume_from_names_another_runs_checkpoint_and_training_continues_from_i
         fit_prepared(prepared(), settings, num_workers=2, resume_from=str(tmp_path / "first"))
 
 
+def test_several_nodes_without_storage_path_are_refused_before_training(ray_session, monkeypatch):
+    import ray
+
+    node = {"Alive": True, "Resources": {"CPU": 1.0}}
+    monkeypatch.setattr(ray, "nodes", lambda: [dict(node, NodeID="a"), dict(node, NodeID="b")])
+    with pytest.raises(RayexitError, match="--storage-path: the Ray cluster has 2 nodes"):
+        fit_prepared(prepared(), settings_for("joint", PER_WORKER), num_workers=1, show_progress=False)
+
+
 def test_more_workers_than_the_cluster_has_fails_fast(ray_session, tmp_path):
     started = time.monotonic()
     with pytest.raises(RayexitError, match=r"asked for 5 worker\(s\) x 1 CPU.*2 CPU\(s\)"):

@@ -184,6 +184,8 @@ def fit_prepared(
     _check_request(num_workers, cpus_per_worker, use_gpu)
     own_storage = options.storage_path is None
     storage_path, filesystem, name, in_tune = _storage(options.storage_path, options.name)
+    if own_storage and not in_tune:
+        _check_storage_reachable()
     callbacks = [TensorBoardCallback(_tensorboard_dir(storage_path, filesystem, name))]
     if options.report_to_tune:
         if not in_tune:
@@ -444,6 +446,19 @@ def _check_request(num_workers: int, cpus_per_worker: float, use_gpu: bool) -> N
         f"asked for {asked}, but the Ray cluster has {total_cpu:g} CPU(s) and {total_gpu:g} GPU(s) "
         f"on {len(nodes)} node(s), room for {fit} such worker(s); use --num-workers {max(fit, 1)} or a bigger cluster"
     )
+
+
+def _check_storage_reachable() -> None:
+    """Without --storage-path checkpoints go to Ray's default, a folder on each node's own disk:
+    on more than one node Ray refuses that at the first checkpoint, after training has started."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) > 1:
+        raise RayexitError(
+            f"--storage-path: the Ray cluster has {len(nodes)} nodes, and checkpoints need storage every node "
+            "reaches; pass a folder all nodes mount (an absolute path) or a URI such as s3://bucket/runs"
+        )
 
 
 def _storage(storage_path: str | None, name: str | None) -> tuple[str, object | None, str, bool]:
