@@ -312,3 +312,18 @@ def test_token_loss_shares_average_to_the_whole_when_a_slice_has_no_live_word_at
     torch.testing.assert_close((shares[0] + shares[1]) / 2, whole)
     plain = [weighted_token_loss([z[h] for z in logits], labels[h], halt[h]) for h in halves]
     assert not torch.allclose((plain[0] + plain[1]) / 2, whole)
+
+
+def test_epoch_rows_count_global_steps_across_stages():
+    from rayexit.train.distributed import _epoch_rows
+
+    history = [  # DeeBERT: 2 epochs of 3 steps in stage 1, then 2 of 3 in stage 2
+        {"stage": "deebert-1", "epoch": 1, "step": 3, "loss": 0.9, "exit_accuracy": [0.5, 0.7]},
+        {"stage": "deebert-1", "epoch": 2, "step": 6, "loss": 0.5, "exit_accuracy": [0.5, 0.8]},
+        {"stage": "deebert-2", "epoch": 1, "step": 3, "loss": 0.7, "exit_accuracy": [0.6, 0.8]},
+        {"stage": "deebert-2", "epoch": 2, "step": 6, "loss": 0.6, "exit_accuracy": [0.7, 0.8]},
+    ]
+    rows = _epoch_rows(history)
+    assert [row["global_step"] for row in rows] == [3, 6, 9, 12]
+    assert rows[2]["exit1_accuracy"] == 0.6 and rows[3]["exit2_accuracy"] == 0.8 and rows[1]["loss"] == 0.5
+    assert all(row["epoch_end"] for row in rows)
