@@ -99,7 +99,7 @@ def test_resume_from_names_another_runs_checkpoint_and_training_continues_from_i
     settings.epochs = 3
     fit_prepared(prepared(), settings, num_workers=2, storage_path=str(tmp_path), name="first", num_to_keep=None,
                  show_progress=False)
-    checkpoints = sorted((tmp_path / "first").glob("checkpoint_*"))
+    checkpoints = sorted(p for p in (tmp_path / "first").glob("checkpoint_*") if p.is_dir())
     assert len(checkpoints) == 3  # one per epoch, all kept
     after_one = next(path for path in checkpoints if read_checkpoint(path, toy_model())[0].step == 2)  # 2 steps/epoch
     run = prepared()
