@@ -470,13 +470,7 @@ def _storage(storage_path: str | None, name: str | None) -> tuple[str, object | 
     """
     from rayexit.storage import check_job_path, ray_storage_path
 
-    in_tune = False
-    try:
-        from ray.tune.trainable.trainable_fn_utils import _in_tune_session
-
-        in_tune = bool(_in_tune_session())
-    except ImportError:
-        pass
+    in_tune = _in_tune()
     if in_tune and storage_path is None:
         trial = _trial_storage()
         if trial is not None:
@@ -571,16 +565,22 @@ def _default_name(output: str | Path) -> str:
     return f"rayexit-{Path(output).name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def _tune_trial_id() -> str | None:
+def _in_tune() -> bool:
     try:
         from ray.tune.trainable.trainable_fn_utils import _in_tune_session
+    except ImportError:
+        return False
+    return bool(_in_tune_session())
 
-        if not _in_tune_session():
-            return None
-        import ray.tune
 
+def _tune_trial_id() -> str | None:
+    if not _in_tune():
+        return None
+    import ray.tune
+
+    try:
         return ray.tune.get_context().get_trial_id()
-    except (ImportError, AttributeError, RuntimeError):
+    except (AttributeError, RuntimeError):
         return None
 
 
