@@ -96,20 +96,23 @@ def test_killed_worker_resumes_from_checkpoint_and_finishes(ray_session, tmp_pat
 
 def test_resume_from_names_another_runs_checkpoint_and_training_continues_from_it(ray_session, tmp_path):
     settings = settings_for("joint", PER_WORKER)
-    settings.epochs = 3
     fit_prepared(prepared(), settings, num_workers=2, storage_path=str(tmp_path), name="first", num_to_keep=None,
                  show_progress=False)
     checkpoints = sorted(p for p in (tmp_path / "first").glob("checkpoint_*") if p.is_dir())
-    assert len(checkpoints) == 3  # one per epoch, all kept
+    assert len(checkpoints) == 2  # one per epoch, all kept
     after_one = next(path for path in checkpoints if read_checkpoint(path, toy_model())[0].step == 2)  # 2 steps/epoch
     run = prepared()
     resumed = fit_prepared(run, settings, num_workers=2, storage_path=str(tmp_path), name="second",
                            resume_from=str(after_one), show_progress=False)
-    assert [h["epoch"] for h in resumed.history] == [1, 2, 3]  # epoch 1 came with the checkpoint
-    assert_same_weights(run.model, reference_weights("joint", 16, 3))
-    with pytest.raises(RayexitError, match="with 2 worker\\(s\\), this run has 1; resume with --num-workers 2"):
-        fit_prepared(prepared(), settings, num_workers=1,
-                     storage_path=str(tmp_path), name="third", resume_from=str(after_one), show_progress=False)
+    assert [h["epoch"] for h in resumed.history] == [1, 2]  # epoch 1 came with the checkpoint
+    assert_same_weights(run.model, reference_weights("joint", 16, 2))
+    # refused before Ray starts any worker: another worker count, other settings, not a checkpoint
+    with pytest.raises(RayexitError, match=r"--resume-from: .* 2 worker\(s\), this run has 1; .*--num-workers 2"):
+        fit_prepared(prepared(), settings, num_workers=1, resume_from=str(after_one))
+    other = settings_for("joint", PER_WORKER)
+    other.lr = 0.5
+    with pytest.raises(RayexitError, match="--resume-from: .* was trained with other settings"):
+        fit_prepared(prepared(), other, num_workers=2, resume_from=str(after_one))
     with pytest.raises(RayexitError, match="--resume-from: .* is not a training checkpoint"):
         fit_prepared(prepared(), settings, num_workers=2, resume_from=str(tmp_path / "first"))
 

@@ -172,7 +172,8 @@ def fit_prepared(
     from ray.train.torch import TorchTrainer
 
     start = time.perf_counter()
-    resume_from = _resume_source(options.resume_from)  # a wrong path is named before Ray starts
+    # a wrong path, other settings or another worker count are named before Ray starts
+    resume_from = _resume_source(options.resume_from, settings, num_workers)
     global_batch = settings.batch_size * num_workers
     if len(run.train_data) < global_batch:
         raise RayexitError(
@@ -536,22 +537,35 @@ def _drop_checkpoints(result) -> None:
         log.warning("%s: not deleted (%s); a run of the same name would refuse this folder", snapshot, exc)
 
 
-def _resume_source(resume_from: str | None) -> str | None:
+def _resume_source(resume_from: str | None, settings: TrainSettings, num_workers: int) -> str | None:
     """`--resume-from` as every worker will read it: a URI as given, a local folder made absolute.
 
-    The workers may run on other nodes: a local folder must be on storage they all see.
+    The workers may run on other nodes: a local folder must be on storage they all see. A local
+    checkpoint's settings and worker count are checked here, before Ray starts (the workers check
+    again, for URIs and for a run's own checkpoints).
     """
     if not resume_from:
         return None
     if "://" in resume_from:
         return resume_from
     path = Path(resume_from).expanduser().absolute()
+    from rayexit.reading import read_json
     from rayexit.train.checkpoints import STATE_FILE
 
     if not (path / STATE_FILE).is_file():
         raise RayexitError(
             f"--resume-from: {resume_from} is not a training checkpoint (no {STATE_FILE}); pass a "
             "checkpoint_* folder of a run's storage (STORAGE/NAME/checkpoint_...)"
+        )
+    extra = read_json(path / STATE_FILE).get("extra") or {}
+    if extra.get("settings", settings.to_dict()) != settings.to_dict():
+        raise RayexitError(
+            f"--resume-from: {resume_from} was trained with other settings; resume with the same settings"
+        )
+    if extra.get("world_size", num_workers) != num_workers:
+        raise RayexitError(
+            f"--resume-from: {resume_from} was trained with {extra['world_size']} worker(s), this run has "
+            f"{num_workers}; resume with --num-workers {extra['world_size']}"
         )
     return str(path)
 
