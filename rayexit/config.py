@@ -55,6 +55,10 @@ class TrainSettings:
     # fine-tune's step: no inner exits, no distillation, no projection) before the one-stage
     # phase; 0 trains every exit from step 0 (the paper's)
     final_only_warmup: float = 0.0
+    # RomeBERT: factor on the inner exits' gradient where it enters the encoder (their heads still
+    # take it whole); 1 is the paper's. Below 1 the inner exits pull less on the layers the final
+    # exit also reads; 0 trains the inner heads on a backbone that only the final exit shapes.
+    exit_grad_scale: float = 1.0
     temperature: float = 3.0
     # RomeBERT: weight of the final exit's cross-entropy against the inner exits' summed loss (the
     # paper's L has 1). In layers 1-2 the inner exits' gradient is 1.7-3.5x the final exit's on a
@@ -106,6 +110,7 @@ class TrainSettings:
         _in_range("gamma", self.gamma, "[0, 1]")
         _in_range("gamma_warmup", self.gamma_warmup, "[0, 1]", "a fraction of training")
         _in_range("final_only_warmup", self.final_only_warmup, "[0, 1)", "a fraction of training")
+        _in_range("exit_grad_scale", self.exit_grad_scale, "[0, 1]")
         _in_range("warmup_ratio", self.warmup_ratio, "[0, 1)")
         _in_range("sampling_max_threshold", self.sampling_max_threshold, "(0, 1]")
         _in_range("dropout", self.dropout, "[0, 1)")

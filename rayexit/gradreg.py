@@ -52,32 +52,61 @@ class ProjectingFork(torch.autograd.Function):
     exit's own) and combines them with the projection above, over the whole [B, S, H] tensor. It
     is `gr_scope: hidden`: the conflict is judged on the activations, layer by layer, during one
     backward pass, instead of on the parameters after two.
+
+    `branch_scale` (`exit_grad_scale`) multiplies the exit's gradient before the two meet; a
+    positive factor does not change whether they conflict, only how hard the exit pulls.
     """
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx, hidden: torch.Tensor, branch_leads: bool, conflicts: list[bool], per_example: bool = False
+        ctx, hidden: torch.Tensor, branch_leads: bool, conflicts: list[bool], per_example: bool = False,
+        branch_scale: float = 1.0,
     ):
         ctx.branch_leads = branch_leads
         ctx.conflicts = conflicts  # backward appends whether this layer's two gradients conflicted
         ctx.per_example = per_example
+        ctx.branch_scale = branch_scale
         return hidden.view_as(hidden), hidden.view_as(hidden)
 
     @staticmethod
     def backward(ctx, through: torch.Tensor | None, branch: torch.Tensor | None):  # type: ignore[override]
+        unused = None, None, None, None
+        if branch is not None and ctx.branch_scale != 1.0:
+            branch = branch * ctx.branch_scale
         if through is None or branch is None:  # one side unused: nothing to weigh against
-            return (branch if through is None else through), None, None, None
+            return (branch if through is None else through), *unused
         leader, other = (branch, through) if ctx.branch_leads else (through, branch)
         if ctx.per_example:
-            return _project_per_example(leader, other, ctx.conflicts), None, None, None
+            return _project_per_example(leader, other, ctx.conflicts), *unused
         sums = torch.stack([(other.double() * leader.double()).sum(), (leader.double() ** 2).sum()])
         _sum_over_workers(sums)
         dot, norm_sq = sums.tolist()
         conflict = dot < 0 and norm_sq > 0
         ctx.conflicts.append(conflict)
         if not conflict:
-            return leader + other, None, None, None
-        return leader + other - (dot / norm_sq) * leader, None, None, None
+            return leader + other, *unused
+        return leader + other - (dot / norm_sq) * leader, *unused
+
+
+class ScaledBranch(torch.autograd.Function):
+    """A layer's output handed to the layers above as is and to its exit with its gradient scaled.
+
+    `exit_grad_scale` where no projection runs at the hidden states (the parameter scopes, or
+    `gr_direction: none`): forward is the identity on both sides, backward adds the exit's
+    gradient times `scale` to the layers above's.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, scale: float):  # type: ignore[override]
+        ctx.scale = scale
+        return hidden.view_as(hidden), hidden.view_as(hidden)
+
+    @staticmethod
+    def backward(ctx, through: torch.Tensor | None, branch: torch.Tensor | None):  # type: ignore[override]
+        if branch is None:
+            return through, None
+        branch = branch * ctx.scale
+        return (branch if through is None else through + branch), None
 
 
 def _project_per_example(leader: torch.Tensor, other: torch.Tensor, conflicts: list[bool]) -> torch.Tensor:

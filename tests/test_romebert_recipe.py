@@ -162,3 +162,70 @@ def test_the_loop_runs_the_final_only_warmup_for_its_fraction(monkeypatch):
 def test_final_only_warmup_must_be_a_fraction_below_one(bad):
     with pytest.raises(RayexitError, match="final_only_warmup"):
         TrainSettings(final_only_warmup=bad)
+
+
+def romebert_update(model, batch, **overrides) -> dict[int, torch.Tensor]:
+    """The combined (applied) gradient of one RomeBERT step, by parameter id."""
+    settings = TrainSettings(gamma=0.9, temperature=3.0, final_weight=3.0, **overrides)
+    stage = build_stages(model, settings)[0]
+    grads, _, combine = stage.step(model, batch, stage.params, settings, 0)
+    return {id(p): g for p, g in zip(stage.params, combine(grads)[0])}
+
+
+@pytest.mark.parametrize(
+    "path",
+    [{"gr_scope": "hidden"}, {"gr_scope": "hidden_per_example"}, {"gr_scope": "encoder"},
+     {"gr_scope": "encoder", "gr_direction": "none"}],
+)
+def test_exit_grad_scale_zero_leaves_the_encoder_to_the_final_exit(path):
+    model = tiny_sequence_model(layers=3)
+    model.eval()  # dropout off: every call sees the same forward
+    batch = batch_of()
+    ids, mask, labels = batch
+    update = romebert_update(model, batch, exit_grad_scale=0.0, **path)
+    final_alone = torch.autograd.grad(3.0 * F.cross_entropy(model(ids, mask)[-1], labels),
+                                      model.backbone_parameters(), allow_unused=True)
+    for p, expected in zip(model.backbone_parameters(), final_alone):
+        expected = torch.zeros_like(p) if expected is None else expected
+        assert torch.allclose(update[id(p)], expected, atol=1e-6)
+    assert any(g.abs().sum() > 0 for g in final_alone if g is not None)
+    # the inner heads still learn, exactly as they do at the paper's scale of 1
+    whole = romebert_update(model, batch, exit_grad_scale=1.0, **path)
+    inner_heads = [p for head in model.heads.exits[:-1] for p in head.parameters()]
+    for p in inner_heads:
+        assert torch.allclose(update[id(p)], whole[id(p)], atol=1e-6)
+    assert all(update[id(p)].abs().sum() > 0 for p in inner_heads[:2])
+
+
+def test_exit_grad_scale_weighs_the_inner_exits_pull_linearly_without_projection():
+    """No projection: the encoder's update is w * g_final + scale * g_exits, so scale 0.25 lies a
+    quarter of the way from scale 0 to scale 1."""
+    model = tiny_sequence_model(layers=3)
+    model.eval()
+    batch = batch_of()
+    updates = {scale: romebert_update(model, batch, exit_grad_scale=scale, gr_scope="encoder", gr_direction="none")
+               for scale in (0.0, 0.25, 1.0)}
+    moved = False
+    for p in model.backbone_parameters():
+        low, quarter, high = (updates[s][id(p)] for s in (0.0, 0.25, 1.0))
+        assert torch.allclose(quarter, low + 0.25 * (high - low), atol=1e-6)
+        moved |= bool((high - low).abs().sum() > 0)
+    assert moved  # the inner exits do pull on the encoder at scale 1
+
+
+def test_exit_grad_scale_scales_the_branch_before_the_projection():
+    """`ProjectingFork` on one hidden state: the exit's gradient enters at `scale` times its size."""
+    from rayexit.gradreg import ProjectingFork
+
+    hidden = torch.randn(2, 3, 4, requires_grad=True)
+    # all-positive gradients agree (positive inner product): no projection, a plain sum
+    up, down = torch.rand(2, 3, 4), torch.rand(2, 3, 4)
+    through, branch = ProjectingFork.apply(hidden, False, [], False, 0.5)
+    (through * up + branch * down).sum().backward()
+    assert torch.allclose(hidden.grad, up + 0.5 * down)
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan"), "x", True])
+def test_exit_grad_scale_must_lie_in_zero_one(bad):
+    with pytest.raises(RayexitError, match="exit_grad_scale"):
+        TrainSettings(exit_grad_scale=bad)

@@ -221,7 +221,7 @@ def resume(path: str, fresh: dict) -> dict:
 
 # Settings added after benchmark JSONs were written, with the value every run had before the
 # setting existed (not today's default: `final_weight` was 1 until it became a setting).
-ADDED_SETTINGS = {"final_weight": 1.0, "exit_weights": "uniform", "final_only_warmup": 0.0}
+ADDED_SETTINGS = {"final_weight": 1.0, "exit_weights": "uniform", "final_only_warmup": 0.0, "exit_grad_scale": 1.0}
 
 
 def with_added_settings(stored: dict) -> dict:

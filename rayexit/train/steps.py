@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from rayexit.config import HIDDEN_SCOPES, TrainSettings
-from rayexit.gradreg import ProjectingFork, combine_with_projection
+from rayexit.gradreg import ProjectingFork, ScaledBranch, combine_with_projection
 from rayexit.losses import joint_loss, live_word_counts, pabee_loss, romebert_losses, weighted_token_loss
 from rayexit.policy import ExitPolicy
 
@@ -138,7 +138,10 @@ def romebert_step(model, batch, params, settings, epoch, progress: float = 1.0):
     gamma = distillation_weight(settings.gamma, settings.gamma_warmup, progress)
     if settings.gr_scope in HIDDEN_SCOPES and settings.gr_direction != "none":
         return romebert_hidden_step(model, batch, params, settings, gamma)
-    final, exits = romebert_losses(model(ids, mask), labels, gamma, settings.temperature, settings.exit_weights)
+    final, exits = romebert_losses(
+        exit_logits_scaled(model, ids, mask, settings.exit_grad_scale), labels, gamma, settings.temperature,
+        settings.exit_weights,
+    )
     # Scaling the leader leaves the projection unchanged (it depends on the leader's direction
     # only), so with `final` leading the weight shifts the update's balance and nothing else.
     final = settings.final_weight * final
@@ -177,8 +180,9 @@ def romebert_hidden_step(model, batch, params, settings: TrainSettings, gamma: f
     branch_leads = settings.gr_direction == "reverse"
     per_example = settings.gr_scope == "hidden_per_example"
     conflicts: list[bool] = []
+    scale = settings.exit_grad_scale
     states = model.layer_states(
-        ids, mask, fork=lambda hidden: ProjectingFork.apply(hidden, branch_leads, conflicts, per_example)
+        ids, mask, fork=lambda hidden: ProjectingFork.apply(hidden, branch_leads, conflicts, per_example, scale)
     )
     logits = [model.exit_logits(index, state, mask) for index, state in enumerate(states)]
     final, exits = romebert_losses(logits, labels, gamma, settings.temperature, settings.exit_weights)
@@ -189,6 +193,14 @@ def romebert_hidden_step(model, batch, params, settings: TrainSettings, gamma: f
         return averaged, any(conflicts)
 
     return grads, loss.item(), combine
+
+
+def exit_logits_scaled(model, ids: torch.Tensor, mask: torch.Tensor, scale: float) -> list[torch.Tensor]:
+    """Every exit's logits, the inner exits' gradient into the encoder times `scale` (`exit_grad_scale`)."""
+    if scale == 1.0:
+        return model(ids, mask)
+    states = model.layer_states(ids, mask, fork=lambda hidden: ScaledBranch.apply(hidden, scale))
+    return [model.exit_logits(index, state, mask) for index, state in enumerate(states)]
 
 
 def projected_mask(model, params, settings: TrainSettings) -> list[bool]:
