@@ -26,6 +26,7 @@ from test_token_exits import TAGS, tiny_tagger
 from rayexit.config import TrainSettings
 from rayexit.data.conll import TaggedSentences, make_batch, token_batches
 from rayexit.data.encode import EncodedSet, iterate_batches
+from rayexit.errors import RayexitError
 from rayexit.losses import live_word_counts, weighted_token_loss
 from rayexit.tasks import task_named
 from rayexit.train.loop import train_model
@@ -327,3 +328,11 @@ def test_epoch_rows_count_global_steps_across_stages():
     assert [row["global_step"] for row in rows] == [3, 6, 9, 12]
     assert rows[2]["exit1_accuracy"] == 0.6 and rows[3]["exit2_accuracy"] == 0.8 and rows[1]["loss"] == 0.5
     assert all(row["epoch_end"] for row in rows)
+
+
+def test_train_v1_switched_on_is_refused_by_name(monkeypatch):
+    from rayexit.train.distributed import fit_prepared
+
+    monkeypatch.setenv("RAY_TRAIN_V2_ENABLED", "0")
+    with pytest.raises(RayexitError, match="RAY_TRAIN_V2_ENABLED.*Train V1"):
+        fit_prepared(None, TrainSettings(), num_workers=1)

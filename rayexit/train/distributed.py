@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from ray.train import UserCallback
 
 from rayexit.cluster import connect as connect_ray
 from rayexit.config import TrainSettings
@@ -172,6 +173,7 @@ def fit_prepared(
     from ray.train.torch import TorchTrainer
 
     start = time.perf_counter()
+    _require_train_v2()
     # a wrong path, other settings or another worker count are named before Ray starts
     resume_from = _resume_source(options.resume_from, settings, num_workers)
     global_batch = settings.batch_size * num_workers
@@ -383,17 +385,18 @@ def _fault_injecting(average, rank: int, fault: dict):
 # -- driver-side helpers ---------------------------------------------------------------------
 
 
-class _TensorBoardBase:
-    pass
+def _require_train_v2() -> None:
+    """The run's pieces (`UserCallback`, the return value, Tune's report callback) exist in Train V2 only."""
+    from ray.train.v2._internal.constants import V2_ENABLED_ENV_VAR, is_v2_enabled
+
+    if not is_v2_enabled():
+        raise RayexitError(
+            f"{V2_ENABLED_ENV_VAR}: Ray Train V1 is switched on in this environment; rayexit trains on Train V2 "
+            f"(Ray's default): unset {V2_ENABLED_ENV_VAR} or set it to 1"
+        )
 
 
-try:
-    from ray.train import UserCallback as _UserCallback
-except ImportError:  # Ray Train V1: no user callbacks; TensorBoard logging is then skipped
-    _UserCallback = _TensorBoardBase
-
-
-class TensorBoardCallback(_UserCallback):
+class TensorBoardCallback(UserCallback):
     """Writes every report's scalars to TensorBoard; runs in Ray Train's controller (driver node)."""
 
     def __init__(self, logdir: str) -> None:
