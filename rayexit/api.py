@@ -158,14 +158,11 @@ def load(path: str | Path, *, device: str = "cpu", dtype: Any = None, task: str 
     """The model directory at `path` with its tokenizer; `task` refuses a directory of the other task.
 
     `device` is where the model runs (`cpu`, `cuda`, `auto`: a GPU when there is one), for both tasks.
-    `dtype` (`float16`, `bfloat16`, a torch dtype; None or `auto`: float32, whatever was saved) is what the
-    weights run in; half precision suits a GPU, on a CPU it is usually slower.
+    `dtype` is what the weights run in: None is float32, `auto` the dtype they were saved in, else
+    `float16`, `bfloat16` or a torch dtype; half precision suits a GPU, on a CPU it is usually slower.
     """
-    from rayexit.models.hf import _torch_dtype
-
-    chosen_dtype = None if dtype in (None, "auto") else _torch_dtype(dtype)  # refused before anything loads
     directory = ModelDir(path)
-    model = directory.load_model(expected_task=task)
+    model = directory.load_model(expected_task=task, dtype=dtype)
     tokenizer = directory.load_tokenizer()
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -174,8 +171,6 @@ def load(path: str | Path, *, device: str = "cpu", dtype: Any = None, task: str 
             model = model.to(torch.device(device))
         except (RuntimeError, AssertionError) as exc:
             raise RayexitError(f"device: could not use {device!r} ({exc})") from None
-    if chosen_dtype is not None:
-        model = model.to(dtype=chosen_dtype)
     return LoadedModel(model, tokenizer, Path(path))
 
 

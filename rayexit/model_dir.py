@@ -94,9 +94,17 @@ class ModelDir:
         path = self.path / TRAINING_FILE
         return json.loads(path.read_text()) if path.is_file() else None
 
-    def load_model(self, expected_task: str | None = None):
-        """The multi-exit model this directory holds, in eval mode; refuses another task's."""
+    def load_model(self, expected_task: str | None = None, dtype: Any = None):
+        """The multi-exit model this directory holds, in eval mode; refuses another task's.
+
+        `dtype`: None is float32; `auto` the dtype the weights were saved in (a model saved in
+        bfloat16 comes back in bfloat16, as `from_pretrained(dtype="auto")` does in transformers);
+        else a torch dtype or its name.
+        """
+        from rayexit.models.hf import _torch_dtype
         from rayexit.tasks import task_named
+
+        chosen = None if dtype in (None, "auto") else _torch_dtype(dtype)  # refused before the folder is read
 
         if expected_task is not None:
             task_named(expected_task)  # a misspelt task is named with the valid ones, before the folder is read
@@ -105,7 +113,11 @@ class ModelDir:
             raise RayexitError(f"{self.path}: holds a {exit_config.task!r} model, expected {expected_task!r}")
         model_class = task_named(exit_config.task).model_class()
         model = model_class(self._backbone(exit_config), exit_config)
-        self._load_weights(model)
+        saved = self._load_weights(model)
+        if dtype == "auto":
+            chosen = saved
+        if chosen is not None and chosen != torch.float32:
+            model = model.to(dtype=chosen)
         return model.eval()
 
     def load_tokenizer(self):
@@ -126,8 +138,8 @@ class ModelDir:
         # else: written before config.json named the multi-exit model; it is the backbone's own
         return AutoModel.from_config(config, attn_implementation="sdpa")
 
-    def _load_weights(self, model: torch.nn.Module) -> None:
-        load_weights(model, self.path)
+    def _load_weights(self, model: torch.nn.Module) -> torch.dtype:
+        return load_weights(model, self.path)
 
     # -- writing ---------------------------------------------------------------------------------
 
@@ -187,7 +199,8 @@ def read_exit_config(directory: str | Path) -> ExitConfig:
     return ModelDir(directory).exit_config()
 
 
-def load_weights(model: torch.nn.Module, directory: str | Path) -> None:
+def load_weights(model: torch.nn.Module, directory: str | Path) -> torch.dtype:
+    """Load the directory's weights into `model` (checked); returns the dtype they were saved in."""
     path = Path(directory) / WEIGHTS_FILE
     if not path.is_file():
         raise RayexitError(f"{directory}: missing {WEIGHTS_FILE}")
@@ -199,6 +212,13 @@ def load_weights(model: torch.nn.Module, directory: str | Path) -> None:
     state = integrity.check_state(state, model, path)  # strict: every key, every shape, finite
     integrity.check_max_length(model.exit_config.max_length, model.backbone, Path(directory) / EXIT_CONFIG_FILE)
     model.load_state_dict(state, strict=False)  # strict already; derived buffers may be absent
+    return saved_dtype(state)
+
+
+def saved_dtype(state: dict[str, torch.Tensor]) -> torch.dtype:
+    """The floating dtype of saved weights: the one they all share, else float32 (a mixed save)."""
+    kinds = {tensor.dtype for tensor in state.values() if tensor.is_floating_point()}
+    return kinds.pop() if len(kinds) == 1 else torch.float32
 
 
 def _check_agrees(config: MultiExitConfig, exit_config: ExitConfig, path: Path) -> None:

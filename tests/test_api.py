@@ -218,6 +218,19 @@ def test_load_runs_in_the_dtype_asked_for_and_names_a_bad_one_or_task(sequence_d
         rayexit.load(sequence_dir, task="sequnce")
 
 
+def test_a_model_saved_in_bfloat16_comes_back_in_it_with_auto(sequence_dir, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    half = rayexit.load(sequence_dir, dtype="bfloat16")
+    half.model.save_pretrained(tmp_path / "half", half.tokenizer)
+    assert {p.dtype for p in rayexit.load(tmp_path / "half").model.parameters()} == {torch.float32}
+    again = rayexit.load(tmp_path / "half", dtype="auto")
+    assert {p.dtype for p in again.model.parameters()} == {torch.bfloat16}
+    assert [a["label"] for a in again.predict(TEXTS)] == [a["label"] for a in half.predict(TEXTS)]
+    auto = AutoModelForSequenceClassification.from_pretrained(tmp_path / "half", dtype="auto")
+    assert {p.dtype for p in auto.parameters()} == {torch.bfloat16}
+
+
 def test_hf_style_calls_sequences_and_max_layers(sequence_dir, token_dir, minilm_tokenizer):
     from transformers import AutoModelForSequenceClassification
 

@@ -140,10 +140,7 @@ class MultiExitPreTrainedModel(PreTrainedModel):
                 f"{pretrained_model_name_or_path}: not a local folder; rayexit model directories load from disk "
                 "(download one first, e.g. `hf download NAME --local-dir DIR`)"
             )
-        model = ModelDir(path).load_model(expected_task=cls.task or None)
-        if dtype not in (None, "auto"):
-            model = model.to(dtype=_torch_dtype(dtype))
-        return model
+        return ModelDir(path).load_model(expected_task=cls.task or None, dtype=dtype)
 
     def save_pretrained(self, save_directory: str | Path, tokenizer=None, training: dict | None = None, **kwargs: Any):
         """Write the model directory atomically (see `rayexit.model_dir.ModelDir.write`)."""
