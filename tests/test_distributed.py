@@ -336,3 +336,31 @@ def test_train_v1_switched_on_is_refused_by_name(monkeypatch):
     monkeypatch.setenv("RAY_TRAIN_V2_ENABLED", "0")
     with pytest.raises(RayexitError, match="RAY_TRAIN_V2_ENABLED.*Train V1"):
         fit_prepared(None, TrainSettings(), num_workers=1)
+
+
+def test_tune_hears_the_epochs_rows_only_and_no_paths_of_dropped_checkpoints(monkeypatch):
+    import ray.tune.integration.ray_train as bridge
+    from ray.train import Checkpoint
+
+    from rayexit.train.distributed import epoch_tune_report
+
+    forwarded: list[dict] = []
+
+    class Queue:
+        put = forwarded.append
+
+    class Session:
+        def _get_or_create_inter_actor_queue(self):
+            return Queue()
+
+    monkeypatch.setattr(bridge, "_in_tune_session", lambda: True)
+    monkeypatch.setattr(bridge, "get_session", lambda: Session())
+    checkpoint = Checkpoint("/somewhere/checkpoint_000001")
+    for keep, path in ((True, "/somewhere/checkpoint_000001"), (False, None)):
+        forwarded.clear()
+        callback = epoch_tune_report(with_checkpoint_paths=keep)
+        callback.after_report(None, [{"global_step": 3, "epoch_end": False}], checkpoint)  # mid-epoch
+        callback.after_report(None, [{"global_step": 6, "epoch_end": True, "accuracy": 0.8}], checkpoint)
+        assert [row["global_step"] for row in forwarded] == [6]
+        assert forwarded[0]["accuracy"] == 0.8
+        assert forwarded[0].get(bridge.CHECKPOINT_PATH_KEY) == path

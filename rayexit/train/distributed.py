@@ -190,12 +190,12 @@ def fit_prepared(
     if own_storage and not in_tune:
         _check_storage_reachable()
     callbacks = [TensorBoardCallback(_tensorboard_dir(storage_path, filesystem, name))]
+    keep = options.keep_checkpoints
+    drop_checkpoints = keep is False or (keep is None and in_tune and own_storage)
     if options.report_to_tune:
         if not in_tune:
             raise RayexitError("report_to_tune: only possible inside a Ray Tune trial")
-        from ray.tune.integration.ray_train import TuneReportCallback
-
-        callbacks.append(TuneReportCallback())
+        callbacks.append(epoch_tune_report(with_checkpoint_paths=not drop_checkpoints))
     config = {
         "model": run.model,
         "tokenizer": run.tokenizer,
@@ -235,7 +235,7 @@ def fit_prepared(
 
     with result.checkpoint.as_directory() as directory:
         read_checkpoint(directory, run.model)
-    if options.keep_checkpoints is False or (options.keep_checkpoints is None and in_tune and own_storage):
+    if drop_checkpoints:
         _drop_checkpoints(result)
     summary = result.return_value or {}
     # Not result.metrics_dataframe: Train V2 builds it from the checkpoints it kept (num_to_keep), so
@@ -416,6 +416,23 @@ class TensorBoardCallback(UserCallback):
             if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "global_step":
                 self._writer.add_scalar(key, value, step)
         self._writer.flush()
+
+
+def epoch_tune_report(with_checkpoint_paths: bool):
+    """Ray's `TuneReportCallback`, forwarding the epochs' rows only.
+
+    With `checkpoint_every`, the workers also report mid-epoch (a checkpoint, no loss or accuracy);
+    a Tune scheduler or searcher reading the trial's metric would find it missing there. Checkpoint
+    paths go with the rows only when the checkpoints outlive the run.
+    """
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class EpochTuneReport(TuneReportCallback):
+        def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
+            if metrics and metrics[0].get("epoch_end"):
+                super().after_report(run_context, metrics, checkpoint if with_checkpoint_paths else None)
+
+    return EpochTuneReport()
 
 
 def _resources(cpus_per_worker: float, use_gpu: bool) -> dict:
