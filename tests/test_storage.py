@@ -12,6 +12,7 @@ from conftest import tiny_sequence_model
 
 from rayexit import storage
 from rayexit.cli import main
+from rayexit.config import TrainSettings
 from rayexit.errors import RayexitError
 from rayexit.files import write_json
 from rayexit.storage import JOB_ENV, check_job_path, in_ray_job, local_output, local_path, ray_storage_path
@@ -121,8 +122,12 @@ def test_trials_run_side_by_side_as_the_cluster_allows():
     assert concurrent_trials(spec, {"CPU": 3.0}) == 1  # 2 workers + the trial's token share do not fit twice
     assert concurrent_trials(spec, {"CPU": 16.0}) == 7
     # not even once (2 + 0.01 > 2): refused, where Ray Train would wait for the workers without end
-    with pytest.raises(RayexitError, match=r"tune.workers: 2 worker\(s\) need 2 CPU\(s\).*use tune.workers 1 or less"):
+    with pytest.raises(RayexitError, match=r"tune.workers: 2 worker\(s\) at 1 CPU\(s\) each need 2 CPU\(s\)"
+                       r".*use tune.workers 1 or less, tune.cpus_per_worker 0.99, or trainer: local"):
         concurrent_trials(spec, {"CPU": 2.0})
+    # ... which then fits: 2 x 0.99 + 0.01 = 2
+    assert concurrent_trials(TuneSpec(workers=2, cpus_per_worker=0.99), {"CPU": 2.0}) == 1
+    assert concurrent_trials(TuneSpec(workers=2, cpus_per_worker=0.5), {"CPU": 16.0}) == 15
     with pytest.raises(RayexitError, match="too few for one worker beside the trial; use trainer: local"):
         concurrent_trials(TuneSpec(workers=1), {"CPU": 1.0})
     with pytest.raises(RayexitError, match=r"8 CPU\(s\) and 0 GPU\(s\), too few for one worker with a GPU"):
@@ -142,3 +147,23 @@ def test_train_storage_takes_uris_and_refuses_relative_in_a_job(tmp_path, monkey
     monkeypatch.setenv(JOB_ENV, "{}")
     with pytest.raises(RayexitError, match="--storage-path ckpt"):
         _storage("ckpt", "run")
+
+
+def test_tune_cpus_per_worker_reaches_ray_train_and_is_checked(monkeypatch, tmp_path):
+    import rayexit.train.distributed as distributed
+    from rayexit.tune.training import train_trial_model
+
+    asked = {}
+
+    def fake_fit(*args, **options):
+        asked.update(options)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(distributed, "fit_distributed", fake_fit)
+    with pytest.raises(RuntimeError, match="stop here"):
+        train_trial_model("minilm", "fit.tsv", "valid.tsv", TrainSettings(), tmp_path / "m", workers=2,
+                          cpus_per_worker=0.99)
+    assert (asked["num_workers"], asked["cpus_per_worker"]) == (2, 0.99)
+    for bad in (0, -1.0, float("nan"), "one"):
+        with pytest.raises(RayexitError, match="tune.cpus_per_worker"):
+            TuneSpec(cpus_per_worker=bad)

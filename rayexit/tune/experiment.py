@@ -12,6 +12,7 @@ file://...) the experiment goes there instead, under the output folder's name.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -288,7 +289,6 @@ def _resources(spec: TuneSpec) -> dict:
 
 
 TRIAL_TOKEN_CPU = 0.01
-WORKER_CPUS = 1.0  # what `fit_distributed` gives each Ray Train worker by default
 
 
 def concurrent_trials(spec: TuneSpec, cluster: dict) -> int | None:
@@ -300,7 +300,7 @@ def concurrent_trials(spec: TuneSpec, cluster: dict) -> int | None:
     """
     if spec.trainer == "local" or spec.cpus_per_trial is not None:
         return None
-    per_trial = spec.workers * WORKER_CPUS + TRIAL_TOKEN_CPU
+    per_trial = spec.workers * spec.cpus_per_worker + TRIAL_TOKEN_CPU
     cpus = float(cluster.get("CPU", 0))
     fit = int(cpus // per_trial)
     if spec.use_gpu:
@@ -308,15 +308,20 @@ def concurrent_trials(spec: TuneSpec, cluster: dict) -> int | None:
     if fit == 0:
         # Not even one trial's workers fit: Ray Train would wait for them and retry without end.
         gpus = f" and {spec.workers} GPU(s)" if spec.use_gpu else ""
-        most = max(int((cpus - TRIAL_TOKEN_CPU) // WORKER_CPUS), 0)
+        has = f"the cluster has {cpus:g} CPU(s) and {float(cluster.get('GPU', 0)):g} GPU(s)"
+        most = max(int((cpus - TRIAL_TOKEN_CPU) // spec.cpus_per_worker), 0)
         if spec.use_gpu:
             most = min(most, int(float(cluster.get("GPU", 0))))
+        if not most:
+            raise RayexitError(f"tune.workers: {has}, too few for one worker{' with a GPU' if spec.use_gpu else ''} "
+                               "beside the trial; use trainer: local")
+        # e.g. 2 workers on 2 CPUs: 0.99 each leaves the trial its share
+        sharing = math.floor((cpus - TRIAL_TOKEN_CPU) / spec.workers * 100) / 100
+        share = f", tune.cpus_per_worker {sharing:g}" if sharing > 0 and not spec.use_gpu else ""
         raise RayexitError(
-            f"tune.workers: {spec.workers} worker(s) need {spec.workers * WORKER_CPUS:g} CPU(s){gpus} beside the "
-            f"trial's {TRIAL_TOKEN_CPU}, the cluster has {cpus:g} CPU(s) and {float(cluster.get('GPU', 0)):g} GPU(s); "
-            f"use tune.workers {most} or less, or trainer: local" if most else
-            f"tune.workers: the cluster has {cpus:g} CPU(s) and {float(cluster.get('GPU', 0)):g} GPU(s), too few for "
-            f"one worker{' with a GPU' if spec.use_gpu else ''} beside the trial; use trainer: local"
+            f"tune.workers: {spec.workers} worker(s) at {spec.cpus_per_worker:g} CPU(s) each need "
+            f"{spec.workers * spec.cpus_per_worker:g} CPU(s){gpus} beside the trial's {TRIAL_TOKEN_CPU}, {has}; "
+            f"use tune.workers {most} or less{share}, or trainer: local"
         )
     return fit
 

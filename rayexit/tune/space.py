@@ -105,6 +105,8 @@ class TuneSpec:
     live_checks: int = 3  # token: TOKEE candidates run live on validation before one is chosen
     trainer: str = "distributed"
     workers: int = 1
+    # CPUs each Ray Train worker reserves; below 1 lets N workers share N CPUs with the trial's own share
+    cpus_per_worker: float = 1.0
     use_gpu: bool = False
     cpus_per_trial: float | None = None  # None: the whole machine, so trials run one at a time
     optuna_db: bool = True
@@ -157,6 +159,8 @@ class TuneSpec:
                 "tune.scheduler: asha needs a report after every epoch, which the trial makes when it trains "
                 "itself; use trainer: local with it"
             )
+        if not finite_number(self.cpus_per_worker) or self.cpus_per_worker <= 0:
+            raise RayexitError(f"tune.cpus_per_worker: got {self.cpus_per_worker!r}, expected a number > 0")
         if self.cpus_per_trial is not None and (not finite_number(self.cpus_per_trial) or self.cpus_per_trial < 0):
             raise RayexitError(f"tune.cpus_per_trial: got {self.cpus_per_trial!r}, expected a number >= 0")
         for name in ("per_layer", "include_default", "use_gpu", "optuna_db"):

@@ -95,8 +95,8 @@ def run_token_trial(params: dict, job) -> None:
     first, second = config.token_stages(params)
     work = Path(tempfile.mkdtemp(prefix="rayexit-token-trial-"))
     try:
-        common = dict(trainer=spec.trainer, workers=spec.workers, use_gpu=spec.use_gpu,
-                      storage_path=job.storage_path, task="token")
+        common = dict(trainer=spec.trainer, workers=spec.workers, cpus_per_worker=spec.cpus_per_worker,
+                      use_gpu=spec.use_gpu, storage_path=job.storage_path, task="token")
         model_dir, stage1 = train_trial_model(
             job.model, job.fit_path, job.validation_path, first, work / "stage1", **common
         )

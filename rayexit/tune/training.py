@@ -26,6 +26,7 @@ def train_trial_model(
     *,
     trainer: str = "distributed",
     workers: int = 1,
+    cpus_per_worker: float = 1.0,
     use_gpu: bool = False,
     storage_path: str | None = None,
     on_epoch: EpochHook | None = None,
@@ -46,6 +47,7 @@ def train_trial_model(
             settings,
             output,
             num_workers=workers,
+            cpus_per_worker=cpus_per_worker,
             use_gpu=use_gpu,
             # None inside a trial: Ray Train keeps its run under the trial's own folder.
             storage_path=storage_path,

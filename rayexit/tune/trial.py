@@ -113,6 +113,7 @@ def run_trial(params: dict, job: TrialJob) -> None:
             work / "model",
             trainer=config.tune.trainer,
             workers=config.tune.workers,
+            cpus_per_worker=config.tune.cpus_per_worker,
             use_gpu=config.tune.use_gpu,
             storage_path=job.storage_path,
             on_epoch=hook,
