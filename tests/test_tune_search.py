@@ -209,3 +209,11 @@ def test_rayexit_tune_names_a_bad_train_file_before_ray_starts(tmp_path, monkeyp
     assert main(argv) == 2
     assert "missing.tsv" in capsys.readouterr().err
     assert not (tmp_path / "o" / "job.json").exists()
+
+
+def test_exit_grad_scale_can_be_searched_within_zero_one():
+    config = load_tune_config(None, {}, {"space": {"exit_grad_scale": [0.1, 1.0]}})
+    assert config.default_point() == {"exit_grad_scale": 0.3}  # the default trial runs today's default
+    assert config.trial_settings({"exit_grad_scale": 0.7}).exit_grad_scale == 0.7
+    with pytest.raises(RayexitError, match=r"tune\.space\.exit_grad_scale"):
+        load_tune_config(None, {}, {"space": {"exit_grad_scale": [0.5, 1.5]}})

@@ -23,6 +23,7 @@ SEARCHABLE = {
     "temperature": (1e-3, 100.0, False),
     "lr": (1e-8, 1.0, True),
     "head_lr": (1e-8, 1.0, True),
+    "exit_grad_scale": (0.0, 1.0, False),
 }
 # The token task trains stage 1 (joint) and then stage 2 (self-sampling, METHODS section 5) in
 # every trial: stage 1's rates, and stage 2's epochs (0: no stage 2), rate and sampling range
