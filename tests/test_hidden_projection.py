@@ -65,8 +65,9 @@ def test_fork_per_example_leaves_an_example_with_a_zero_leader_alone():
 
 
 def hidden_settings(direction: str = "final", scope: str = "hidden") -> TrainSettings:
+    # the paper's whole inner-exit gradient at the fork; the scale's own effect: test_romebert_recipe.py
     return TrainSettings(method="romebert", gr_scope=scope, gr_direction=direction, final_weight=3.0,
-                         gamma=0.9, temperature=3.0, dropout=0.0)
+                         gamma=0.9, temperature=3.0, dropout=0.0, exit_grad_scale=1.0)
 
 
 def reference_gradients(model, batch, settings: TrainSettings):

@@ -227,8 +227,8 @@ def toy_gradients():
 
 def romebert_settings(direction: str, scope: str, batch: int) -> TrainSettings:
     return TrainSettings(method="romebert", epochs=1, batch_size=batch, lr=1e-3, dropout=0.0, warmup_ratio=0.0,
-                         gr_direction=direction, gr_scope=scope,
-                         final_weight=1.0)  # the paper's L; the weight's own effect: test_romebert_recipe.py
+                         gr_direction=direction, gr_scope=scope, exit_grad_scale=1.0,
+                         final_weight=1.0)  # the paper's L and update; their own effects: test_romebert_recipe.py
 
 
 @pytest.mark.parametrize("scope", SCOPES)

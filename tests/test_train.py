@@ -57,7 +57,7 @@ def test_romebert_without_projection_equals_plain_sum_gradient():
     mask = torch.ones_like(ids)
     labels = torch.tensor(data.labels)
     params = list(model.parameters())
-    settings = TrainSettings(gr_direction="none")
+    settings = TrainSettings(gr_direction="none", exit_grad_scale=1.0)  # the scale: test_romebert_recipe.py
     flat, _, combine = romebert_step(model, (ids, mask, labels), params, settings, 0)
     grads, _ = combine(flat)
     final, exits = romebert_losses(model(ids, mask), labels, settings.gamma, settings.temperature)

@@ -165,6 +165,8 @@ def fit_prepared(
     weights (None: only inside a Tune trial without `storage_path`, where the trial reports the
     model as its own checkpoint and a second copy would only take space).
     """
+    # before anything of Ray Train is imported here: its classes are picked (V1 or V2) on first import
+    _require_train_v2()
     options = replace(options or RayOptions(), **option_fields)
     num_workers, use_gpu, cpus_per_worker = options.num_workers, options.use_gpu, options.cpus_per_worker
     show_progress = options.show_progress
@@ -173,7 +175,6 @@ def fit_prepared(
     from ray.train.torch import TorchTrainer
 
     start = time.perf_counter()
-    _require_train_v2()
     # a wrong path, other settings or another worker count are named before Ray starts
     resume_from = _resume_source(options.resume_from, settings, num_workers)
     global_batch = settings.batch_size * num_workers
