@@ -24,9 +24,14 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(BIN)/rayexit demo --output runs/demo
 
+# Two pytest workers by default: most of a serial run is waiting on Ray and Serve start-ups, which
+# overlap well; each worker starts its own local Ray (tests/conftest.py) and gets whole files, so a
+# file's module fixtures are built once. TEST_WORKERS=0 runs everything in this one process.
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
 	$(BIN)/ruff check rayexit tests jobs
-	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q --durations=15 -n $(TEST_WORKERS) --dist loadfile
 
 lint: $(STAMP)
 	$(BIN)/ruff check rayexit tests jobs
