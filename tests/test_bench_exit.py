@@ -10,6 +10,8 @@ from conftest import tiny_backbone
 from rayexit.bench import exit as bench_exit
 from rayexit.bench.exit_summary import (
     add_time_to_quality,
+    crossing_order,
+    format_target,
     judge,
     remaining_seconds,
     summarize,
@@ -51,6 +53,25 @@ def test_time_to_quality_is_the_first_snapshot_at_the_bar():
     assert missed["reached"] is False and missed["seconds"] is None and missed["best"] == 0.81
 
 
+def test_time_to_quality_keeps_the_last_look_under_the_bar():
+    history = [snap(10, 100, 0.70), snap(20, 200, 0.79), snap(30, 300, 0.81)]
+    assert time_to_quality(history, 0.80)["after_seconds"] == 20  # crossed in (20, 30]
+    # reached at the first snapshot: the last look under the bar is where the stage began
+    assert time_to_quality(history, 0.60, start_seconds=4)["after_seconds"] == 4
+    assert "after_seconds" not in time_to_quality(history, 0.85)
+
+
+def test_crossing_order_is_told_only_where_the_intervals_do_not_overlap():
+    def ttq(after, seconds):
+        return {"reached": True, "after_seconds": after, "seconds": seconds}
+
+    assert crossing_order(ttq(0, 100), ttq(120, 150)) == "sooner"
+    assert crossing_order(ttq(0, 120), ttq(120, 150)) == "sooner"  # DeeBERT still under the bar at 120 s
+    assert crossing_order(ttq(150, 200), ttq(120, 150)) == "later"
+    assert crossing_order(ttq(857, 985), ttq(921, 953)) == "within_resolution"  # seed 4's pair
+    assert crossing_order({"reached": True, "seconds": 100}, ttq(120, 150)) is None  # an older JSON
+
+
 def test_time_to_quality_uses_the_seeds_deebert_final_2x_accuracy_and_its_clock_includes_stage_one():
     runs = {
         # DeeBERT's stage 1 took 100 s: its stage-2 snapshots start from there
@@ -63,11 +84,28 @@ def test_time_to_quality_uses_the_seeds_deebert_final_2x_accuracy_and_its_clock_
     }
     add_time_to_quality(runs)
     assert runs["deebert/seed1"]["time_to_quality"]["seconds"] == 120
+    assert runs["deebert/seed1"]["time_to_quality"]["after_seconds"] == 110
     assert runs["romebert/seed1"]["time_to_quality"] == pytest.approx(
-        {"bar": 0.80, "reached": True, "seconds": 60, "steps": 40, "snapshot": 2, "of": 3})
+        {"bar": 0.80, "reached": True, "seconds": 60, "steps": 40, "after_seconds": 30, "snapshot": 2, "of": 3})
     assert "time_to_quality" not in runs["romebert/seed2"]
     (target,) = [t for t in targets(runs) if t["target"] == "time_to_quality_vs_deebert"]
     assert target["margins"] == [60] and target["met"] is True and target["beyond_spread"] is None
+    assert target["order"] == ["sooner"]  # 60 s, while DeeBERT was still under the bar at 110 s
+    assert format_target(target).endswith("; by the snapshots: sooner")
+
+
+def test_a_stage_twos_first_snapshot_crossing_counts_from_where_stage_two_began():
+    runs = {
+        "deebert/seed1": {"method": "deebert", "seed": 1, "at_2x": {"accuracy": 0.80}, "stage_seconds": [100, 20],
+                          "snapshots": [snap(110, 60, 0.80), snap(120, 70, 0.80)]},
+        "romebert/seed1": {"method": "romebert", "seed": 1, "at_2x": {"accuracy": 0.82}, "stage_seconds": [115],
+                           "snapshots": [snap(60, 40, 0.79), snap(115, 80, 0.81)]},
+    }
+    add_time_to_quality(runs)
+    assert runs["deebert/seed1"]["time_to_quality"]["after_seconds"] == 100  # stage 1's end
+    assert runs["romebert/seed1"]["time_to_quality"]["after_seconds"] == 60
+    (target,) = [t for t in targets(runs) if t["target"] == "time_to_quality_vs_deebert"]
+    assert target["margins"] == [-5] and target["order"] == ["within_resolution"]
 
 
 def outcome(score: float, speedup: float, kind: str = "entropy", threshold: float = 0.1) -> Outcome:

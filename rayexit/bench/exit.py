@@ -359,6 +359,11 @@ def write_plot(output: dict, path: Path) -> None:
     plot_methods(output, path)
 
 
+def _under_it_at(ttq: dict) -> str:
+    """The last look under the bar: the crossing lies between it and `seconds`."""
+    return f" (under it at {ttq['after_seconds']:.0f}s)" if ttq.get("after_seconds") is not None else ""
+
+
 def step_times(r: dict) -> str:
     """Seconds per optimizer step of each stage trained in this run (a reused stage is left out)."""
     parts = []
@@ -382,7 +387,7 @@ def format_run(key: str, r: dict) -> str:
     ttq = r.get("time_to_quality")
     if ttq:
         parts.append(f"to DeeBERT's 2x accuracy {ttq['bar']:.4f}: "
-                     + (f"{ttq['seconds']:.0f}s" if ttq["reached"] else "not reached"))
+                     + (f"{ttq['seconds']:.0f}s{_under_it_at(ttq)}" if ttq["reached"] else "not reached"))
     parts.append(f"oracle {r['oracle_layer_speedup']:.2f}x; train {r['train_seconds']:.0f}s ({step_times(r)}); "
                  f"snapshots {r['snapshot_seconds']:.0f}s; run {r['wall_seconds']:.0f}s in all{shared_cpu_note(r)}")
     return "; ".join(parts)

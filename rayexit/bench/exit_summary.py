@@ -33,16 +33,20 @@ def spread(values: list[float]) -> dict:
 # -- time-to-quality ----------------------------------------------------------------------------
 
 
-def time_to_quality(snapshots: list[dict], bar: float, point: str = QUALITY_POINT) -> dict:
+def time_to_quality(snapshots: list[dict], bar: float, point: str = QUALITY_POINT, start_seconds: float = 0.0) -> dict:
     """The first snapshot whose `point` test accuracy reaches `bar`: its training seconds and steps.
 
     Snapshots are in training order; their `train_seconds` leave the snapshot evaluations out
-    and include every earlier stage (DeeBERT's stage 1). Resolution is the snapshot spacing.
+    and include every earlier stage (DeeBERT's stage 1). Resolution is the snapshot spacing, so
+    `after_seconds` keeps the last look that was still under the bar (the snapshot before, or
+    `start_seconds`, where the snapshotted stage began): the bar was crossed in (after, seconds].
     """
+    before = start_seconds
     for index, snap in enumerate(snapshots):
         if snap[point]["accuracy"] >= bar - TOLERANCE:
             return {"bar": bar, "reached": True, "seconds": snap["train_seconds"], "steps": snap["steps_so_far"],
-                    "snapshot": index + 1, "of": len(snapshots)}
+                    "after_seconds": before, "snapshot": index + 1, "of": len(snapshots)}
+        before = snap["train_seconds"]
     best = max((s[point]["accuracy"] for s in snapshots), default=None)
     return {"bar": bar, "reached": False, "seconds": None, "steps": None, "best": best, "of": len(snapshots)}
 
@@ -54,7 +58,9 @@ def add_time_to_quality(runs: dict[str, dict]) -> None:
     for run in runs.values():
         run.pop("time_to_quality", None)
         if run.get("snapshots") and run["seed"] in bars:
-            run["time_to_quality"] = time_to_quality(run["snapshots"], bars[run["seed"]])
+            # snapshots are taken in the last stage only: the stages before it end under the bar
+            start = sum(run.get("stage_seconds", [])[:-1])
+            run["time_to_quality"] = time_to_quality(run["snapshots"], bars[run["seed"]], start_seconds=start)
 
 
 # -- summary across seeds -----------------------------------------------------------------------
@@ -187,20 +193,34 @@ def targets(runs: dict[str, dict], speedups: tuple[float, ...] = (1.5, 2.0, 3.0)
         ]
         out.append(judge(f"within_finetune_{name}", f"within 1 point of the single-exit fine-tune: {claim}",
                          margins, [a["seed"] for a in mine]))
-    margins, seeds = [], []
+    margins, seeds, orders = [], [], []
     for a, b in _paired(runs, "romebert", "deebert"):
         mine_ttq, theirs = a.get("time_to_quality"), b.get("time_to_quality")
         if not mine_ttq or not theirs:
             continue
         ok = mine_ttq["reached"] and theirs["reached"]
         margins.append(theirs["seconds"] - mine_ttq["seconds"] if ok else None)
+        orders.append(crossing_order(mine_ttq, theirs) if ok else None)
         seeds.append(a["seed"])
-    out.append(judge(
+    record = judge(
         "time_to_quality_vs_deebert",
         "RomeBERT reaches DeeBERT's final 2x-point accuracy in less training time than DeeBERT (seconds saved)",
         margins, seeds,
-    ))
+    )
+    out.append({**record, "order": orders})
     return out
+
+
+def crossing_order(mine: dict, theirs: dict) -> str | None:
+    """`sooner` / `later` where the two crossing intervals (after, seconds] do not overlap, else
+    `within_resolution`: the snapshots cannot tell which crossed first. None without intervals."""
+    if mine.get("after_seconds") is None or theirs.get("after_seconds") is None:
+        return None  # a JSON written before intervals were kept
+    if mine["seconds"] <= theirs["after_seconds"]:
+        return "sooner"
+    if mine["after_seconds"] >= theirs["seconds"]:
+        return "later"
+    return "within_resolution"
 
 
 # -- remaining time ------------------------------------------------------------------------------
@@ -298,6 +318,10 @@ def format_table(output: dict) -> str:
 
 
 def format_target(t: dict) -> str:
+    return _format_verdict(t) + _format_order(t.get("order"))
+
+
+def _format_verdict(t: dict) -> str:
     if t.get("met") is None:
         return f"  [ ? ] {t['claim']}: {t.get('note', 'not measured')}"
     if t.get("mean_margin") is None:
@@ -307,3 +331,10 @@ def format_target(t: dict) -> str:
     noise = {True: "beyond the seeds' spread", False: "within the seeds' spread", None: "one seed"}[t["beyond_spread"]]
     std = f", std {t['std']:.4f}" if t.get("std") is not None else ""
     return f"  [{verdict}] {t['claim']}: {how}{std}, {noise}; {t['seeds_met']}/{len(t['margins'])} seeds met"
+
+
+def _format_order(order: list | None) -> str:
+    """Per seed, whether the snapshots can tell which method crossed the bar first."""
+    if not order or all(o is None for o in order):
+        return ""
+    return "; by the snapshots: " + ", ".join(o.replace("_", " ") if o else "not reached" for o in order)
