@@ -8,6 +8,7 @@ import torch
 from conftest import tiny_backbone
 
 from rayexit.bench import exit as bench_exit
+from rayexit.bench.exit_plot import plot_time_to_quality, quality_path
 from rayexit.bench.exit_summary import (
     add_time_to_quality,
     crossing_order,
@@ -59,6 +60,12 @@ def test_time_to_quality_keeps_the_last_look_under_the_bar():
     # reached at the first snapshot: the last look under the bar is where the stage began
     assert time_to_quality(history, 0.60, start_seconds=4)["after_seconds"] == 4
     assert "after_seconds" not in time_to_quality(history, 0.85)
+
+
+def test_the_quality_plot_goes_beside_the_main_one_and_needs_snapshots(tmp_path):
+    assert quality_path(tmp_path / "bench.png") == tmp_path / "bench-quality.png"
+    no_snapshots = {"runs": {"finetune/seed1": {"method": "finetune", "seed": 1, "snapshots": []}}}
+    assert plot_time_to_quality(no_snapshots, tmp_path / "q.png") is None and not (tmp_path / "q.png").exists()
 
 
 def test_crossing_order_is_told_only_where_the_intervals_do_not_overlap():
@@ -245,6 +252,8 @@ def test_bench_runs_every_method_and_resumes_without_rerunning(bench_inputs, mon
         cpu = run["training_cpu"]
         assert 0 < cpu["cpu_share"] and cpu["torch_threads"] >= 1 and isinstance(cpu["shared_cpu"], bool)
     assert (root / "out.png").read_bytes()[:4] == b"\x89PNG"
+    assert (root / "out-quality.png").read_bytes()[:4] == b"\x89PNG"  # time-to-quality, one panel per seed
+    assert deebert["time_to_quality"]["after_seconds"] == deebert["stage_seconds"][0]  # stage 2's start
     printed = capsys.readouterr().out
     assert "method" in printed and any(tag in printed for tag in ("[MISS]", "[MET ]", "[ ? ]"))
 

@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 from rayexit.bench.common import CpuMeter, datasets_dir, machine_info
+from rayexit.bench.exit_plot import quality_path
 from rayexit.bench.exit_summary import (
     POINTS,
     REFERENCE,
@@ -175,7 +176,8 @@ def run(args: argparse.Namespace) -> int:
     write_json(args.json, output)
     write_plot(output, plot_path)
     print(format_table(output))
-    print(f"figures -> {args.json}; plot -> {plot_path} ({time.perf_counter() - started:.0f}s this session)")
+    print(f"figures -> {args.json}; plots -> {plot_path}, {quality_path(plot_path).name} "
+          f"({time.perf_counter() - started:.0f}s this session)")
     return 0
 
 
@@ -354,9 +356,10 @@ def refresh(output: dict) -> None:
 
 
 def write_plot(output: dict, path: Path) -> None:
-    from rayexit.bench.exit_plot import plot_methods
+    from rayexit.bench.exit_plot import plot_methods, plot_time_to_quality
 
     plot_methods(output, path)
+    plot_time_to_quality(output, quality_path(path))
 
 
 def _under_it_at(ttq: dict) -> str:

@@ -64,3 +64,57 @@ def plot_methods(output: dict, path: str | Path) -> Path | None:
     write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
     return Path(path)
+
+
+def quality_path(plot_path: str | Path) -> Path:
+    """Where the time-to-quality figure goes: beside the main plot, `-quality` added to its name."""
+    plot_path = Path(plot_path)
+    return plot_path.with_name(f"{plot_path.stem}-quality{plot_path.suffix or '.png'}")
+
+
+def plot_time_to_quality(output: dict, path: str | Path) -> Path | None:
+    """One panel per seed: each method's 2x-point dev accuracy at its snapshots against training
+    seconds, DeeBERT's final 2x-point accuracy (the bar) dashed. A snapshot is a marker, so the
+    gap between two markers is the resolution a crossing is known to. None where no run has
+    snapshots."""
+    by_seed: dict[int, list[dict]] = {}
+    for run in output.get("runs", {}).values():
+        if run.get("snapshots"):
+            by_seed.setdefault(run["seed"], []).append(run)
+    if not by_seed:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from rayexit.files import write_atomic
+
+    seeds = sorted(by_seed)
+    columns = min(3, len(seeds))
+    rows = -(-len(seeds) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.4 * rows), squeeze=False)
+    colors: dict[str, str] = {}
+    for ax, seed in zip(axes.flat, seeds):
+        for run in sorted(by_seed[seed], key=lambda r: r["method"]):
+            color = colors.setdefault(run["method"], f"C{len(colors)}")
+            xs = [s["train_seconds"] for s in run["snapshots"]]
+            ys = [s["at_2x"]["accuracy"] for s in run["snapshots"] if "at_2x" in s]
+            if len(ys) != len(xs):
+                continue
+            ax.plot(xs, ys, marker="o", ms=3, lw=1, color=color, label=run["method"])
+            ttq = run.get("time_to_quality")
+            if run["method"] == "deebert" and ttq:
+                ax.axhline(ttq["bar"], color=color, lw=0.8, ls="--")
+        ax.set_title(f"seed {seed}", fontsize=9)
+        ax.set_xlabel("training seconds (snapshots left out)", fontsize=8)
+        ax.set_ylabel("2x-point accuracy, dev", fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    for ax in list(axes.flat)[len(seeds):]:
+        ax.axis("off")
+    fig.suptitle("time to DeeBERT's final 2x-point accuracy (dashed), each marker one snapshot", fontsize=10)
+    fig.tight_layout()
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    plt.close(fig)
+    return Path(path)
