@@ -26,12 +26,13 @@ demo: $(STAMP)
 
 # Two pytest workers by default: most of a serial run is waiting on Ray and Serve start-ups, which
 # overlap well; each worker starts its own local Ray (tests/conftest.py) and gets whole files, so a
-# file's module fixtures are built once. TEST_WORKERS=0 runs everything in this one process.
+# file's module fixtures are built once, heaviest files first (tests/conftest.py, HEAVY_FILES).
+# TEST_WORKERS=0 runs everything in this one process.
 TEST_WORKERS ?= 2
 
 test: $(STAMP)
 	$(BIN)/ruff check rayexit tests jobs
-	$(BIN)/python -m pytest -q --durations=15 -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/python -m pytest -q --durations=15 -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 lint: $(STAMP)
 	$(BIN)/ruff check rayexit tests jobs

@@ -16,6 +16,20 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 SHARED_DATASETS = Path(__file__).resolve().parents[1] / ".." / "shared" / "datasets"
 
+# Files of a minute or more each on a 2-core CPU, heaviest first. `make test` hands whole files to
+# two workers in collection order (--no-loadscope-reorder): starting with these keeps the run from
+# ending on one worker alone with a long file while the other sits idle.
+HEAVY_FILES = (
+    "test_distributed_ray.py", "test_defaults_training.py", "test_serve_process.py", "test_serve_cluster.py",
+    "test_seeds.py", "test_storage_ray.py", "test_serve_http.py", "test_tune_run.py", "test_tune_token_run.py",
+    "test_train.py",
+)
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    rank = {name: index for index, name in enumerate(HEAVY_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(HEAVY_FILES)))  # stable: the rest keep their order
+
 
 @pytest.fixture(scope="session")
 def datasets_dir() -> Path:
