@@ -76,7 +76,6 @@ def test_crossing_order_is_told_only_where_the_intervals_do_not_overlap():
     assert crossing_order(ttq(0, 120), ttq(120, 150)) == "sooner"  # DeeBERT still under the bar at 120 s
     assert crossing_order(ttq(150, 200), ttq(120, 150)) == "later"
     assert crossing_order(ttq(857, 985), ttq(921, 953)) == "within_resolution"  # seed 4's pair
-    assert crossing_order({"reached": True, "seconds": 100}, ttq(120, 150)) is None  # an older JSON
 
 
 def test_time_to_quality_uses_the_seeds_deebert_final_2x_accuracy_and_its_clock_includes_stage_one():

@@ -99,9 +99,7 @@ def plot_time_to_quality(output: dict, path: str | Path) -> Path | None:
         for run in sorted(by_seed[seed], key=lambda r: r["method"]):
             color = colors.setdefault(run["method"], f"C{len(colors)}")
             xs = [s["train_seconds"] for s in run["snapshots"]]
-            ys = [s["at_2x"]["accuracy"] for s in run["snapshots"] if "at_2x" in s]
-            if len(ys) != len(xs):
-                continue
+            ys = [s["at_2x"]["accuracy"] for s in run["snapshots"]]
             ax.plot(xs, ys, marker="o", ms=3, lw=1, color=color, label=run["method"])
             ttq = run.get("time_to_quality")
             if run["method"] == "deebert" and ttq:

@@ -211,11 +211,9 @@ def targets(runs: dict[str, dict], speedups: tuple[float, ...] = (1.5, 2.0, 3.0)
     return out
 
 
-def crossing_order(mine: dict, theirs: dict) -> str | None:
+def crossing_order(mine: dict, theirs: dict) -> str:
     """`sooner` / `later` where the two crossing intervals (after, seconds] do not overlap, else
-    `within_resolution`: the snapshots cannot tell which crossed first. None without intervals."""
-    if mine.get("after_seconds") is None or theirs.get("after_seconds") is None:
-        return None  # a JSON written before intervals were kept
+    `within_resolution`: the snapshots cannot tell which crossed first."""
     if mine["seconds"] <= theirs["after_seconds"]:
         return "sooner"
     if mine["after_seconds"] >= theirs["seconds"]:
@@ -335,6 +333,6 @@ def _format_verdict(t: dict) -> str:
 
 def _format_order(order: list | None) -> str:
     """Per seed, whether the snapshots can tell which method crossed the bar first."""
-    if not order or all(o is None for o in order):
+    if not order:
         return ""
     return "; by the snapshots: " + ", ".join(o.replace("_", " ") if o else "not reached" for o in order)
