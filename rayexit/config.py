@@ -28,7 +28,7 @@ HIDDEN_SCOPES = ("hidden", "hidden_per_example")
 GR_SCOPES = ("encoder", "shared", "per_tensor", *HIDDEN_SCOPES)
 EXIT_WEIGHTS = ("uniform", "depth")
 HEADS = ("pooler", "shared-pooler")
-POOLINGS = ("cls", "mean")
+POOLINGS = ("cls", "mean", "attention")
 
 
 @dataclass

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from rayexit.config import POOLINGS
 from rayexit.errors import RayexitError
 from rayexit.policy import FULL_DEPTH, NEVER_SURE, ExitPolicy, precision_thresholds
 
@@ -232,7 +233,9 @@ class SentenceTask(Task):
         from rayexit.models import ExitConfig
 
         if settings.pooling is None:  # `rayexit.train.recipe.prepare` chooses it from the backbone
-            raise RayexitError("pooling: not chosen; expected cls or mean (prepare() picks one from the backbone)")
+            raise RayexitError(
+                f"pooling: not chosen; expected one of {', '.join(POOLINGS)} (prepare() picks one from the backbone)"
+            )
         return ExitConfig(
             task=self.name, labels=labels, head=settings.head, pooling=settings.pooling, dropout=settings.dropout,
             max_length=settings.max_length, method=settings.method, policy=self._saved_policy(settings),

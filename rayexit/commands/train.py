@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from rayexit.config import METHODS, train_settings
+from rayexit.config import METHODS, POOLINGS, train_settings
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -32,7 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--temperature", type=float, help="distillation temperature (romebert)")
     p.add_argument("--gr-direction", choices=("reverse", "final", "none"), help="gradient projection leader")
     p.add_argument("--head", choices=("pooler", "shared-pooler"))
-    p.add_argument("--pooling", choices=("cls", "mean"), help="sentence exits read (default: chosen from the encoder)")
+    p.add_argument("--pooling", choices=POOLINGS, help="what sentence exits read (default: chosen from the encoder)")
     p.add_argument("--max-length", type=int)
     p.add_argument("--seed", type=int)
     ray = p.add_argument_group("distributed (Ray Train; both tasks)")

@@ -23,6 +23,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from rayexit.config import POOLINGS
 from rayexit.reading import read_text
 
 log = logging.getLogger(__name__)
@@ -100,7 +101,7 @@ def _rayexit_pooling(resolved: str) -> str | None:
     from rayexit.model_dir import EXIT_CONFIG_FILE
 
     record = _json(Path(resolved) / EXIT_CONFIG_FILE) if (Path(resolved) / EXIT_CONFIG_FILE).is_file() else None
-    if isinstance(record, dict) and record.get("task") == "sequence" and record.get("pooling") in ("cls", "mean"):
+    if isinstance(record, dict) and record.get("task") == "sequence" and record.get("pooling") in POOLINGS:
         return record["pooling"]
     return None
 

@@ -1,4 +1,4 @@
-"""Exit heads for sentence classification: one per layer, on the first token's state."""
+"""Exit heads for sentence classification: one per layer, on a pooled sentence state."""
 
 from __future__ import annotations
 
@@ -49,6 +49,13 @@ class ExitHeads(nn.Module):
             if isinstance(module, nn.Linear):
                 nn.init.normal_(module.weight, std=0.02)
                 nn.init.zeros_(module.bias)
+        if pooling == "attention":
+            # One scorer per exit, so each layer learns which of its tokens to read. Zero weights
+            # score every token alike: training starts from the mean, which works on any encoder.
+            self.scorers = nn.ModuleList(nn.Linear(hidden_size, 1) for _ in range(num_layers))
+            for scorer in self.scorers:
+                nn.init.zeros_(scorer.weight)
+                nn.init.zeros_(scorer.bias)
 
     def init_poolers_from(self, pretrained: nn.Linear) -> None:
         """Start every pooler as a copy of the backbone's pretrained one (METHODS section 1)."""
@@ -62,11 +69,16 @@ class ExitHeads(nn.Module):
         """Logits of exit `layer` (0-based) from that layer's hidden states [B, S, H].
 
         `cls` reads the first token (BERT's convention); `mean` averages the real tokens, which
-        suits sentence-embedding encoders such as all-MiniLM, whose first token was never trained.
+        suits sentence-embedding encoders such as all-MiniLM, whose first token was never trained;
+        `attention` weighs the real tokens by a learned score, one scorer per exit.
         """
         if self.pooling == "mean":
             weights = attention_mask[:, :, None].to(hidden.dtype)
             first = (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+        elif self.pooling == "attention":
+            scores = self.scorers[layer](hidden).squeeze(-1)
+            scores = scores.masked_fill(attention_mask == 0, torch.finfo(scores.dtype).min)
+            first = torch.einsum("bs,bsh->bh", scores.softmax(-1), hidden)
         else:
             first = hidden[:, 0]
         if self.head == "shared-pooler":
