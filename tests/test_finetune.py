@@ -51,15 +51,18 @@ def test_loss_is_exactly_the_final_exit_cross_entropy(head):
     assert again == loss
 
 
-@pytest.mark.parametrize("head", ["pooler", "shared-pooler"])
-def test_intermediate_heads_get_no_gradient_and_do_not_move(head):
-    model = tiny_sequence_model(layers=3, head=head, pooling="mean")
-    settings = TrainSettings(method="finetune", head=head, epochs=2, batch_size=4, lr=1e-3, head_lr=1e-2,
-                             warmup_ratio=0.0)
+@pytest.mark.parametrize("head,pooling", [("pooler", "mean"), ("shared-pooler", "mean"), ("pooler", "attention")])
+def test_intermediate_heads_get_no_gradient_and_do_not_move(head, pooling):
+    model = tiny_sequence_model(layers=3, head=head, pooling=pooling)
+    settings = TrainSettings(method="finetune", head=head, pooling=pooling, epochs=2, batch_size=4, lr=1e-3,
+                             head_lr=1e-2, warmup_ratio=0.0)
     (stage,) = build_stages(model, settings)
     trained_ids = {id(p) for p in stage.params}
-    inner = [p for exit_head in model.heads.exits[:-1] for p in exit_head.parameters()]
-    final = list(model.heads.exits[-1].parameters())
+    inner = [p for layer in range(2) for p in model.heads.exit_parameters(layer)]
+    final = model.heads.exit_parameters(2)
+    if pooling == "attention":  # the final exit's scorer trains with it, the inner exits' stay put
+        assert len(final) == len(list(model.heads.exits[-1].parameters())) + 2
+        assert {id(p) for p in model.heads.scorers.parameters()} <= {id(p) for p in inner + final}
     assert not trained_ids & {id(p) for p in inner}
     assert {id(p) for p in final} <= trained_ids
     assert {id(p) for p in model.backbone_parameters()} <= trained_ids
@@ -76,6 +79,8 @@ def test_intermediate_heads_get_no_gradient_and_do_not_move(head):
     train_model(model, data, settings, show_progress=False)
     assert all(torch.equal(a, p) for a, p in zip(before_inner, inner))
     assert any(not torch.equal(a, p) for a, p in zip(before_final, final))
+    if pooling == "attention":
+        assert final[-2].abs().sum() > 0, "the final exit's scorer left its zero start"
     assert any(not torch.equal(a, p) for a, p in zip(before_body, model.backbone_parameters()))
 
 

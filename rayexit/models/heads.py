@@ -57,6 +57,12 @@ class ExitHeads(nn.Module):
                 nn.init.zeros_(scorer.weight)
                 nn.init.zeros_(scorer.bias)
 
+    def exit_parameters(self, layer: int) -> list[nn.Parameter]:
+        """What only exit `layer` (0-based) reads: its head, and its scorer under attention pooling
+        (a shared pooler is everyone's, so it is not here)."""
+        own = list(self.exits[layer].parameters())
+        return own + list(self.scorers[layer].parameters()) if self.pooling == "attention" else own
+
     def init_poolers_from(self, pretrained: nn.Linear) -> None:
         """Start every pooler as a copy of the backbone's pretrained one (METHODS section 1)."""
         targets = [self.shared_pooler] if self.head == "shared-pooler" else [e.pooler for e in self.exits]

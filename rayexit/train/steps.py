@@ -52,7 +52,7 @@ def build_stages(model, settings: TrainSettings, train_data=None) -> list[Stage]
             return [Stage("self-sampling", settings.epochs, backbone + heads, head_ids, step)]
         return [Stage("joint", settings.epochs, backbone + heads, head_ids, token_joint_step)]
     if settings.method in ("deebert", "finetune"):
-        final_head = list(model.heads.exits[-1].parameters())
+        final_head = model.heads.exit_parameters(model.num_layers - 1)
         if settings.head == "shared-pooler":
             final_head += list(model.heads.shared_pooler.parameters())
         final_ids = {id(p) for p in final_head}
