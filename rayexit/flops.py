@@ -1,7 +1,9 @@
 """FLOPs of an encoder run that computes only some rows: what the early-exit runners save.
 
 Multiply-adds x 2 for the matrix products; layer norms, softmax, biases and activations are
-left out, the same way for the full model, so ratios are fair.
+left out, the same way for the full model, so ratios are fair. So is an exit's pooling over the
+tokens (the mean, or attention's scorer and weighted sum: at most 4 S H per sentence against a
+layer's 8 S H^2 and more, under 0.2% at MiniLM's H = 384).
 """
 
 from __future__ import annotations
