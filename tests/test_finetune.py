@@ -84,6 +84,18 @@ def test_intermediate_heads_get_no_gradient_and_do_not_move(head, pooling):
     assert any(not torch.equal(a, p) for a, p in zip(before_body, model.backbone_parameters()))
 
 
+def test_deebert_stages_split_the_attention_scorers_by_exit():
+    model = tiny_sequence_model(layers=3, pooling="attention")
+    stage1, stage2 = build_stages(model, TrainSettings(method="deebert", pooling="attention"))
+    ids = lambda params: {id(p) for p in params}  # noqa: E731
+    final = ids(model.heads.exit_parameters(2))
+    inner = ids(p for layer in range(2) for p in model.heads.exit_parameters(layer))
+    assert ids(model.heads.scorers[2].parameters()) <= final <= ids(stage1.params)
+    assert ids(stage2.params) == inner
+    assert ids(model.heads.scorers[0].parameters()) | ids(model.heads.scorers[1].parameters()) <= inner
+    assert not ids(stage1.params) & inner
+
+
 def encoded_pairs(n: int = 12):
     from rayexit.data.encode import EncodedSet
 

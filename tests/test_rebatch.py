@@ -15,14 +15,17 @@ from rayexit.policy import ExitPolicy, relax
 from rayexit.serve.rebatch import STARVING_HOLDS, Exited, LayerScheduler, Rebatcher
 
 
-def varied_model(layers: int = 6, seed: int = 3):
+def varied_model(layers: int = 6, seed: int = 3, pooling: str = "mean"):
     """A tiny random model whose exits disagree with each other, so rows leave at many different layers."""
-    model = tiny_sequence_model(layers=layers, labels=("a", "b", "c"), seed=seed, pooling="mean")
+    model = tiny_sequence_model(layers=layers, labels=("a", "b", "c"), seed=seed, pooling=pooling)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for head in model.heads.exits:
             head.pooler.weight.copy_(torch.randn(head.pooler.weight.shape, generator=generator) * 0.5)
             head.classifier.weight.copy_(torch.randn(head.classifier.weight.shape, generator=generator))
+        if pooling == "attention":  # scorers off their zero start, so weight on padding would show
+            for scorer in model.heads.scorers:
+                scorer.weight.copy_(torch.randn(scorer.weight.shape, generator=generator))
     return model
 
 
@@ -135,6 +138,25 @@ def test_roberta_padding_merges_exactly():
     scheduler.run_until_idle()
     for futures, expected in submitted:
         assert_same(futures, expected)
+
+
+def test_attention_pooling_merges_exactly():
+    """Merged working batches re-pad rows to a shared width: an attention exit must weigh that padding zero."""
+    model = varied_model(pooling="attention")
+    batches = request_batches(seed=5, count=4)
+    policy = ExitPolicy("entropy", middle_thresholds(model, [s for b in batches for s in b], "entropy", 0.0))
+    scheduler = LayerScheduler(model, full_rows=1, max_hold_s=1e9, token_budget=10_000, pad_slack=100.0)
+    submitted = []
+    for batch in batches:
+        expected = reference(model, batch, [None] * len(batch), policy)
+        submitted.append((scheduler.add(batch, [None] * len(batch), policy), expected))
+    scheduler.run_until_idle()
+    for futures, expected in submitted:
+        assert_same(futures, expected)
+    layers = [layer for _, expected in submitted for _, layer, _ in expected]
+    assert len(set(layers)) >= 3, "the test needs rows leaving at several layers"
+    assert scheduler.layer_runs < sum(max(layer for _, layer, _ in expected) for _, expected in submitted), \
+        "the test needs rows of different requests merged"
 
 
 class Clock:

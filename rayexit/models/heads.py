@@ -82,9 +82,10 @@ class ExitHeads(nn.Module):
             weights = attention_mask[:, :, None].to(hidden.dtype)
             first = (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
         elif self.pooling == "attention":
-            scores = self.scorers[layer](hidden).squeeze(-1)
+            # the softmax in float32, so half-precision weights still sum to 1 over the real tokens
+            scores = self.scorers[layer](hidden).squeeze(-1).float()
             scores = scores.masked_fill(attention_mask == 0, torch.finfo(scores.dtype).min)
-            first = torch.einsum("bs,bsh->bh", scores.softmax(-1), hidden)
+            first = torch.einsum("bs,bsh->bh", scores.softmax(-1).to(hidden.dtype), hidden)
         else:
             first = hidden[:, 0]
         if self.head == "shared-pooler":
