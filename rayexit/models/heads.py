@@ -51,7 +51,7 @@ class ExitHeads(nn.Module):
                 nn.init.zeros_(module.bias)
         if pooling == "attention":
             # One scorer per exit, so each layer learns which of its tokens to read. Zero weights
-            # score every token alike: training starts from the mean, which works on any encoder.
+            # score every token alike, so training starts from the mean pooling.
             self.scorers = nn.ModuleList(nn.Linear(hidden_size, 1) for _ in range(num_layers))
             for scorer in self.scorers:
                 nn.init.zeros_(scorer.weight)
