@@ -17,6 +17,7 @@ import logging
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
@@ -131,6 +132,15 @@ class Task:
 
     backbone_defaults: tuple[str, ...] = ("lr", "head_lr")  # settings whose default depends on the backbone
     rates: tuple[float, float] = SENTENCE_RATES
+    # Settings this task's models never read, with why: given anyway, they are refused, not ignored.
+    unread_settings: ClassVar[dict[str, str]] = {}
+
+    def check_settings(self, settings) -> None:
+        """Refuse a setting this task would silently ignore (before any data or weights are read)."""
+        for name, why in self.unread_settings.items():
+            value = getattr(settings, name)
+            if value is not None:
+                raise RayexitError(f"{name}: got {value!r} for a {self.name} task, which {why}; leave {name} out")
 
     def default_settings(self, facts, settings) -> dict[str, tuple]:
         """Settings this task chooses for a backbone (`rayexit.models.backbone.BackboneFacts`)
@@ -348,6 +358,7 @@ class TokenTask(Task):
     cost = "flops_speedup"
     exit_key = "exit_f1"
     rates = TOKEN_RATES
+    unread_settings = {"pooling": "labels every word and pools nothing"}
 
     def load(self, source, max_examples=None, known=None):
         from rayexit.data.conll import load_tagged

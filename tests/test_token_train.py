@@ -139,3 +139,24 @@ def test_token_command_errors(tmp_path, capsys):
     assert main(["train", "--task", "token", "--method", "romebert", "--model", "x", "--train", str(data),
                  "--output", out]) == 2
     assert "token tasks train stage 1" in capsys.readouterr().err
+
+
+def test_a_sentence_only_setting_is_refused_for_a_token_task_everywhere(tmp_path, capsys):
+    from rayexit.config import TrainSettings
+    from rayexit.errors import RayexitError
+    from rayexit.train.recipe import prepare
+    from rayexit.tune.space import load_tune_config
+
+    data = tmp_path / "train.txt"
+    data.write_text(CONLL)
+    out = tmp_path / "out"
+    assert main(["train", "--task", "token", "--pooling", "attention", "--model", "minilm", "--train", str(data),
+                 "--output", str(out)]) == 2
+    assert "pooling: got 'attention' for a token task" in capsys.readouterr().err
+    assert not out.exists()  # refused before any output was made
+    with pytest.raises(RayexitError, match="pooling: got 'mean' for a token task"):
+        prepare("minilm", str(data), None, TrainSettings(pooling="mean"), task="token")
+    with pytest.raises(RayexitError, match="pooling: got 'cls' for a token task"):
+        load_tune_config(None, {"pooling": "cls"}, {"task": "token"})
+    # left unset it stays unset, and a sentence task takes the same value
+    assert load_tune_config(None, {"pooling": "cls"}, {}).train.pooling == "cls"

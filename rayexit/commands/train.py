@@ -72,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
         "seed": args.seed,
     }
     settings = train_settings(args.config, overrides)
+    task.check_settings(settings)  # here too: a cluster run would otherwise fail only inside its workers
     if not is_uri(args.output):  # a URI is written by Ray at the end; a local folder is checked now
         check_output_dir(args.output)
     where = {"task": task.name, "init": args.init}

@@ -69,6 +69,7 @@ def prepare(
 ) -> PreparedRun:
     """Data, tokenizer and a new (or, with `init`, a stage-1) model, all seeded by `settings.seed`."""
     chosen = task_named(task)
+    chosen.check_settings(settings)
     if not init and not model_name:
         raise RayexitError("--model: required (an encoder folder, a hub name, or `minilm`)")
     settings, defaults = fill_defaults(settings, chosen, init or model_name)

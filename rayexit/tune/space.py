@@ -295,6 +295,8 @@ def load_tune_config(
     path: str | Path | None, train_overrides: dict[str, Any], tune_overrides: dict[str, Any]
 ) -> TuneConfig:
     """`train:` and `tune:` sections of a YAML file (either may be absent), flags on top."""
+    from rayexit.tasks import task_named
+
     raw: dict[str, Any] = load_yaml(path) if path else {}
     unknown = sorted(map(str, set(raw) - {"train", "tune"}))
     if unknown:
@@ -308,7 +310,9 @@ def load_tune_config(
     tune_data = dict(raw.get("tune") or {})
     tune_data.update({k: v for k, v in tune_overrides.items() if v is not None})
     try:
-        return TuneConfig(TrainSettings.from_dict(train_data), TuneSpec.from_dict(tune_data), str(path or ""))
+        config = TuneConfig(TrainSettings.from_dict(train_data), TuneSpec.from_dict(tune_data), str(path or ""))
+        task_named(config.tune.task).check_settings(config.train)  # here, not once in every trial
+        return config
     except RayexitError as exc:
         raise RayexitError(f"{path}: {exc}" if path else str(exc)) from None
 
