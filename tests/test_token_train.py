@@ -158,5 +158,5 @@ def test_a_sentence_only_setting_is_refused_for_a_token_task_everywhere(tmp_path
         prepare("minilm", str(data), None, TrainSettings(pooling="mean"), task="token")
     with pytest.raises(RayexitError, match="pooling: got 'cls' for a token task"):
         load_tune_config(None, {"pooling": "cls"}, {"task": "token"})
-    # left unset it stays unset, and a sentence task takes the same value
+    # the same setting is one a sentence task reads, so there it is kept
     assert load_tune_config(None, {"pooling": "cls"}, {}).train.pooling == "cls"
