@@ -82,7 +82,9 @@ class TrainSettings:
     # None: chosen from the backbone when the model is built (`rayexit.tasks.SentenceTask.default_settings`)
     pooling: str | None = None
     dropout: float = 0.1
-    policy: ExitPolicy = field(default_factory=ExitPolicy)
+    # The policy saved with the model. None: the task's own (entropy 0.1 for sentences, TOKEE w=3 /
+    # 0.1 for tokens), so a token run can tell a sentence policy it must refuse from no choice at all.
+    policy: ExitPolicy | None = None
     log_every: int = 20
     # token self-sampling (stage 2): each sentence draws a TOKEE window and a threshold in [0, max]
     sampling_windows: list[int] = field(default_factory=lambda: [1, 3, 5, 7])
@@ -91,6 +93,8 @@ class TrainSettings:
     def __post_init__(self) -> None:
         if isinstance(self.policy, dict):
             self.policy = ExitPolicy.from_dict(self.policy)
+        if self.policy is not None and not isinstance(self.policy, ExitPolicy):
+            raise RayexitError(f"policy: got {self.policy!r}, expected a mapping {{kind, thresholds, ...}}")
         _choice("method", self.method, METHODS)
         _choice("gr_direction", self.gr_direction, GR_DIRECTIONS)
         _choice("gr_scope", self.gr_scope, GR_SCOPES)
@@ -123,7 +127,7 @@ class TrainSettings:
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
-        data["policy"] = self.policy.to_dict()
+        data["policy"] = self.policy.to_dict() if self.policy is not None else None
         return data
 
     @classmethod

@@ -141,6 +141,8 @@ class Task:
             value = getattr(settings, name)
             if value is not None:
                 raise RayexitError(f"{name}: got {value!r} for a {self.name} task, which {why}; leave {name} out")
+        if settings.policy is not None and settings.method != "finetune":
+            settings.policy.check_task(self.name)
 
     def default_settings(self, facts, settings) -> dict[str, tuple]:
         """Settings this task chooses for a backbone (`rayexit.models.backbone.BackboneFacts`)
@@ -253,7 +255,9 @@ class SentenceTask(Task):
 
     def _saved_policy(self, settings) -> ExitPolicy:
         # A single-exit fine-tune's intermediate heads never trained: it answers at full depth only.
-        return FULL_DEPTH if settings.method == "finetune" else settings.policy.check_task(self.name)
+        if settings.method == "finetune":
+            return FULL_DEPTH
+        return (settings.policy or ExitPolicy()).check_task(self.name)
 
     def score_of(self, stats):
         return stats[..., 0].double().mean(-1)
@@ -412,7 +416,8 @@ class TokenTask(Task):
     def exit_config(self, labels, settings):
         from rayexit.models import ExitConfig
 
-        policy = settings.policy if settings.policy.kind in ("tokee", "sentee") else ExitPolicy("tokee", 0.1)
+        # A sentence policy (entropy, ...) is refused here rather than swapped for TOKEE unseen.
+        policy = (settings.policy or ExitPolicy("tokee", 0.1, window=3)).check_task(self.name)
         return ExitConfig(
             task=self.name, labels=labels, head="linear", pooling="token", dropout=settings.dropout,
             max_length=settings.max_length, method=settings.method, policy=policy,

@@ -2,6 +2,7 @@
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -400,3 +401,18 @@ def test_a_run_that_shared_the_cpu_says_so_and_older_runs_say_nothing():
     shared = {"training_cpu": {"cpu_share": 0.41, "torch_threads": 2, "shared_cpu": True}}
     assert bench_exit.shared_cpu_note(quiet) == "" and bench_exit.shared_cpu_note({}) == ""
     assert "41% of 2 threads" in bench_exit.shared_cpu_note(shared)
+
+
+def test_the_committed_attention_benchmark_resumes_with_todays_settings(tmp_path):
+    # The seeds still to run go into this JSON: a change of a default (e.g. `policy` becoming
+    # None, chosen per task) must not make today's settings differ from the ones its runs had.
+    committed = Path(__file__).parent.parent / "docs" / "results" / "bench-exit-sst2-20k-attention.json"
+    stored = json.loads(committed.read_text())
+    config = tmp_path / "attention.yaml"
+    config.write_text("train:\n  pooling: attention\n")
+    today = bench_exit.bench_settings(str(config), 2.0).to_dict()
+    fresh = {key: stored[key] for key in bench_exit.PROTOCOL_KEYS if key != "settings"}
+    fresh.update(benchmark="exit", runs={}, settings=today)
+    (tmp_path / "copy.json").write_text(committed.read_text())
+    assert bench_exit.resume(tmp_path / "copy.json", fresh)["runs"].keys() == stored["runs"].keys()
+    assert today["policy"] == {"kind": "entropy", "thresholds": 0.1}

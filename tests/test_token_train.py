@@ -160,3 +160,37 @@ def test_a_sentence_only_setting_is_refused_for_a_token_task_everywhere(tmp_path
         load_tune_config(None, {"pooling": "cls"}, {"task": "token"})
     # the same setting is one a sentence task reads, so there it is kept
     assert load_tune_config(None, {"pooling": "cls"}, {}).train.pooling == "cls"
+
+
+def test_a_token_run_keeps_a_token_policy_refuses_a_sentence_one_and_defaults_to_tokee(tmp_path, capsys):
+    from rayexit.config import TrainSettings
+    from rayexit.errors import RayexitError
+    from rayexit.tasks import TASKS
+    from rayexit.train.recipe import prepare
+    from rayexit.tune.space import load_tune_config
+
+    token, sentence = TASKS["token"], TASKS["sequence"]
+    labels = ["O", "B-PER"]
+    assert token.exit_config(labels, TrainSettings()).policy == ExitPolicy("tokee", 0.1, window=3)
+    given = ExitPolicy("sentee", 0.2, reduce="mean")
+    assert token.exit_config(labels, TrainSettings(policy=given.to_dict())).policy == given
+    # a sentence task's default is still its own entropy policy
+    assert sentence.exit_config(["0", "1"], TrainSettings(pooling="mean")).policy == ExitPolicy("entropy", 0.1)
+    with pytest.raises(RayexitError, match="policy.kind: 'entropy' is not a token policy"):
+        token.exit_config(labels, TrainSettings(policy={"kind": "entropy", "thresholds": 0.1}))
+
+    data = tmp_path / "train.txt"
+    data.write_text(CONLL)
+    config = tmp_path / "entropy.yaml"
+    config.write_text("train:\n  policy:\n    kind: entropy\n    thresholds: 0.2\n")
+    out = tmp_path / "out"
+    assert main(["train", "--task", "token", "--config", str(config), "--model", "minilm", "--train", str(data),
+                 "--output", str(out)]) == 2
+    assert "policy.kind: 'entropy' is not a token policy" in capsys.readouterr().err
+    assert not out.exists()  # refused before any output was made
+    with pytest.raises(RayexitError, match="'maxprob' is not a token policy"):
+        prepare("minilm", str(data), None, TrainSettings(policy={"kind": "maxprob", "thresholds": 0.9}), task="token")
+    with pytest.raises(RayexitError, match="'tokee' is not a sequence policy"):
+        load_tune_config(None, {"policy": {"kind": "tokee", "thresholds": 0.1}}, {})
+    with pytest.raises(RayexitError, match="policy: got 'tokee', expected a mapping"):
+        TrainSettings(policy="tokee")
