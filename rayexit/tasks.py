@@ -315,7 +315,12 @@ class SentenceTask(Task):
 
 def _pooling(facts) -> tuple[str, str]:
     """The first token is a sentence summary only where something trained it (BERT's NSP pooler);
-    elsewhere the mean of the tokens carries the meaning (docs/defaults.md measures both)."""
+    elsewhere every token is read. A sentence-embedding encoder trained under the mean gets
+    `attention`, a learned weighting per exit that starts as that mean; an encoder with an
+    untrained pooler keeps the plain mean (docs/defaults.md measures both on both kinds)."""
+    if facts.pooling == "mean" and facts.pooling_source != "rayexit.json":
+        why = "a learned weighting of the tokens per exit, starting from the mean it was trained with"
+        return "attention", f"{facts.pooling_source} says mean; attention is {why}"
     if facts.pooling is not None:
         return facts.pooling, f"{facts.pooling_source} says {facts.pooling}"
     if facts.trained_pooler:

@@ -403,14 +403,20 @@ def test_a_run_that_shared_the_cpu_says_so_and_older_runs_say_nothing():
     assert "41% of 2 threads" in bench_exit.shared_cpu_note(shared)
 
 
-def test_the_committed_attention_benchmark_resumes_with_todays_settings(tmp_path):
-    # The seeds still to run go into this JSON: a change of a default (e.g. `policy` becoming
-    # None, chosen per task) must not make today's settings differ from the ones its runs had.
-    committed = Path(__file__).parent.parent / "docs" / "results" / "bench-exit-sst2-20k-attention.json"
+@pytest.mark.parametrize("name,config", [
+    ("bench-exit-sst2-20k-attention.json", None),  # today's defaults: attention pooling
+    ("bench-exit-sst2-20k-5seeds.json", "train:\n  pooling: mean\n"),  # the README's former table
+])
+def test_the_committed_benchmarks_resume_with_todays_settings(tmp_path, name, config):
+    # Seeds still to run go into these JSONs: a change of a default (e.g. `policy` becoming None,
+    # chosen per task) must not make today's settings differ from the ones their runs had.
+    committed = Path(__file__).parent.parent / "docs" / "results" / name
     stored = json.loads(committed.read_text())
-    config = tmp_path / "attention.yaml"
-    config.write_text("train:\n  pooling: attention\n")
-    today = bench_exit.bench_settings(str(config), 2.0).to_dict()
+    path = None
+    if config:
+        path = tmp_path / "variant.yaml"
+        path.write_text(config)
+    today = bench_exit.bench_settings(str(path) if path else None, 2.0).to_dict()
     fresh = {key: stored[key] for key in bench_exit.PROTOCOL_KEYS if key != "settings"}
     fresh.update(benchmark="exit", runs={}, settings=today)
     (tmp_path / "copy.json").write_text(committed.read_text())

@@ -46,9 +46,9 @@ def last_scores(model_dir, key: str) -> list[float]:
 
 
 def test_sentence_defaults_lift_the_exits_off_chance(datasets_dir, tmp_path):
-    # Measured (docs/defaults.md, final weight 1): exits 0.580 0.617 0.520 0.517 0.530 0.567 here, where
-    # BERT-base's defaults left exits 1-5 at chance. Not yet every exit clearly above chance after
-    # one epoch of 800 phrases: RomeBERT's exits learn mostly from a still-uninformed final exit.
+    # Measured (docs/defaults.md, "Mean against attention"): exits 0.550 0.683 0.727 0.750 0.767 0.747
+    # here with today's recipe and attention (0.543 ... 0.750 with the mean), where BERT-base's
+    # defaults left exits 1-5 at chance (0.517, the majority class).
     train = sst2_slice(datasets_dir, tmp_path, "train.tsv", 0, SENTENCE_TRAIN)
     held_out = sst2_slice(datasets_dir, tmp_path, "dev.tsv", 0, SENTENCE_HELD_OUT)
     out = tmp_path / "model"
@@ -58,11 +58,11 @@ def test_sentence_defaults_lift_the_exits_off_chance(datasets_dir, tmp_path):
     majority = max(labels.count("0"), labels.count("1")) / len(labels)
     accuracies = last_scores(out, "exit_accuracy")
     assert len(accuracies) == 6
-    assert sum(accuracies) / 6 > majority + 0.02, accuracies
-    assert max(accuracies[:-1]) > majority + 0.05, accuracies  # an early exit that learned, not the majority class
+    assert sum(accuracies) / 6 > majority + 0.10, accuracies
+    assert min(accuracies) > majority + 0.02, accuracies  # every exit learned, none left at the majority class
     training = json.loads((out / "training.json").read_text())
     assert {k: training["defaults"][k]["value"] for k in ("pooling", "lr", "head_lr")} == {
-        "pooling": "mean", "lr": 1e-4, "head_lr": 1e-3,
+        "pooling": "attention", "lr": 1e-4, "head_lr": 1e-3,
     }
 
 
