@@ -318,7 +318,7 @@ def _pooling(facts) -> tuple[str, str]:
     elsewhere every token is read. A sentence-embedding encoder trained under the mean gets
     `attention`, a learned weighting per exit that starts as that mean; an encoder with an
     untrained pooler keeps the plain mean (docs/defaults.md measures both on both kinds)."""
-    if facts.pooling == "mean" and facts.pooling_source != "rayexit.json":
+    if facts.pooling == "mean" and not facts.rayexit_model:
         why = "a learned weighting of the tokens per exit, starting from the mean it was trained with"
         return "attention", f"{facts.pooling_source} says mean; attention is {why}"
     if facts.pooling is not None:

@@ -122,6 +122,10 @@ def test_a_rayexit_directory_as_the_encoder_passes_its_own_pooling_on(tmp_path, 
     first = tmp_path / "first"
     settings = TrainSettings(max_length=16, epochs=1, batch_size=8, pooling="mean")
     train_to_directory(str(folder), str(sentences), None, settings, first, show_progress=False)
+    from rayexit.models.backbone import describe_backbone
+
+    assert describe_backbone(str(first)).rayexit_model
+    assert not describe_backbone(str(folder)).rayexit_model
     again = prepare(str(first), str(sentences), None, TrainSettings(max_length=16))
     assert again.model.exit_config.pooling == "mean"
     assert again.defaults["pooling"]["why"] == "rayexit.json says mean"

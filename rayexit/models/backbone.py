@@ -56,6 +56,7 @@ class BackboneFacts:
     pooling: str | None = None  # from a sentence-transformers Pooling config or a rayexit model directory
     pooling_source: str = ""  # which file said so
     trained_pooler: bool | None = None  # None: no pooler weights found (or unreadable)
+    rayexit_model: bool = False  # a rayexit model directory: its pooling is what its exits were trained with
 
 
 def describe_backbone(name_or_path: str) -> BackboneFacts:
@@ -63,10 +64,13 @@ def describe_backbone(name_or_path: str) -> BackboneFacts:
     from rayexit.data.packaged import resolve_model_name
 
     resolved = resolve_model_name(name_or_path)
-    pooling, source = _rayexit_pooling(resolved), "rayexit.json"
-    if pooling is None:
+    from rayexit.model_dir import EXIT_CONFIG_FILE
+
+    pooling, source = _rayexit_pooling(resolved), EXIT_CONFIG_FILE
+    rayexit_model = pooling is not None
+    if not rayexit_model:
         pooling, source = _sentence_transformers_pooling(resolved)
-    return BackboneFacts(resolved, pooling, source, _pooler_trained(resolved))
+    return BackboneFacts(resolved, pooling, source, _pooler_trained(resolved), rayexit_model)
 
 
 def _file(name_or_path: str, filename: str) -> Path | None:
