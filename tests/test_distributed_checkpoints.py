@@ -153,3 +153,23 @@ def test_fresh_optimizer_without_tensors_needs_no_optimizer_file(tmp_path):
     assert not (directory / OPTIMIZER_FILE).exists()
     state, _ = read_checkpoint(directory, toy_model())
     assert state.optimizer["state"] == {} and len(state.optimizer["param_groups"]) == 1
+
+
+def test_resume_from_ignores_the_saved_policy_and_names_the_settings_that_differ(tmp_path):
+    # A checkpoint written when an unset policy still meant entropy 0.1 recorded that dict; the
+    # policy is only saved with the model once training is over, so it must not block resuming.
+    from rayexit.policy import ExitPolicy
+    from rayexit.train.distributed import _resume_source
+
+    settings = TrainSettings(method="joint", lr=1e-4)
+    recorded = dict(settings.to_dict(), policy=ExitPolicy("entropy", [0.1]).to_dict(), log_every=5)
+    state = tmp_path / STATE_FILE
+
+    def record(changes):
+        state.write_text(json.dumps({"extra": {"settings": dict(recorded, **changes), "world_size": 1}}))
+
+    record({})
+    assert _resume_source(str(tmp_path), settings, 1) == str(tmp_path.absolute())
+    record({"lr": 2e-5, "gamma": 0.5})
+    with pytest.raises(RayexitError, match=re.escape("other settings (gamma: 0.5 -> 0.9; lr: 2e-05 -> 0.0001)")):
+        _resume_source(str(tmp_path), settings, 1)

@@ -111,7 +111,7 @@ def test_resume_from_names_another_runs_checkpoint_and_training_continues_from_i
         fit_prepared(prepared(), settings, num_workers=1, resume_from=str(after_one))
     other = settings_for("joint", PER_WORKER)
     other.lr = 0.5
-    with pytest.raises(RayexitError, match="--resume-from: .* was trained with other settings"):
+    with pytest.raises(RayexitError, match=r"--resume-from: .* was trained with other settings \(lr: .* -> 0.5\)"):
         fit_prepared(prepared(), other, num_workers=2, resume_from=str(after_one))
     with pytest.raises(RayexitError, match="--resume-from: .* is not a training checkpoint"):
         fit_prepared(prepared(), settings, num_workers=2, resume_from=str(tmp_path / "first"))

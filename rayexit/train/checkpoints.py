@@ -27,6 +27,11 @@ STATE_FILE = "train_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 FORMAT_VERSION = 1
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+# Settings read only once training is over (the exit policy saved with the model) or only for the
+# log: a checkpoint resumes under other values of these, because the steps it continues are the
+# same. It also lets a checkpoint that recorded the then-default policy resume now that an unset
+# policy is left for the task to choose.
+NOT_TRAINING_SETTINGS = frozenset({"policy", "log_every"})
 
 
 def write_checkpoint(directory: str | Path, model, state: LoopState, tokenizer=None, extra: dict | None = None) -> Path:
@@ -55,6 +60,14 @@ def write_checkpoint(directory: str | Path, model, state: LoopState, tokenizer=N
     }
     write_json(directory / STATE_FILE, record)
     return directory
+
+
+def settings_differences(recorded: dict | None, current: dict) -> list[str]:
+    """The settings under which resuming would train differently, as `name: recorded -> current`."""
+    recorded = recorded if isinstance(recorded, dict) else {}
+    names = sorted((set(recorded) | set(current)) - NOT_TRAINING_SETTINGS)
+    return [f"{name}: {recorded.get(name)!r} -> {current.get(name)!r}"
+            for name in names if recorded.get(name) != current.get(name)]
 
 
 def read_checkpoint(directory: str | Path, model) -> tuple[LoopState, dict]:

@@ -263,7 +263,7 @@ def _worker(config: dict[str, Any]) -> dict:
     import ray.train
     import ray.train.torch
 
-    from rayexit.train.checkpoints import read_checkpoint, write_checkpoint
+    from rayexit.train.checkpoints import read_checkpoint, settings_differences, write_checkpoint
 
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
@@ -284,9 +284,10 @@ def _worker(config: dict[str, Any]) -> dict:
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             resume, extra = read_checkpoint(directory, model)
-        if extra.get("settings") != config["settings"]:
+        differences = settings_differences(extra.get("settings"), config["settings"])
+        if differences:
             raise RayexitError(
-                "the checkpoint to resume from was trained with other settings; "
+                f"the checkpoint to resume from was trained with other settings ({'; '.join(differences)}); "
                 "start a new run (another name) or resume with the same settings"
             )
         # Steps and the place in the epoch count global batches, whose size is per-worker batch x workers
@@ -571,7 +572,7 @@ def _resume_source(resume_from: str | None, settings: TrainSettings, num_workers
         return resume_from
     path = Path(resume_from).expanduser().absolute()
     from rayexit.reading import read_json
-    from rayexit.train.checkpoints import STATE_FILE
+    from rayexit.train.checkpoints import STATE_FILE, settings_differences
 
     if not (path / STATE_FILE).is_file():
         raise RayexitError(
@@ -579,9 +580,11 @@ def _resume_source(resume_from: str | None, settings: TrainSettings, num_workers
             "checkpoint_* folder of a run's storage (STORAGE/NAME/checkpoint_...)"
         )
     extra = read_json(path / STATE_FILE).get("extra") or {}
-    if extra.get("settings", settings.to_dict()) != settings.to_dict():
+    differences = settings_differences(extra.get("settings", settings.to_dict()), settings.to_dict())
+    if differences:
         raise RayexitError(
-            f"--resume-from: {resume_from} was trained with other settings; resume with the same settings"
+            f"--resume-from: {resume_from} was trained with other settings ({'; '.join(differences)}); "
+            "resume with the same settings"
         )
     if extra.get("world_size", num_workers) != num_workers:
         raise RayexitError(
