@@ -112,7 +112,12 @@ def test_revalidate_re_chooses_every_point_on_the_disjoint_lines_and_resumes(fin
     # the "within 1 point" bar is the fine-tune's score on the same disjoint lines
     assert dee["within_reference"]["validation"]["full"] == fine["validation_full"]
     assert set(figures["summary"]) == {"finetune", "deebert"}
-    assert "| deebert | 1 |" in capsys.readouterr().out
+    within = dee["within_reference"]
+    assert within["oracle_fraction"] == pytest.approx(within["layer_speedup"] / dee["oracle_layer_speedup"])
+    row = figures["summary"]["deebert"]["within_reference"]
+    assert row["oracle_fraction"] == pytest.approx(within["oracle_fraction"])  # one seed: its own
+    printed = capsys.readouterr().out
+    assert "| deebert | 1 |" in printed and f"| {100 * within['oracle_fraction']:.0f}% |" in printed
     assert revalidate(tmp_path, bench_path, out) == 0
     assert "deebert/seed1: already re-chosen, skipped" in capsys.readouterr().out
     assert "wallclock_speedup" not in dee["at_2x"] or dee["at_2x"]["wallclock_speedup"] is None

@@ -314,6 +314,14 @@ def measure_run(args, task, output: dict, seed: int, method: str, fit_path, vali
     return figures
 
 
+def add_oracle_fractions(figures: dict, points=POINTS) -> None:
+    """Each chosen point's layer speed-up as a fraction of the oracle's on the same dev set."""
+    oracle = figures["oracle_layer_speedup"]
+    for point in points:
+        if point in figures:
+            figures[point]["oracle_fraction"] = figures[point]["layer_speedup"] / oracle
+
+
 def method_report(task, model, valid_data, test_data, args, reference: float | None, reference_test: float | None):
     from rayexit.sweep import protocol_report
 
@@ -321,10 +329,7 @@ def method_report(task, model, valid_data, test_data, args, reference: float | N
         task, model, valid_data, test_data, max_drop=args.max_drop, speedups=SPEEDUPS,
         batch_size=args.batch_size, repeats=args.repeats, reference=reference,
     )
-    oracle = figures["oracle_layer_speedup"]
-    for point in POINTS:
-        if point in figures:
-            figures[point]["oracle_fraction"] = figures[point]["layer_speedup"] / oracle
+    add_oracle_fractions(figures)
     if "within_reference" in figures:
         point = figures["within_reference"]
         point["within"] = point["validation"]["drop"] <= args.max_drop + 1e-12  # on validation, vs the fine-tune

@@ -160,6 +160,7 @@ def reference_as_benchmarked(run: dict) -> dict:
 
 
 def rechoose(task, run: dict, directory: Path, key: str, validation, dev, output: dict, repeats: int = 0) -> dict:
+    from rayexit.bench.exit import add_oracle_fractions
     from rayexit.model_dir import EXIT_CONFIG_FILE, ModelDir
     from rayexit.policy import FULL_DEPTH
     from rayexit.sweep import protocol_report
@@ -182,6 +183,7 @@ def rechoose(task, run: dict, directory: Path, key: str, validation, dev, output
                                   reference=reference["validation_full"] if reference else None,
                                   timed=None if repeats > 0 else (), show_progress=False)
         figures.pop("curve", None)
+        add_oracle_fractions(figures, POINTS)
         if repeats == 0:  # one untimed round of full depth: not a figure to keep
             figures.pop("full_depth_seconds", None)
             figures.pop("full_depth_spread", None)
@@ -212,6 +214,8 @@ def summarize(runs: dict) -> dict:
                               "split_accuracy": statistics.mean(f["as_benchmarked"][point]["accuracy"] for f in items),
                               "split_layer_speedup": statistics.mean(
                                   f["as_benchmarked"][point]["layer_speedup"] for f in items)}
+                if all("oracle_fraction" in f[point] for f in items):  # files written before it have none
+                    row[point]["oracle_fraction"] = statistics.mean(f[point]["oracle_fraction"] for f in items)
         summary[method] = row
     return summary
 
@@ -233,7 +237,8 @@ def format_summary(summary: dict, choose_on: str = "disjoint") -> str:
     pair = "disjoint / carved" if choose_on == "disjoint" else "carved, re-chosen / as benchmarked"
     head = f"| method | seeds | dev full | validation full: {pair} | " + " | ".join(
         f"{p}: {pair} (dev acc @ layers x)" for p in POINTS) + " |"
-    lines = [head, "|" + " --- |" * (4 + len(POINTS))]
+    head += " within: % of the oracle's layers x (dev) |"
+    lines = [head, "|" + " --- |" * (5 + len(POINTS))]
     for method, row in summary.items():
         cells = [method, str(row["seeds"]), f"{row['full']:.3f}",
                  f"{row['validation_full']:.3f} / {row['split_validation_full']:.3f}"]
@@ -241,5 +246,7 @@ def format_summary(summary: dict, choose_on: str = "disjoint") -> str:
             p = row.get(point)
             cells.append(f"{p['accuracy']:.3f} @ {p['layer_speedup']:.2f} / {p['split_accuracy']:.3f} @ "
                          f"{p['split_layer_speedup']:.2f}" if p else "-")
+        fraction = row.get("within_reference", {}).get("oracle_fraction")
+        cells.append(f"{100 * fraction:.0f}%" if fraction is not None else "-")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
