@@ -62,10 +62,9 @@ class BackboneFacts:
 def describe_backbone(name_or_path: str) -> BackboneFacts:
     """The facts above for a local folder, a rayexit model directory or a hub name."""
     from rayexit.data.packaged import resolve_model_name
-
-    resolved = resolve_model_name(name_or_path)
     from rayexit.model_dir import EXIT_CONFIG_FILE
 
+    resolved = resolve_model_name(name_or_path)
     pooling, source = _rayexit_pooling(resolved), EXIT_CONFIG_FILE
     rayexit_model = pooling is not None
     if not rayexit_model:
