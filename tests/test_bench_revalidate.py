@@ -181,3 +181,55 @@ def test_revalidate_on_the_carved_split_re_draws_it_and_needs_no_fine_tune_model
     # a file re-chosen on one validation is not resumed on the other
     assert revalidate(tmp_path, bench_path, out) != 0
     assert "was written with choose_on 'carved'" in capsys.readouterr().err
+
+
+def test_revalidate_reports_carved_choices_on_the_disjoint_lines_as_a_second_test_set(finished_bench, capsys):
+    from rayexit.model_dir import ModelDir
+    from rayexit.policy import FULL_DEPTH
+
+    tmp_path, bench_path, bench = finished_bench
+    out = tmp_path / "second.json"
+    # choosing and reporting on the same lines is refused before anything is loaded
+    assert revalidate(tmp_path, bench_path, out, "--report-on", "disjoint") != 0
+    assert "pass --choose-on carved" in capsys.readouterr().err and not out.exists()
+    task = task_named("sequence")
+    sst2 = tmp_path / "datasets" / "sst2"
+    carved = task.split(task.load(str(sst2 / "train.tsv"), 30), 0.2, 1)[1]
+    disjoint = disjoint_validation(task.load(str(sst2 / "train.tsv")), 30)
+    scores = {}
+    for method in ("finetune", "deebert"):
+        folder = ModelDir(tmp_path / "work" / "seed1" / method)
+        model, tokenizer = folder.load_model(expected_task="sequence"), folder.load_tokenizer()
+        length = model.exit_config.max_length
+        scores[method] = [task.replay(model, task.encode(tokenizer, data, model.labels, length), 32)
+                          for data in (carved, disjoint)]
+        bench["runs"][f"{method}/seed1"]["validation_full"] = scores[method][0].outcome(FULL_DEPTH).score
+    bench["validation"] = "0.2 of the train slice, stratified by label, seeded by the run's seed"
+    bench_path.write_text(json.dumps(bench))
+    assert revalidate(tmp_path, bench_path, out, "--choose-on", "carved", "--report-on", "disjoint") == 0
+    figures = json.loads(out.read_text())
+    assert figures["report_on"] == "disjoint" and figures["test_examples"] == len(disjoint) == 30
+    assert "nothing is chosen on it" in figures["test_set"]
+    fine, dee = figures["runs"]["finetune/seed1"], figures["runs"]["deebert/seed1"]
+    # the fine-tune is measured on the second test set too; every full-depth figure is the disjoint lines'
+    assert fine["full"] == scores["finetune"][1].exit_scores()[-1]
+    assert dee["full"] == scores["deebert"][1].exit_scores()[-1]
+    assert dee["dev_full"] == bench["runs"]["deebert/seed1"]["full"]
+    for point in ("at_1.5x", "at_2x", "within_reference"):
+        assert dee[point]["validation"]["examples"] == len(carved)  # chosen where the benchmark chose
+    assert dee["within_reference"]["validation"]["full"] == bench["runs"]["finetune/seed1"]["validation_full"]
+    printed = capsys.readouterr().out
+    assert "deebert/seed1: disjoint full" in printed and "(dev, as benchmarked:" in printed
+    assert "| method | seeds | disjoint lines full |" in printed
+    # a model that is not the JSON's is caught on the carved split, where both scored it
+    bench["runs"]["deebert/seed1"]["validation_full"] += 0.25
+    bench_path.write_text(json.dumps(bench))
+    assert revalidate(tmp_path, bench_path, tmp_path / "other.json", "--choose-on", "carved",
+                      "--report-on", "disjoint") != 0
+    assert "carved-split accuracy" in capsys.readouterr().err
+    # a file reported on dev is not resumed on the disjoint lines
+    assert revalidate(tmp_path, bench_path, tmp_path / "carved.json", "--choose-on", "carved") == 0
+    capsys.readouterr()
+    assert revalidate(tmp_path, bench_path, tmp_path / "carved.json", "--choose-on", "carved",
+                      "--report-on", "disjoint") != 0
+    assert "was written with report_on 'dev'" in capsys.readouterr().err
