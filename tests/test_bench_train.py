@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
+from rayexit.bench.common import use_threads
 from rayexit.bench.train import STEP_VARIANTS, add_scaling_overhead
 from rayexit.cli import main
 from rayexit.config import TrainSettings
@@ -30,3 +32,28 @@ def test_step_time_variants_are_the_scopes_their_names_say():
     assert built["romebert_no_projection"].gr_direction == "none"
     assert built["romebert_hidden"].gr_scope == "hidden"
     assert built["romebert_hidden_per_example"].gr_scope == "hidden_per_example"
+
+
+@pytest.fixture
+def torch_threads_restored():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def test_threads_option_sets_torchs_thread_count_and_none_leaves_it(torch_threads_restored):
+    before = torch.get_num_threads()
+    use_threads(None)
+    assert torch.get_num_threads() == before
+    use_threads(1)
+    assert torch.get_num_threads() == 1
+
+
+@pytest.mark.parametrize("bench", ["exit", "revalidate", "token", "train"])
+def test_every_benchmark_refuses_fewer_than_one_thread_naming_the_flag(bench, tmp_path, capsys, torch_threads_restored):
+    before = torch.get_num_threads()
+    given = {"exit": ["--json", "e.json"], "revalidate": ["--json", "e.json", "--work", "w", "--out", "o.json"],
+             "token": ["--json", "t.json"], "train": ["--json", "t.json"]}[bench]
+    assert main(["bench", bench, *given, "--threads", "0", "--datasets", str(tmp_path)]) == 2
+    assert "--threads: got 0, expected a whole number >= 1" in capsys.readouterr().err
+    assert torch.get_num_threads() == before and not list(tmp_path.iterdir())  # refused before any work

@@ -26,6 +26,26 @@ def machine_info() -> dict:
     }
 
 
+def add_threads_option(parser, default: int | None = None, why: str = "") -> None:
+    """`--threads`: torch's thread count for this benchmark."""
+    parser.add_argument(
+        "--threads", type=int, default=default,
+        help=why or "torch threads (default: torch's own, one per core); two benchmarks sharing the machine "
+                    "should split the cores between them, or each slows the other several-fold",
+    )
+
+
+def use_threads(threads: int | None) -> None:
+    """Give torch `threads` threads (None: leave torch's default), refusing a count below one."""
+    from rayexit.errors import RayexitError
+
+    if threads is None:
+        return
+    if threads < 1:
+        raise RayexitError(f"--threads: got {threads}, expected a whole number >= 1")
+    torch.set_num_threads(threads)
+
+
 def datasets_dir(given: str | None) -> Path:
     from rayexit.errors import RayexitError
 

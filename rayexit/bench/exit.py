@@ -30,7 +30,7 @@ import math
 import time
 from pathlib import Path
 
-from rayexit.bench.common import CpuMeter, datasets_dir, machine_info
+from rayexit.bench.common import CpuMeter, add_threads_option, datasets_dir, machine_info, use_threads
 from rayexit.bench.exit_plot import quality_path
 from rayexit.bench.exit_summary import (
     POINTS,
@@ -85,6 +85,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repeats", type=int, default=5, help="interleaved timing rounds (median kept)")
     p.add_argument("--max-drop", type=float, default=0.01, help="accuracy budget below full depth / the fine-tune")
     p.add_argument("--work", default="runs/bench-exit", help="folder for the split and the model directories")
+    add_threads_option(p)
     p.set_defaults(func=run)
 
 
@@ -124,6 +125,8 @@ def bench_settings(config: str | None, epochs: float) -> TrainSettings:
 def run(args: argparse.Namespace) -> int:
     from rayexit.tasks import task_named
     from rayexit.tune.split import write_tsv
+
+    use_threads(args.threads)
 
     methods, seeds = parse_methods(args.methods), parse_seeds(args.seeds)
     for name in ("train_examples", "snapshots", "repeats", "batch_size"):

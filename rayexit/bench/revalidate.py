@@ -32,7 +32,7 @@ import statistics
 import time
 from pathlib import Path
 
-from rayexit.bench.common import datasets_dir, machine_info
+from rayexit.bench.common import add_threads_option, datasets_dir, machine_info, use_threads
 from rayexit.bench.disjoint import MIN_WORDS, NGRAM, disjoint_validation
 from rayexit.errors import RayexitError
 from rayexit.files import write_json
@@ -57,6 +57,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--min-words", type=int, default=MIN_WORDS, help="shortest validation line, in words")
     p.add_argument("--repeats", type=int, default=0, help="timing rounds per chosen point (0: untimed)")
     p.add_argument("--ngram", type=int, default=NGRAM, help="leave out lines sharing N words in a row with the slice")
+    add_threads_option(p)
     p.set_defaults(func=run)
 
 
@@ -98,6 +99,8 @@ def validation_sets(args: argparse.Namespace, task, bench: dict, sst2: Path):
 
 def run(args: argparse.Namespace) -> int:
     from rayexit.tasks import task_named
+
+    use_threads(args.threads)
 
     if args.repeats < 0:
         raise RayexitError(f"--repeats: got {args.repeats}, expected 0 (untimed) or more rounds")

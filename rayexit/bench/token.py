@@ -13,7 +13,7 @@ import argparse
 import time
 from pathlib import Path
 
-from rayexit.bench.common import datasets_dir, machine_info
+from rayexit.bench.common import add_threads_option, datasets_dir, machine_info, use_threads
 from rayexit.files import write_json
 
 BENCH_SETTINGS = {"lr": 1e-4, "head_lr": 1e-3, "batch_size": 32, "max_length": 128, "seed": 42}
@@ -36,6 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repeats", type=int, default=5, help="interleaved timing rounds at the 2x point (median kept)")
     p.add_argument("--work", default="runs/bench-token", help="folder for the two model directories")
     p.add_argument("--reuse", action="store_true", help="reuse model directories already in --work")
+    add_threads_option(p)
     p.set_defaults(func=run)
 
 
@@ -45,6 +46,8 @@ def run(args: argparse.Namespace) -> int:
     from rayexit.sweep import protocol_report
     from rayexit.tasks import task_named
     from rayexit.train.recipe import train_to_directory
+
+    use_threads(args.threads)
 
     task = task_named("token")
     conll = datasets_dir(args.datasets) / "conll2003"

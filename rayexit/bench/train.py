@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from rayexit.bench.common import datasets_dir, machine_info
+from rayexit.bench.common import add_threads_option, datasets_dir, machine_info, use_threads
 from rayexit.config import TrainSettings
 from rayexit.files import write_json
 
@@ -40,7 +40,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--train-examples", type=int, default=256, help="examples per throughput run (one epoch)")
     p.add_argument("--workers", default="1,2", help="comma-separated worker counts for throughput")
     p.add_argument("--skip-ray", action="store_true", help="only the in-process step-time comparison")
-    p.add_argument("--threads", type=int, default=1, help="torch threads for the step-time comparison")
+    add_threads_option(p, default=1, why="torch threads for the step-time comparison (default 1: less thrown off "
+                                         "by other load on a shared machine)")
     p.add_argument("--task", choices=("sequence", "token"), default="sequence",
                    help="token: stage-1 throughput on CoNLL-2003 sentences (no step-time comparison)")
     p.set_defaults(func=run)
@@ -62,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, max_length=args.max_length, max_examples=args.train_examples, epochs=1.0, lr=1e-4,
         method="joint" if token else "romebert",
     )
-    torch.set_num_threads(args.threads)  # one thread: less thrown off by other load on a shared machine
+    use_threads(args.threads)
     report: dict = {"benchmark": "train", "task": args.task, "model": args.model, "data": data,
                     "global_batch": args.batch_size}
     if not token:
