@@ -59,23 +59,24 @@ class TrainSettings:
     # take it whole); 1 is the paper's. Below 1 the inner exits pull less on the layers the final
     # exit also reads; 0 trains the inner heads on a backbone that only the final exit shapes.
     # 0.3 brought full depth level with the single-exit fine-tune on SST-2 over 3 seeds (+0.5 point
-    # over 1) and lifted the matched speed-ups by 0.4-0.7 point on the mean (docs/romebert.md, "exit_grad_scale").
+    # over 1) and lifted the matched speed-ups by 0.4-0.7 point on the mean
+    # (docs/romebert/real-budget.md, "exit_grad_scale").
     exit_grad_scale: float = 0.3
     temperature: float = 3.0
     # RomeBERT: weight of the final exit's cross-entropy against the inner exits' summed loss (the
     # paper's L has 1). In layers 1-2 the inner exits' gradient is 1.7-3.5x the final exit's on a
-    # trained MiniLM; 3 lifted the 3x point and validation in both seeds measured (docs/romebert.md).
+    # trained MiniLM; 3 lifted the 3x point and validation in both seeds measured (docs/romebert/real-budget.md).
     final_weight: float = 3.0
     # RomeBERT: `uniform` (the paper's: every inner exit's loss weighs 1) or `depth` (inner exit i
     # weighs i, scaled to a mean of 1: PABEE's weighting, whose full depth is the best of the
     # multi-exit methods in the main benchmark)
     exit_weights: str = "uniform"
     # `final` (the final exit's gradient leads) rather than the paper's `reverse` for SST-2: measured
-    # on MiniLM, `reverse` left the final exit below the exits it teaches (docs/romebert.md).
+    # on MiniLM, `reverse` left the final exit below the exits it teaches (docs/romebert/small-budget.md).
     gr_direction: str = "final"
     # `hidden`: the projection on each inner layer's output, in one backward pass (0.60 s per step
     # against 0.93 for `encoder`'s two, joint 0.58); at the real budget it measured level with
-    # `encoder` within the seeds' spread (docs/romebert.md, "gr_scope: hidden"). `encoder` is the paper's.
+    # `encoder` within the seeds' spread (docs/romebert/real-budget.md, "gr_scope: hidden"). `encoder` is the paper's.
     gr_scope: str = "hidden"
     deebert_stage2_epochs: float | None = None  # None: the same as `epochs`
     head: str = "pooler"

@@ -28,7 +28,7 @@ from rayexit.policy import FULL_DEPTH, NEVER_SURE, ExitPolicy, precision_thresho
 log = logging.getLogger(__name__)
 
 # Replay is cheap, and with 10 quantiles the fastest point within a bar was often a long step short
-# of the bar's edge (docs/romebert.md, "Choosing the point"), so every 2%.
+# of the bar's edge (docs/romebert/choosing.md, "Choosing the point"), so every 2%.
 SENTENCE_GRID_QUANTILES = tuple(round(0.02 * i, 2) for i in range(1, 50))
 # Per-exit precision targets for `precision_thresholds`, as fractions of the way from the final
 # exit's validation accuracy (0) to always right (1); negative steps ask less than the final gives.

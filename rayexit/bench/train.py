@@ -103,7 +103,7 @@ STEP_VARIANTS = {
     "romebert_no_projection": {"method": "romebert", "gr_direction": "none"},
     # the paper's projection on the parameters: two backward passes (pinned: not the default scope)
     "romebert": {"method": "romebert", "gr_direction": "reverse", "gr_scope": "encoder"},
-    # the projection on the hidden states, one backward pass (docs/romebert.md)
+    # the projection on the hidden states, one backward pass (docs/romebert/real-budget.md)
     "romebert_hidden": {"method": "romebert", "gr_direction": "final", "gr_scope": "hidden"},
     "romebert_hidden_per_example": {"method": "romebert", "gr_direction": "final", "gr_scope": "hidden_per_example"},
 }
